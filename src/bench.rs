@@ -1,0 +1,159 @@
+//! `flowalign bench toy`: the toy's three throughput figures, side by side with the PyTorch peer
+//! (`../shared/bench/torch_toy.py`) in the same run when python3 can import torch.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use burn::prelude::*;
+use serde_json::{Value, json};
+
+use crate::align::{align_heatmap, linspace};
+use crate::config::{Reduction, Schedule};
+use crate::error::{Error, Result};
+use crate::flow::path::{PathDraws, normal_rows};
+use crate::flow::{VelocityMlpConfig, rows_to_tensor};
+use crate::report::{Heatmap, write_json};
+use crate::rng::{Stream, rng_for};
+use crate::train::{Aligner, PriorTrainer};
+
+/// Arguments of `flowalign bench`.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// What to measure.
+    #[arg(value_enum, default_value_t = BenchKind::Toy)]
+    pub kind: BenchKind,
+    #[arg(long, default_value_t = 512)]
+    pub width: usize,
+    #[arg(long, default_value_t = 4)]
+    pub depth: usize,
+    /// Minimum seconds per figure.
+    #[arg(long, default_value_t = 8.0)]
+    pub seconds: f64,
+    /// The PyTorch peer script; skipped when absent or when torch is not importable.
+    #[arg(long, default_value = "../shared/bench/torch_toy.py")]
+    pub peer: PathBuf,
+    /// Skip the PyTorch peer.
+    #[arg(long)]
+    pub no_peer: bool,
+    /// Where to write the JSON result.
+    #[arg(long, default_value = "runs/bench-toy.json")]
+    pub out: PathBuf,
+}
+
+/// Benchmarks available.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum BenchKind {
+    /// Prior training (batch 256, 1024), alignment (1,000 y), L_align heatmap evaluations.
+    Toy,
+}
+
+/// Calls `f` repeatedly for at least `min_s` seconds and 5 calls after 3 warm-up calls; returns calls/s.
+fn timed(min_s: f64, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..3 {
+        f()?;
+    }
+    let (mut n, start) = (0usize, Instant::now());
+    loop {
+        f()?;
+        n += 1;
+        let el = start.elapsed().as_secs_f64();
+        if el >= min_s && n >= 5 {
+            return Ok(n as f64 / el);
+        }
+    }
+}
+
+/// Measures flowalign's figures on the CPU backend.
+pub fn measure(width: usize, depth: usize, seconds: f64) -> Result<Value> {
+    let device = Device::flex();
+    let ad = device.clone().autodiff();
+    let mut out = serde_json::Map::new();
+    for batch in [256usize, 1024] {
+        let mut rng = rng_for(0, Stream::Init, 0);
+        let model = VelocityMlpConfig::new(2, width, depth).init(&mut rng, &ad);
+        let mut trainer = PriorTrainer::new(model, 1e-4, Schedule::Constant, usize::MAX, Reduction::Mean);
+        let x = rows_to_tensor(&normal_rows(&mut rng, batch, 2), 2, &ad);
+        let sps = timed(seconds, || {
+            let draws = PathDraws::sample(&mut rng, batch, 2, &ad);
+            trainer.train_step(x.clone(), &draws).map(|_| ())
+        })?;
+        out.insert(format!("train_b{batch}_steps_per_sec"), json!(sps));
+    }
+    let mut rng = rng_for(0, Stream::Init, 0);
+    let prior = VelocityMlpConfig::new(2, width, depth).init(&mut rng, &device);
+    out.insert("params".into(), json!(prior.num_params()));
+    let y0 = normal_rows(&mut rng, 1000, 2);
+    let mut aligner = Aligner::new(&y0, 2, 1e-2, 1, Reduction::Mean, &device);
+    let sps = timed(seconds, || aligner.align_step(&prior, &mut rng).map(|_| ()))?;
+    out.insert("align_n1000_steps_per_sec".into(), json!(sps));
+    let axis = linspace(-3.0, 3.0, 200);
+    let pts = Heatmap::points(&axis, &axis);
+    let ts = linspace(0.1, 0.9, 2);
+    align_heatmap(&prior, &pts.as_flattened()[..8192], 2, &ts[..1], &mut rng, &device);
+    let start = Instant::now();
+    align_heatmap(&prior, pts.as_flattened(), 2, &ts, &mut rng, &device);
+    let el = start.elapsed().as_secs_f64();
+    out.insert("heatmap_evals_per_sec".into(), json!((pts.len() * ts.len()) as f64 / el));
+    Ok(Value::Object(out))
+}
+
+/// Runs the PyTorch peer; `None` (with a notice) when it cannot run here.
+fn peer(args: &BenchArgs) -> Option<Value> {
+    if args.no_peer {
+        return None;
+    }
+    if !args.peer.is_file() {
+        tracing::info!("peer script {} not found; measuring flowalign alone", args.peer.display());
+        return None;
+    }
+    let torch_ok = Command::new("python3")
+        .args(["-c", "import torch"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !torch_ok {
+        tracing::info!("python3 cannot import torch (pip install torch numpy); measuring flowalign alone");
+        return None;
+    }
+    let out = Command::new("python3")
+        .arg(&args.peer)
+        .args(["--bench", "--threads", "2", "--bench-batches", "256", "1024"])
+        .args(["--width", &args.width.to_string(), "--depth", &args.depth.to_string()])
+        .args(["--bench-seconds", &args.seconds.to_string()])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find_map(|l| l.strip_prefix("BENCH "))?;
+    serde_json::from_str(line).ok()
+}
+
+/// `flowalign bench toy`.
+pub fn run(args: BenchArgs) -> Result<()> {
+    if args.seconds <= 0.0 {
+        return Err(Error::Config(format!("--seconds must be positive, got {}", args.seconds)));
+    }
+    tracing::info!("measuring flowalign (burn flex, {}x{})", args.width, args.depth);
+    let ours = measure(args.width, args.depth, args.seconds)?;
+    let theirs = peer(&args);
+    let mut ratios = serde_json::Map::new();
+    if let Some(p) = &theirs {
+        for (key, peer_key) in [
+            ("train_b256_steps_per_sec", "train_b256_steps_per_sec"),
+            ("train_b1024_steps_per_sec", "train_b1024_steps_per_sec"),
+            ("align_n1000_steps_per_sec", "align_n1000_steps_per_sec"),
+            ("heatmap_evals_per_sec", "heatmap_evals_per_sec"),
+        ] {
+            if let (Some(a), Some(b)) = (ours[key].as_f64(), p[peer_key].as_f64()) {
+                ratios.insert(key.into(), json!(a / b));
+            }
+        }
+    }
+    let result = json!({ "flowalign": ours, "pytorch": theirs, "ratio_flowalign_over_pytorch": ratios });
+    if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, "choose an --out you can write to", e))?;
+    }
+    write_json(&args.out, &result)?;
+    tracing::info!("{}", serde_json::to_string(&result).expect("json"));
+    Ok(())
+}

@@ -1,0 +1,40 @@
+//! Flow matching: the velocity network, the linear path, ODE solvers and the exact likelihood.
+//!
+//! The solvers and the likelihood see only the [`VelocityField`] interface, never an architecture.
+
+pub mod likelihood;
+pub mod model;
+pub mod path;
+pub mod solver;
+
+use burn::prelude::*;
+
+pub use model::{VelocityMlp, VelocityMlpConfig};
+
+/// A time-dependent velocity field `v(z, t)` on R^d (SPEC section 1).
+pub trait VelocityField {
+    /// The velocity at each row of `z` at the matching time in `t`.
+    ///
+    /// # Shapes
+    /// - `z`: `[batch, d]`
+    /// - `t`: `[batch]`
+    /// - output: `[batch, d]`
+    fn velocity(&self, z: Tensor<2>, t: Tensor<1>) -> Tensor<2>;
+}
+
+impl VelocityField for VelocityMlp {
+    fn velocity(&self, z: Tensor<2>, t: Tensor<1>) -> Tensor<2> {
+        self.forward(z, t)
+    }
+}
+
+/// Uploads host rows `[n, d]` to `device`.
+pub fn rows_to_tensor(rows: &[f32], d: usize, device: &Device) -> Tensor<2> {
+    Tensor::from_data(TensorData::new(rows.to_vec(), [rows.len() / d, d]), device)
+}
+
+/// Downloads a `[n, d]` tensor as flat host rows.
+pub fn tensor_to_rows(t: Tensor<2>) -> Vec<f32> {
+    t.try_into_vec_as::<f32>()
+        .expect("float tensors read back as f32")
+}

@@ -1,0 +1,234 @@
+//! The velocity network of SPEC section 4: an MLP with adaptive LayerNorm on a sinusoidal time embedding.
+//!
+//! Pure architecture: losses and training steps live in [`crate::align`] and [`crate::train`].
+
+use burn::module::Param;
+use burn::nn::{LayerNorm, LayerNormConfig, Linear};
+use burn::prelude::*;
+use burn::tensor::activation::silu;
+use rand::RngExt;
+use rand_distr::StandardNormal;
+
+use crate::rng::Rng;
+
+/// Features of the sinusoidal time embedding (SPEC section 4).
+pub const FREQ_DIM: usize = 256;
+/// LayerNorm epsilon (SPEC section 4).
+const LN_EPS: f64 = 1e-6;
+
+/// Hyperparameters of [`VelocityMlp`].
+#[derive(Config, Debug, PartialEq)]
+pub struct VelocityMlpConfig {
+    /// Data dimension d.
+    pub dim: usize,
+    /// Hidden width C.
+    pub width: usize,
+    /// Number of residual AdaLN blocks.
+    pub depth: usize,
+}
+
+/// A residual block: `x + gate * MLP(LN(x) * (1 + scale) + shift)`, modulated by the time condition.
+#[derive(Module, Debug)]
+pub struct AdaLnBlock {
+    norm: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    /// `Linear(C, 3C)` on `SiLU(c)` giving (shift, scale, gate); zero-initialised.
+    modulation: Linear,
+}
+
+/// The output layer: affine-free LayerNorm, modulated by (shift, scale), then `Linear(C, d)`.
+#[derive(Module, Debug)]
+pub struct FinalLayer {
+    modulation: Linear,
+    out: Linear,
+}
+
+/// The AdaLN MLP velocity field `v_theta(z, t)` ("SimpleMLPAdaLN", SPEC section 4).
+#[derive(Module, Debug)]
+pub struct VelocityMlp {
+    input_proj: Linear,
+    time_fc1: Linear,
+    time_fc2: Linear,
+    blocks: Vec<AdaLnBlock>,
+    final_layer: FinalLayer,
+}
+
+/// How a linear layer's weight is drawn (SPEC section 4, Init).
+#[derive(Clone, Copy)]
+enum Init {
+    XavierUniform,
+    Normal(f32),
+    Zeros,
+}
+
+/// A `Linear(d_in, d_out)` with weights from our seeded generator and a zero bias.
+///
+/// Drawing on the host keeps initialisation identical on every backend for a given seed.
+fn linear(d_in: usize, d_out: usize, init: Init, rng: &mut Rng, device: &Device) -> Linear {
+    let weights: Vec<f32> = match init {
+        Init::XavierUniform => {
+            let bound = (6.0 / (d_in + d_out) as f32).sqrt();
+            (0..d_in * d_out).map(|_| rng.random_range(-bound..bound)).collect()
+        }
+        Init::Normal(std) => (0..d_in * d_out)
+            .map(|_| std * rng.sample::<f32, _>(StandardNormal))
+            .collect(),
+        Init::Zeros => vec![0.0; d_in * d_out],
+    };
+    Linear {
+        // burn stores the weight as [d_in, d_out] (y = x W + b).
+        weight: Param::from_tensor(Tensor::from_data(
+            TensorData::new(weights, [d_in, d_out]),
+            device,
+        )),
+        bias: Some(Param::from_tensor(Tensor::zeros([d_out], device))),
+    }
+}
+
+impl VelocityMlpConfig {
+    /// Builds the network with SPEC section 4's initialisation, drawing from `rng`.
+    ///
+    /// Every modulation layer and the output layer start at zero, so the initial velocity is exactly 0.
+    pub fn init(&self, rng: &mut Rng, device: &Device) -> VelocityMlp {
+        let c = self.width;
+        let ln = LayerNormConfig::new(c).with_epsilon(LN_EPS);
+        VelocityMlp {
+            input_proj: linear(self.dim, c, Init::XavierUniform, rng, device),
+            time_fc1: linear(FREQ_DIM, c, Init::Normal(0.02), rng, device),
+            time_fc2: linear(c, c, Init::Normal(0.02), rng, device),
+            blocks: (0..self.depth)
+                .map(|_| AdaLnBlock {
+                    norm: ln.init(device),
+                    fc1: linear(c, c, Init::XavierUniform, rng, device),
+                    fc2: linear(c, c, Init::XavierUniform, rng, device),
+                    modulation: linear(c, 3 * c, Init::Zeros, rng, device),
+                })
+                .collect(),
+            final_layer: FinalLayer {
+                modulation: linear(c, 2 * c, Init::Zeros, rng, device),
+                out: linear(c, self.dim, Init::Zeros, rng, device),
+            },
+        }
+    }
+}
+
+/// Sinusoidal embedding of the raw time t in [0, 1] (not scaled by 1000), SPEC section 4.
+///
+/// # Shapes
+/// - `t`: `[batch]`
+/// - output: `[batch, 256]`, `[cos(t * freqs), sin(t * freqs)]` with `freqs_i = exp(-ln(10000) i / 128)`
+pub fn time_embedding(t: Tensor<1>) -> Tensor<2> {
+    let half = FREQ_DIM / 2;
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| (-(10000f32).ln() * i as f32 / half as f32).exp())
+        .collect();
+    let freqs = Tensor::<1>::from_data(TensorData::new(freqs, [half]), &t.device());
+    let args = t.unsqueeze_dim::<2>(1) * freqs.unsqueeze::<2>(); // [batch, 128]
+    Tensor::cat(vec![args.clone().cos(), args.sin()], 1)
+}
+
+/// LayerNorm over the last dimension without learnable parameters.
+fn layer_norm_plain(x: Tensor<2>) -> Tensor<2> {
+    let (var, mean) = x.clone().var_mean_bias(1);
+    (x - mean) / var.add_scalar(LN_EPS).sqrt()
+}
+
+impl AdaLnBlock {
+    /// # Shapes
+    /// - `x`: `[batch, C]`, `c_act`: `[batch, C]` (the condition after SiLU)
+    /// - output: `[batch, C]`
+    pub fn forward(&self, x: Tensor<2>, c_act: Tensor<2>) -> Tensor<2> {
+        let mut mods = self.modulation.forward(c_act).chunk(3, 1); // 3 x [batch, C]
+        let gate = mods.pop().expect("three chunks");
+        let scale = mods.pop().expect("three chunks");
+        let shift = mods.pop().expect("three chunks");
+        let h = self.norm.forward(x.clone()) * (scale + 1.0) + shift;
+        let h = self.fc2.forward(silu(self.fc1.forward(h)));
+        x + gate * h
+    }
+}
+
+impl FinalLayer {
+    /// # Shapes
+    /// - `x`: `[batch, C]`, `c_act`: `[batch, C]`
+    /// - output: `[batch, d]`
+    pub fn forward(&self, x: Tensor<2>, c_act: Tensor<2>) -> Tensor<2> {
+        let mut mods = self.modulation.forward(c_act).chunk(2, 1); // 2 x [batch, C]
+        let scale = mods.pop().expect("two chunks");
+        let shift = mods.pop().expect("two chunks");
+        self.out
+            .forward(layer_norm_plain(x) * (scale + 1.0) + shift)
+    }
+}
+
+impl VelocityMlp {
+    /// The velocity `v_theta(z, t)`.
+    ///
+    /// # Shapes
+    /// - `z`: `[batch, d]`
+    /// - `t`: `[batch]`
+    /// - output: `[batch, d]`
+    pub fn forward(&self, z: Tensor<2>, t: Tensor<1>) -> Tensor<2> {
+        let c = self
+            .time_fc2
+            .forward(silu(self.time_fc1.forward(time_embedding(t)))); // [batch, C]
+        let c_act = silu(c);
+        let mut x = self.input_proj.forward(z); // [batch, C]
+        for block in &self.blocks {
+            x = block.forward(x, c_act.clone());
+        }
+        self.final_layer.forward(x, c_act)
+    }
+
+    /// The data dimension d.
+    pub fn dim(&self) -> usize {
+        self.input_proj.weight.dims()[0]
+    }
+
+    /// The hidden width C.
+    pub fn width(&self) -> usize {
+        self.input_proj.weight.dims()[1]
+    }
+
+    /// The number of residual blocks.
+    pub fn depth(&self) -> usize {
+        self.blocks.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::{Stream, rng_for};
+
+    #[test]
+    fn parameter_count_matches_the_paper_toy() {
+        let mut rng = rng_for(0, Stream::Init, 0);
+        let m = VelocityMlpConfig::new(2, 512, 4).init(&mut rng, &Device::flex());
+        assert_eq!(m.num_params(), 6_179_330); // SPEC section 4: 6.18 M
+    }
+
+    #[test]
+    fn zero_initialised_network_outputs_exactly_zero() {
+        let dev = Device::flex();
+        let mut rng = rng_for(1, Stream::Init, 0);
+        let m = VelocityMlpConfig::new(2, 64, 2).init(&mut rng, &dev);
+        let z = Tensor::<2>::from_data(TensorData::new(vec![0.3f32, -1.2, 5.0, 2.0], [2, 2]), &dev);
+        let t = Tensor::<1>::from_data(TensorData::new(vec![0.1f32, 0.9], [2]), &dev);
+        let v: Vec<f32> = m.forward(z, t).try_into_vec_as::<f32>().unwrap();
+        assert_eq!(v, vec![0.0; 4]);
+    }
+
+    #[test]
+    fn time_embedding_matches_the_formula() {
+        let dev = Device::flex();
+        let t = Tensor::<1>::from_data(TensorData::new(vec![0.5f32], [1]), &dev);
+        let e: Vec<f32> = time_embedding(t).try_into_vec_as::<f32>().unwrap();
+        assert_eq!(e.len(), 256);
+        let f5 = (-(10000f32).ln() * 5.0 / 128.0).exp();
+        assert!((e[5] - (0.5 * f5).cos()).abs() < 1e-6);
+        assert!((e[128 + 5] - (0.5 * f5).sin()).abs() < 1e-6);
+        assert!((e[0] - 0.5f32.cos()).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,19 @@
+//! flowalign: aligning latent spaces with flow priors (Li et al., arXiv 2506.05240).
+//!
+//! The engine: a flow-matching prior ([`flow`]), the alignment loss and its bound ([`align`]),
+//! training steps ([`train`]), and the 2D toy experiment ([`toy`]) with its reports ([`report`]).
+//! `../shared/SPEC.md` in the project tree defines every formula; doc comments cite its sections.
+
+pub mod align;
+pub mod backend;
+pub mod bench;
+pub mod config;
+pub mod error;
+pub mod flow;
+pub mod report;
+pub mod rng;
+pub mod stats;
+pub mod toy;
+pub mod train;
+
+pub use error::{Error, Result};

@@ -1,0 +1,292 @@
+//! The `flowalign` command line: a thin front-end over the library.
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use flowalign::backend::{DeviceChoice, select};
+use flowalign::config::{LatentInit, Preset, Reduction, ToyConfig, View};
+use flowalign::toy::experiment::check_prior_fits;
+use flowalign::toy::figures;
+use flowalign::toy::{Event, ToyOutcome, ToyRun, TargetKind};
+use flowalign::train::{load_prior, save_prior};
+
+#[derive(Parser)]
+#[command(name = "flowalign", version, about = "Aligning latent spaces with flow priors (arXiv 2506.05240)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The 2D toy experiment: train a flow prior, align 1,000 latents, write figures and numbers.
+    Toy(ToyArgs),
+    /// Throughput benchmarks (JSON), side by side with PyTorch when it is installed.
+    Bench(flowalign_bench::BenchArgs),
+}
+
+mod flowalign_bench {
+    pub use flowalign::bench::BenchArgs;
+}
+
+/// `--target` accepts a built-in name or `all`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum TargetArg {
+    One(TargetKind),
+    All,
+}
+
+fn parse_target(s: &str) -> Result<TargetArg, String> {
+    if s == "all" {
+        return Ok(TargetArg::All);
+    }
+    <TargetKind as clap::ValueEnum>::from_str(s, true)
+        .map(TargetArg::One)
+        .map_err(|_| format!("unknown target '{s}'; choose mog, grid, moons, rings, spiral, swissroll or all"))
+}
+
+#[derive(Args)]
+struct ToyArgs {
+    /// Target distribution: mog, grid, moons, rings, spiral, swissroll, or all (Fig. 5 grid).
+    #[arg(long, value_parser = parse_target)]
+    target: Option<TargetArg>,
+    /// Your own 2D points: a CSV with two numeric columns x,y (header optional).
+    #[arg(long, value_name = "FILE", conflicts_with = "target")]
+    target_csv: Option<PathBuf>,
+    /// Hyperparameter preset.
+    #[arg(long, value_enum)]
+    preset: Option<Preset>,
+    /// A TOML config (every run writes one as config.toml); flags override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Output folder.
+    #[arg(long, default_value = "runs/toy")]
+    out: PathBuf,
+    /// Reuse a trained prior: a run folder (or its prior.safetensors) instead of training.
+    #[arg(long, value_name = "PATH")]
+    prior: Option<PathBuf>,
+    /// Compute device.
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    device: DeviceChoice,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    prior_steps: Option<usize>,
+    #[arg(long)]
+    align_steps: Option<usize>,
+    #[arg(long)]
+    width: Option<usize>,
+    #[arg(long)]
+    depth: Option<usize>,
+    #[arg(long)]
+    batch: Option<usize>,
+    #[arg(long)]
+    prior_lr: Option<f64>,
+    #[arg(long)]
+    align_lr: Option<f64>,
+    #[arg(long)]
+    n_latents: Option<usize>,
+    /// (t, eps) draws per latent per alignment step.
+    #[arg(long)]
+    mc: Option<usize>,
+    #[arg(long, value_enum)]
+    reduction: Option<Reduction>,
+    #[arg(long, value_enum)]
+    init: Option<LatentInit>,
+    /// Heatmap resolution (grid x grid).
+    #[arg(long)]
+    grid: Option<usize>,
+    /// Number of t values in linspace(0.1, 0.9) for the L_align heatmap.
+    #[arg(long)]
+    t_values: Option<usize>,
+    #[arg(long, value_enum)]
+    view: Option<View>,
+}
+
+impl ToyArgs {
+    /// The config for `target`: preset or file, then flags.
+    fn config(&self, target: TargetKind) -> Result<ToyConfig> {
+        let mut cfg = match &self.config {
+            Some(path) => ToyConfig::from_toml_file(path)?,
+            None => ToyConfig::preset(self.preset.unwrap_or(Preset::Interactive), target),
+        };
+        if self.config.is_some() {
+            if let Some(p) = self.preset {
+                let base = ToyConfig::preset(p, target);
+                (cfg.prior, cfg.align, cfg.eval, cfg.preset) = (base.prior, base.align, base.eval, p);
+            }
+            if self.target.is_some() {
+                cfg.target = target;
+                cfg.points = None;
+                cfg.target_csv = None;
+            }
+        } else {
+            cfg.target = target;
+        }
+        if let Some(csv) = &self.target_csv {
+            cfg.target_csv = Some(csv.clone());
+            cfg.points = None;
+        }
+        macro_rules! set {
+            ($flag:ident => $($field:tt)+) => {
+                if let Some(v) = self.$flag { cfg.$($field)+ = v; }
+            };
+        }
+        set!(seed => seed);
+        set!(prior_steps => prior.steps);
+        set!(align_steps => align.steps);
+        set!(width => prior.width);
+        set!(depth => prior.depth);
+        set!(batch => prior.batch);
+        set!(prior_lr => prior.lr);
+        set!(align_lr => align.lr);
+        set!(n_latents => align.n_latents);
+        set!(mc => align.mc);
+        set!(reduction => align.reduction);
+        set!(init => align.init);
+        set!(grid => eval.grid);
+        set!(t_values => eval.t_values);
+        set!(view => eval.view);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+fn bar(len: usize, what: &str) -> ProgressBar {
+    let pb = if len > 0 { ProgressBar::new(len as u64) } else { ProgressBar::new_spinner() };
+    let style = ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {per_sec} eta {eta} {msg}")
+        .expect("valid template")
+        .progress_chars("=> ");
+    pb.set_style(if len > 0 { style } else { ProgressStyle::default_spinner() });
+    pb.set_prefix(what.to_string());
+    pb
+}
+
+/// Runs one toy target into `out`.
+fn run_toy(args: &ToyArgs, target: TargetKind, out: &Path) -> Result<ToyOutcome> {
+    let cfg = args.config(target)?;
+    let (device, device_name) = select(args.device)?;
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("cannot create output folder {}; choose an --out you can write to", out.display()))?;
+    let probe = out.join(".flowalign-write-test");
+    std::fs::write(&probe, b"")
+        .with_context(|| format!("output folder {} is not writable; choose another --out", out.display()))?;
+    let _ = std::fs::remove_file(&probe);
+
+    let run = ToyRun::new(cfg, device.clone(), device_name.clone())?;
+    let prior = match &args.prior {
+        Some(path) => {
+            let (model, meta) = load_prior(path, &device)?;
+            check_prior_fits(&meta, &run.target, path)?;
+            Some((model, meta))
+        }
+        None => None,
+    };
+    tracing::info!(target = %run.target.name, device = %device_name, "toy run -> {}", out.display());
+    flowalign::report::write_atomic(&out.join("config.toml"), run.cfg.to_toml().as_bytes())?;
+
+    let mut pb: Option<ProgressBar> = None;
+    let outcome = run.run(prior, &mut |event| {
+        match event {
+            Event::Stage { name, steps } => {
+                if let Some(p) = pb.take() {
+                    p.finish();
+                }
+                pb = Some(bar(steps, name));
+            }
+            Event::PriorStep { step, loss, lr } => {
+                if let Some(p) = &pb {
+                    p.set_position(step as u64);
+                    if step % 20 == 0 {
+                        p.set_message(format!("loss {loss:.4} lr {lr:.2e}"));
+                    }
+                }
+            }
+            Event::AlignStep { step, loss, nll } => {
+                if let Some(p) = &pb {
+                    p.set_position(step as u64);
+                    if step % 20 == 0 {
+                        p.set_message(format!("L_align {loss:.4} NLL(y) {nll:.3}"));
+                    }
+                }
+            }
+        }
+        ControlFlow::Continue(())
+    })?;
+    if let Some(p) = pb.take() {
+        p.finish_and_clear();
+    }
+    if !outcome.summary.prior.loaded {
+        save_prior(out, &outcome.prior, &outcome.prior_meta)?;
+    }
+    figures::write_all(out, &outcome)?;
+    let s = &outcome.summary;
+    tracing::info!(
+        "{}: NLL(y) {:.3} -> {:.3}; heatmap Pearson {:.3} Spearman {:.3}; sample NLL {:.3} vs data {:.3}; bound {:.3} <= log p {:.3}; {:.1}s",
+        s.target,
+        s.align.nll_init,
+        s.align.nll_final,
+        s.heatmap.pearson,
+        s.heatmap.spearman,
+        s.prior.sample_nll,
+        s.prior.data_nll,
+        s.bound.mean_elbo,
+        s.bound.mean_log_p,
+        s.total_seconds
+    );
+    Ok(outcome)
+}
+
+fn toy(args: ToyArgs) -> Result<()> {
+    match (args.target, &args.target_csv) {
+        (Some(TargetArg::All), _) => {
+            if args.prior.is_some() {
+                bail!("--prior belongs to one target; drop it when using --target all");
+            }
+            let mut outcomes = Vec::new();
+            for kind in TargetKind::ALL {
+                outcomes.push(run_toy(&args, kind, &args.out.join(kind.name()))?);
+            }
+            figures::figure5(&args.out.join("figure5.png"), &outcomes)?;
+            tracing::info!("wrote {}", args.out.join("figure5.png").display());
+        }
+        (Some(TargetArg::One(kind)), _) => {
+            run_toy(&args, kind, &args.out)?;
+        }
+        (None, _) => {
+            run_toy(&args, TargetKind::Mog, &args.out)?;
+        }
+    }
+    tracing::info!("outputs in {}", args.out.display());
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Toy(args) => toy(args),
+        Command::Bench(args) => flowalign::bench::run(args).map_err(anyhow::Error::from),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the chain of causes, joined.
+            let msg = format!("{e:#}").replace('\n', " ");
+            eprintln!("error: {msg}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,337 @@
+//! Outputs of headless runs: PNG figures (plotters), CSV and JSON, all written atomically.
+
+use std::path::Path;
+use std::sync::Once;
+
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use plotters::style::colors::colormaps::ViridisRGB;
+
+use crate::error::{Error, Result};
+use crate::toy::targets::Point;
+
+/// Values on a regular 2D grid: `values[iy * xs.len() + ix]` belongs to `(xs[ix], ys[iy])`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Heatmap {
+    pub xs: Vec<f32>,
+    pub ys: Vec<f32>,
+    pub values: Vec<f32>,
+}
+
+impl Heatmap {
+    /// The grid's points in `values` order.
+    pub fn points(xs: &[f32], ys: &[f32]) -> Vec<Point> {
+        ys.iter().flat_map(|&y| xs.iter().map(move |&x| [x, y])).collect()
+    }
+
+    fn extent(&self) -> ((f32, f32), (f32, f32)) {
+        let (x0, x1) = (self.xs[0], *self.xs.last().unwrap_or(&self.xs[0]));
+        let (y0, y1) = (self.ys[0], *self.ys.last().unwrap_or(&self.ys[0]));
+        ((x0, x1), (y0, y1))
+    }
+
+    /// The colour range: the 2nd to 98th percentile, so a few extreme cells do not wash out the map.
+    fn colour_range(&self) -> (f32, f32) {
+        let mut v: Vec<f32> = self.values.iter().copied().filter(|x| x.is_finite()).collect();
+        if v.is_empty() {
+            return (0.0, 1.0);
+        }
+        v.sort_by(f32::total_cmp);
+        let q = |p: f32| v[((v.len() - 1) as f32 * p).round() as usize];
+        let (lo, hi) = (q(0.0), q(0.98));
+        if hi > lo { (lo, hi) } else { (lo, lo + 1.0) }
+    }
+}
+
+/// Writes `bytes` to `path` atomically (temporary file in the same folder, then rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let hint = "choose an --out folder you can write to";
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(dir, hint, e))?;
+    std::io::Write::write_all(&mut tmp, bytes).map_err(|e| Error::io(path, hint, e))?;
+    tmp.persist(path).map_err(|e| Error::io(path, hint, e.error))?;
+    Ok(())
+}
+
+fn register_font() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // The font ships with the crate, so plots render the same on every machine.
+        let bytes: &'static [u8] = include_bytes!("../assets/DejaVuSans.ttf");
+        if plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_err() {
+            tracing::warn!("could not register the bundled font; plot text may be missing");
+        }
+    });
+}
+
+type Area<'a> = DrawingArea<BitMapBackend<'a>, Shift>;
+
+fn plot_err(e: impl std::fmt::Display) -> Error {
+    Error::Config(format!("plotting failed: {e}"))
+}
+
+/// Renders a PNG of `size` pixels with `draw`, writing it atomically to `path`.
+pub fn save_png(path: &Path, size: (u32, u32), draw: impl FnOnce(&Area) -> Result<()>) -> Result<()> {
+    register_font();
+    let mut buf = vec![0u8; size.0 as usize * size.1 as usize * 3];
+    {
+        let area = BitMapBackend::with_buffer(&mut buf, size).into_drawing_area();
+        area.fill(&WHITE).map_err(plot_err)?;
+        draw(&area)?;
+        area.present().map_err(plot_err)?;
+    }
+    let mut png = Vec::new();
+    encode_png(&mut png, &buf, size)?;
+    write_atomic(path, &png)
+}
+
+fn encode_png(out: &mut Vec<u8>, rgb: &[u8], (w, h): (u32, u32)) -> Result<()> {
+    let mut encoder = png::Encoder::new(out, w, h);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    let mut writer = encoder.write_header().map_err(plot_err)?;
+    writer.write_image_data(rgb).map_err(plot_err)
+}
+
+/// A point overlay on a heatmap: points, colour, radius in pixels.
+pub struct Overlay<'a> {
+    pub points: &'a [Point],
+    pub colour: RGBColor,
+    pub radius: u32,
+}
+
+/// Draws `map` with viridis colours, a colour bar and the overlays, titled `title`.
+pub fn heatmap_panel(area: &Area, title: &str, map: &Heatmap, overlays: &[Overlay]) -> Result<()> {
+    let (main, bar) = area.split_horizontally(area.dim_in_pixel().0.saturating_sub(70));
+    let ((x0, x1), (y0, y1)) = map.extent();
+    let mut chart = ChartBuilder::on(&main)
+        .caption(title, ("sans-serif", 18))
+        .margin(6)
+        .x_label_area_size(28)
+        .y_label_area_size(36)
+        .build_cartesian_2d(x0..x1, y0..y1)
+        .map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .disable_mesh()
+        .label_style(("sans-serif", 12))
+        .draw()
+        .map_err(plot_err)?;
+    let (lo, hi) = map.colour_range();
+    let (nx, ny) = (map.xs.len(), map.ys.len());
+    let dx = (x1 - x0) / (nx - 1).max(1) as f32;
+    let dy = (y1 - y0) / (ny - 1).max(1) as f32;
+    let cells = (0..ny).flat_map(|iy| (0..nx).map(move |ix| (ix, iy))).map(|(ix, iy)| {
+        let v = map.values[iy * nx + ix];
+        let c = ViridisRGB::get_color_normalized(v.clamp(lo, hi), lo, hi);
+        let (cx, cy) = (map.xs[ix], map.ys[iy]);
+        Rectangle::new(
+            [(cx - dx / 2.0, cy - dy / 2.0), (cx + dx / 2.0, cy + dy / 2.0)],
+            c.filled(),
+        )
+    });
+    chart.draw_series(cells).map_err(plot_err)?;
+    for o in overlays {
+        let inside = o
+            .points
+            .iter()
+            .filter(|p| p[0] >= x0 && p[0] <= x1 && p[1] >= y0 && p[1] <= y1);
+        chart
+            .draw_series(inside.map(|p| Circle::new((p[0], p[1]), o.radius, o.colour.filled())))
+            .map_err(plot_err)?;
+    }
+    colour_bar(&bar, lo, hi)
+}
+
+fn colour_bar(area: &Area, lo: f32, hi: f32) -> Result<()> {
+    let mut chart = ChartBuilder::on(area)
+        .margin_top(34)
+        .margin_bottom(34)
+        .margin_right(8)
+        .y_label_area_size(44)
+        .build_cartesian_2d(0f32..1f32, lo..hi)
+        .map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .disable_mesh()
+        .disable_x_axis()
+        .label_style(("sans-serif", 11))
+        .y_labels(6)
+        .draw()
+        .map_err(plot_err)?;
+    let n = 100;
+    let step = (hi - lo) / n as f32;
+    chart
+        .draw_series((0..n).map(|i| {
+            let v = lo + i as f32 * step;
+            let c = ViridisRGB::get_color_normalized(v, lo, hi);
+            Rectangle::new([(0.0, v), (1.0, v + step)], c.filled())
+        }))
+        .map_err(plot_err)?;
+    Ok(())
+}
+
+/// L_align (smoothed) and the NLL of y on twin axes over a log-scale step axis (paper Fig. 3c).
+///
+/// `loss[i]` belongs to step `i + 1`; `nll` holds `(step, mean NLL)` pairs.
+pub fn curves_panel(area: &Area, title: &str, loss: &[f32], nll: &[(usize, f32)]) -> Result<()> {
+    let n = loss.len().max(2) as f64;
+    let finite = |v: &mut dyn Iterator<Item = f32>| {
+        v.filter(|x| x.is_finite())
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), x| (a.min(x), b.max(x)))
+    };
+    let (l0, l1) = finite(&mut loss.iter().copied());
+    let (n0, n1) = finite(&mut nll.iter().map(|p| p.1));
+    let pad = |(a, b): (f32, f32)| {
+        if a.is_finite() && b > a {
+            (a - 0.05 * (b - a), b + 0.05 * (b - a))
+        } else {
+            (0.0, 1.0)
+        }
+    };
+    let (l0, l1) = pad((l0, l1));
+    let (n0, n1) = pad((n0, n1));
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 18))
+        .margin(8)
+        .x_label_area_size(32)
+        .y_label_area_size(46)
+        .right_y_label_area_size(46)
+        .build_cartesian_2d((1f64..n).log_scale(), l0..l1)
+        .map_err(plot_err)?
+        .set_secondary_coord((1f64..n).log_scale(), n0..n1);
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc("L_align (smoothed)")
+        .label_style(("sans-serif", 12))
+        .draw()
+        .map_err(plot_err)?;
+    chart
+        .configure_secondary_axes()
+        .y_desc("NLL of y")
+        .label_style(("sans-serif", 12))
+        .draw()
+        .map_err(plot_err)?;
+    let blue = RGBColor(31, 119, 180);
+    let orange = RGBColor(255, 127, 14);
+    chart
+        .draw_series(LineSeries::new(
+            loss.iter().enumerate().map(|(i, &v)| ((i + 1) as f64, v)),
+            blue.stroke_width(2),
+        ))
+        .map_err(plot_err)?
+        .label("L_align")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], blue.stroke_width(2)));
+    chart
+        .draw_secondary_series(LineSeries::new(
+            nll.iter().map(|&(s, v)| (s.max(1) as f64, v)),
+            orange.stroke_width(2),
+        ))
+        .map_err(plot_err)?
+        .label("NLL of y")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], orange.stroke_width(2)));
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .label_font(("sans-serif", 12))
+        .draw()
+        .map_err(plot_err)?;
+    Ok(())
+}
+
+/// A scatter of points in a square view.
+pub fn scatter_panel(
+    area: &Area,
+    title: &str,
+    range: ((f32, f32), (f32, f32)),
+    points: &[Point],
+    colour: RGBColor,
+) -> Result<()> {
+    let ((x0, x1), (y0, y1)) = range;
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 18))
+        .margin(6)
+        .x_label_area_size(28)
+        .y_label_area_size(36)
+        .build_cartesian_2d(x0..x1, y0..y1)
+        .map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .label_style(("sans-serif", 12))
+        .light_line_style(WHITE)
+        .draw()
+        .map_err(plot_err)?;
+    chart
+        .draw_series(
+            points
+                .iter()
+                .filter(|p| p[0] >= x0 && p[0] <= x1 && p[1] >= y0 && p[1] <= y1)
+                .map(|p| Circle::new((p[0], p[1]), 2, colour.mix(0.6).filled())),
+        )
+        .map_err(plot_err)?;
+    Ok(())
+}
+
+/// Velocity arrows `(position, velocity)` drawn with a common scale so the longest is one grid cell.
+pub fn arrows_panel(
+    area: &Area,
+    title: &str,
+    range: ((f32, f32), (f32, f32)),
+    arrows: &[(Point, Point)],
+    cell: f32,
+) -> Result<()> {
+    let ((x0, x1), (y0, y1)) = range;
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 18))
+        .margin(6)
+        .x_label_area_size(28)
+        .y_label_area_size(36)
+        .build_cartesian_2d(x0..x1, y0..y1)
+        .map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .label_style(("sans-serif", 12))
+        .light_line_style(WHITE)
+        .draw()
+        .map_err(plot_err)?;
+    let norm = |v: &Point| (v[0] * v[0] + v[1] * v[1]).sqrt();
+    let vmax = arrows.iter().map(|(_, v)| norm(v)).fold(0.0f32, f32::max).max(1e-12);
+    let scale = 0.9 * cell / vmax;
+    let segments = arrows.iter().flat_map(|(p, v)| {
+        let tip = (p[0] + v[0] * scale, p[1] + v[1] * scale);
+        let c = ViridisRGB::get_color_normalized(norm(v), 0.0, vmax);
+        // Arrow head: two short strokes back from the tip at +-25 degrees.
+        let (dx, dy) = (tip.0 - p[0], tip.1 - p[1]);
+        let len = (dx * dx + dy * dy).sqrt().max(1e-12);
+        let (ux, uy) = (dx / len, dy / len);
+        let h = 0.35 * len;
+        let (c25, s25) = (0.906f32, 0.423f32);
+        let left = (tip.0 - h * (ux * c25 - uy * s25), tip.1 - h * (uy * c25 + ux * s25));
+        let right = (tip.0 - h * (ux * c25 + uy * s25), tip.1 - h * (uy * c25 - ux * s25));
+        [
+            PathElement::new(vec![(p[0], p[1]), tip], c.stroke_width(1)),
+            PathElement::new(vec![left, tip, right], c.stroke_width(1)),
+        ]
+    });
+    chart.draw_series(segments).map_err(plot_err)?;
+    Ok(())
+}
+
+/// Writes rows of a CSV file atomically; `header` names the columns.
+pub fn write_csv(path: &Path, header: &[&str], rows: impl Iterator<Item = Vec<String>>) -> Result<()> {
+    let mut text = header.join(",");
+    text.push('\n');
+    for row in rows {
+        text.push_str(&row.join(","));
+        text.push('\n');
+    }
+    write_atomic(path, text.as_bytes())
+}
+
+/// Writes a value as pretty JSON atomically.
+pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).expect("report values serialise to JSON");
+    write_atomic(path, text.as_bytes())
+}

@@ -1,0 +1,536 @@
+//! The toy experiment driver (SPEC section 5): train the prior, align 1,000 latents, evaluate.
+//!
+//! Front-ends observe progress through plain-data [`Event`]s and may cancel between steps.
+
+use std::ops::ControlFlow;
+use std::path::Path;
+use std::time::Instant;
+
+use burn::prelude::*;
+use rand::RngExt;
+use rand_distr::StandardNormal;
+use serde::Serialize;
+
+use super::density::Density;
+use super::targets::{Point, Target};
+use crate::align::{align_heatmap, align_loss, bound, linspace};
+use crate::config::{LatentInit, Reduction, ToyConfig, View};
+use crate::error::{Error, Result};
+use crate::flow::likelihood::log_prob;
+use crate::flow::path::PathDraws;
+use crate::flow::solver::{Solver, sample};
+use crate::flow::{VelocityField, VelocityMlp, VelocityMlpConfig, rows_to_tensor, tensor_to_rows};
+use crate::report::Heatmap;
+use crate::rng::{Rng, Stream, rng_for};
+use crate::stats::{mean_sem, pearson, spearman};
+use crate::train::{Aligner, PriorMeta, PriorTrainer};
+
+/// Progress of a run, as plain data.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A stage begins; `steps` is its length where it has one.
+    Stage { name: &'static str, steps: usize },
+    /// A prior training step finished.
+    PriorStep { step: usize, loss: f32, lr: f64 },
+    /// An alignment step finished; `nll` is the mean NLL of y after it.
+    AlignStep { step: usize, loss: f32, nll: f32 },
+}
+
+/// Mean NLL of y before and after alignment, and the step timings.
+#[derive(Debug, Clone, Serialize)]
+pub struct PriorSummary {
+    pub steps: usize,
+    /// Mean flow-matching loss over the last 100 steps (or all, if fewer).
+    pub final_loss: f64,
+    pub seconds: f64,
+    pub steps_per_sec: f64,
+    pub width: usize,
+    pub depth: usize,
+    pub params: usize,
+    /// Mean NLL of data samples under the target density.
+    pub data_nll: f64,
+    /// Mean NLL of prior samples (Euler ODE) under the target density.
+    pub sample_nll: f64,
+    /// The prior's own exact NLL (ODE) of data samples.
+    pub model_nll_data: f64,
+    /// The prior's own exact NLL (ODE) of its samples.
+    pub model_nll_samples: f64,
+    /// Whether the prior was loaded from a checkpoint instead of trained.
+    pub loaded: bool,
+}
+
+/// The alignment stage's numbers.
+#[derive(Debug, Clone, Serialize)]
+pub struct AlignSummary {
+    pub steps: usize,
+    pub n_latents: usize,
+    pub nll_init: f64,
+    pub nll_final: f64,
+    /// L_align of the final latents (20 draws per latent), in `reduction` form.
+    pub loss_final: f64,
+    pub reduction: Reduction,
+    pub seconds: f64,
+    pub steps_per_sec: f64,
+    /// Seconds spent computing the per-step NLL curve (not in `seconds`).
+    pub nll_monitor_seconds: f64,
+}
+
+/// The heatmaps' agreement.
+#[derive(Debug, Clone, Serialize)]
+pub struct HeatmapSummary {
+    pub grid: usize,
+    pub t_values: usize,
+    pub pearson: f64,
+    pub spearman: f64,
+    /// Seconds for the L_align heatmap.
+    pub seconds: f64,
+    pub evals_per_sec: f64,
+}
+
+/// The bound of SPEC section 3 next to the exact log-likelihood, on the first `points` final latents.
+#[derive(Debug, Clone, Serialize)]
+pub struct BoundSummary {
+    pub points: usize,
+    pub draws: usize,
+    /// Mean exact `log p(y)` of the prior (RK4 ODE).
+    pub mean_log_p: f64,
+    /// Mean of `C(y) - L_align(y)` (sum-reduced).
+    pub mean_elbo: f64,
+    /// Mean of `C(y)` and of sum-reduced `L_align(y)`.
+    pub mean_c: f64,
+    pub mean_l_align: f64,
+    /// Standard error of `mean_elbo`.
+    pub mean_elbo_sem: f64,
+    /// Latents where the estimated bound exceeds `log p` by more than 3 standard errors.
+    pub violations: usize,
+    /// Largest `(elbo - log p) / sem` over the latents (negative when the bound holds everywhere).
+    pub max_excess_sem: f64,
+    /// `mean_elbo` plus the base term `E[log N(eps; 0, I)] = -(d / 2)(1 + ln 2 pi)`, which SPEC
+    /// section 3's `C(y)` leaves out (see README: without it the bound fails even for the exact field).
+    pub mean_elbo_with_base: f64,
+    /// Latents where the bound with the base term exceeds `log p` by more than 3 standard errors.
+    pub violations_with_base: usize,
+}
+
+/// Everything `flowalign toy` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub target: String,
+    pub preset: String,
+    pub seed: u64,
+    pub device: String,
+    pub nll_method: String,
+    pub scale: f32,
+    pub prior: PriorSummary,
+    pub align: AlignSummary,
+    pub heatmap: HeatmapSummary,
+    pub bound: BoundSummary,
+    pub total_seconds: f64,
+}
+
+/// A finished run: the summary and the plain data behind every figure.
+#[derive(Debug, Clone)]
+pub struct ToyOutcome {
+    pub summary: Summary,
+    /// Prior loss per step.
+    pub prior_loss: Vec<f32>,
+    /// L_align per alignment step.
+    pub align_loss: Vec<f32>,
+    /// Mean NLL of y after each step (step 0 = initial latents).
+    pub align_nll: Vec<(usize, f32)>,
+    /// 10 evenly spaced snapshots of y.
+    pub snapshots: Vec<(usize, Vec<Point>)>,
+    /// 5,000 target samples (plot overlays, heatmap range).
+    pub target_samples: Vec<Point>,
+    pub data_samples: Vec<Point>,
+    pub prior_samples: Vec<Point>,
+    pub nll_map: Heatmap,
+    pub align_map: Heatmap,
+    /// Velocity arrows (position, velocity) at each plotted t.
+    pub velocity: Vec<(f32, Vec<(Point, Point)>)>,
+    /// The trained (or loaded) prior and its metadata.
+    pub prior: VelocityMlp,
+    pub prior_meta: PriorMeta,
+}
+
+/// The t values of the velocity-field figure (SPEC section 5).
+pub const VELOCITY_TIMES: [f32; 5] = [0.1, 0.3, 0.5, 0.7, 0.9];
+
+/// A configured toy run on one device.
+pub struct ToyRun {
+    pub cfg: ToyConfig,
+    pub target: Target,
+    pub density: Density,
+    device: Device,
+    device_name: String,
+}
+
+fn to_points(rows: &[f32]) -> Vec<Point> {
+    rows.chunks_exact(2).map(|c| [c[0], c[1]]).collect()
+}
+
+fn cancelled(flow: ControlFlow<()>) -> Result<()> {
+    match flow {
+        ControlFlow::Continue(()) => Ok(()),
+        ControlFlow::Break(()) => Err(Error::Cancelled),
+    }
+}
+
+impl ToyRun {
+    /// Resolves the target of `cfg` (built-in, CSV or inline points) and its density.
+    pub fn new(cfg: ToyConfig, device: Device, device_name: impl Into<String>) -> Result<Self> {
+        cfg.validate()?;
+        let target = if let Some(points) = &cfg.points {
+            Target::from_points("custom", points)?
+        } else if let Some(path) = &cfg.target_csv {
+            Target::from_csv(path)?
+        } else {
+            Target::builtin(cfg.target)
+        };
+        let density = Density::for_target(&target);
+        Ok(ToyRun { cfg, target, density, device, device_name: device_name.into() })
+    }
+
+    /// The inference device.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// A freshly initialised prior on the autodiff device.
+    pub fn init_prior(&self) -> VelocityMlp {
+        let p = &self.cfg.prior;
+        let mut rng = rng_for(self.cfg.seed, Stream::Init, 0);
+        VelocityMlpConfig::new(2, p.width, p.depth).init(&mut rng, &self.device.clone().autodiff())
+    }
+
+    /// A prior trainer over the configured number of steps.
+    pub fn prior_trainer(&self) -> PriorTrainer {
+        let p = &self.cfg.prior;
+        PriorTrainer::new(self.init_prior(), p.lr, p.schedule, p.steps, Reduction::Mean)
+    }
+
+    /// One prior step: a fresh batch of target samples and (t, eps) draws seeded by the step number.
+    pub fn prior_step(&self, trainer: &mut PriorTrainer) -> Result<f32> {
+        let mut rng = rng_for(self.cfg.seed, Stream::Prior, trainer.step as u64);
+        let ad = self.device.clone().autodiff();
+        let x = self.target.sample(self.cfg.prior.batch, &mut rng);
+        let x = rows_to_tensor(x.as_flattened(), 2, &ad);
+        let draws = PathDraws::sample(&mut rng, self.cfg.prior.batch, 2, &ad);
+        trainer.train_step(x, &draws)
+    }
+
+    /// The initial latents of the alignment stage.
+    pub fn initial_latents(&self) -> Vec<f32> {
+        let n = self.cfg.align.n_latents;
+        let mut rng = rng_for(self.cfg.seed, Stream::LatentInit, 0);
+        let normal = |rng: &mut Rng| -> f32 { rng.sample(StandardNormal) };
+        (0..n)
+            .flat_map(|_| match self.cfg.align.init {
+                LatentInit::Normal => [normal(&mut rng), normal(&mut rng)],
+                LatentInit::Box => [rng.random_range(-3.0..3.0), rng.random_range(-3.0..3.0)],
+                LatentInit::Corner => [2.5 + 0.25 * normal(&mut rng), 2.5 + 0.25 * normal(&mut rng)],
+            })
+            .collect()
+    }
+
+    /// An aligner starting from [`ToyRun::initial_latents`].
+    pub fn aligner(&self) -> Aligner {
+        let a = &self.cfg.align;
+        Aligner::new(&self.initial_latents(), 2, a.lr, a.mc, a.reduction, &self.device)
+    }
+
+    /// One alignment step against the frozen `prior` (plain parameters).
+    pub fn align_step(&self, aligner: &mut Aligner, prior: &VelocityMlp) -> Result<f32> {
+        let mut rng = rng_for(self.cfg.seed, Stream::Align, aligner.step as u64);
+        aligner.align_step(prior, &mut rng)
+    }
+
+    /// The heatmap grid: `(xs, ys)` over the configured view.
+    pub fn grid_axes(&self, reference: &[Point], n: usize) -> (Vec<f32>, Vec<f32>) {
+        let ((x0, x1), (y0, y1)) = self.view_range(reference);
+        (linspace(x0, x1, n), linspace(y0, y1, n))
+    }
+
+    /// The plotting range: data range plus 20 % padding, or the fixed [-6, 6]^2 (SPEC section 5).
+    pub fn view_range(&self, reference: &[Point]) -> ((f32, f32), (f32, f32)) {
+        match self.cfg.eval.view {
+            View::Fixed => ((-6.0, 6.0), (-6.0, 6.0)),
+            View::Data => {
+                let axis = |d: usize| {
+                    let lo = reference.iter().map(|p| p[d]).fold(f32::INFINITY, f32::min);
+                    let hi = reference.iter().map(|p| p[d]).fold(f32::NEG_INFINITY, f32::max);
+                    let pad = 0.2 * (hi - lo);
+                    (lo - pad, hi + pad)
+                };
+                (axis(0), axis(1))
+            }
+        }
+    }
+
+    /// 5,000 reference target samples (fixed stream, so the heatmap range is stable).
+    pub fn reference_samples(&self) -> Vec<Point> {
+        let mut rng = rng_for(self.cfg.seed, Stream::Reference, 2);
+        self.target.sample(5000, &mut rng)
+    }
+
+    /// The NLL and L_align heatmaps of `prior` (plain parameters) on an `n x n` grid.
+    pub fn heatmaps(&self, prior: &VelocityMlp, reference: &[Point], n: usize, t_values: usize) -> (Heatmap, Heatmap, f64) {
+        let (xs, ys) = self.grid_axes(reference, n);
+        let pts = Heatmap::points(&xs, &ys);
+        let nll: Vec<f32> = self.density.log_prob(&pts).iter().map(|l| -l).collect();
+        let mut rng = rng_for(self.cfg.seed, Stream::Eval, 1);
+        let start = Instant::now();
+        let ts = linspace(0.1, 0.9, t_values);
+        let align = align_heatmap(prior, pts.as_flattened(), 2, &ts, &mut rng, &self.device);
+        let secs = start.elapsed().as_secs_f64();
+        (
+            Heatmap { xs: xs.clone(), ys: ys.clone(), values: nll },
+            Heatmap { xs, ys, values: align },
+            secs,
+        )
+    }
+
+    /// Velocity arrows on a 25 x 25 grid at [`VELOCITY_TIMES`].
+    pub fn velocity_field(&self, prior: &VelocityMlp, reference: &[Point]) -> Vec<(f32, Vec<(Point, Point)>)> {
+        let (xs, ys) = self.grid_axes(reference, 25);
+        let pts = Heatmap::points(&xs, &ys);
+        VELOCITY_TIMES
+            .iter()
+            .map(|&t| {
+                let z = rows_to_tensor(pts.as_flattened(), 2, &self.device);
+                let tt = Tensor::<1>::full([pts.len()], t, &self.device);
+                let v = to_points(&tensor_to_rows(prior.velocity(z, tt)));
+                (t, pts.iter().copied().zip(v).collect())
+            })
+            .collect()
+    }
+
+    /// Samples from the prior by the Euler ODE (SPEC section 1).
+    pub fn prior_samples(&self, prior: &VelocityMlp, n: usize, steps: usize, solver: Solver) -> Vec<Point> {
+        let mut rng = rng_for(self.cfg.seed, Stream::Eval, 2);
+        let z0 = rows_to_tensor(&crate::flow::path::normal_rows(&mut rng, n, 2), 2, &self.device);
+        to_points(&tensor_to_rows(sample(prior, z0, steps, solver)))
+    }
+
+    fn exact_nll(&self, prior: &VelocityMlp, points: &[Point]) -> f64 {
+        let x = rows_to_tensor(points.as_flattened(), 2, &self.device);
+        let lp: Vec<f32> = log_prob(prior, x, self.cfg.eval.likelihood_steps)
+            .try_into_vec_as::<f32>()
+            .expect("f32 readback");
+        -lp.iter().map(|&v| v as f64).sum::<f64>() / lp.len().max(1) as f64
+    }
+
+    /// Runs the whole experiment. With `prior = Some(..)` the training stage is skipped.
+    pub fn run(&self, prior: Option<(VelocityMlp, PriorMeta)>, on: &mut dyn FnMut(Event) -> ControlFlow<()>) -> Result<ToyOutcome> {
+        let run_start = Instant::now();
+        let cfg = &self.cfg;
+
+        // Stage 1: the flow prior.
+        let mut prior_loss = Vec::new();
+        let mut prior_secs = 0.0;
+        let loaded = prior.is_some();
+        let (prior, prior_meta) = match prior {
+            Some(p) => p,
+            None => {
+                cancelled(on(Event::Stage { name: "prior", steps: cfg.prior.steps }))?;
+                let mut trainer = self.prior_trainer();
+                let start = Instant::now();
+                while trainer.step < cfg.prior.steps {
+                    let lr = trainer.current_lr();
+                    let loss = self.prior_step(&mut trainer)?;
+                    prior_loss.push(loss);
+                    cancelled(on(Event::PriorStep { step: trainer.step, loss, lr }))?;
+                }
+                prior_secs = start.elapsed().as_secs_f64();
+                let meta = PriorMeta {
+                    dim: 2,
+                    width: cfg.prior.width,
+                    depth: cfg.prior.depth,
+                    target: self.target.name.clone(),
+                    scale: self.target.scale,
+                    steps: cfg.prior.steps,
+                    seed: cfg.seed,
+                };
+                (trainer.into_model().valid(), meta)
+            }
+        };
+
+        // Prior check: samples vs data under the target density, and the prior's exact likelihood.
+        cancelled(on(Event::Stage { name: "prior check", steps: 0 }))?;
+        let reference = self.reference_samples();
+        let prior_samples = self.prior_samples(&prior, cfg.eval.n_check, cfg.eval.sample_steps, Solver::Euler);
+        let data_samples = {
+            let mut rng = rng_for(cfg.seed, Stream::Eval, 3);
+            self.target.sample(cfg.eval.n_check, &mut rng)
+        };
+        let k = cfg.eval.bound_points.min(cfg.eval.n_check);
+        tracing::debug!("prior samples: {:.2}s", run_start.elapsed().as_secs_f64());
+        let model_nll_data = self.exact_nll(&prior, &data_samples[..k]);
+        let model_nll_samples = self.exact_nll(&prior, &prior_samples[..k]);
+
+        tracing::debug!("prior exact likelihood: {:.2}s", run_start.elapsed().as_secs_f64());
+        // Stage 2: alignment.
+        cancelled(on(Event::Stage { name: "align", steps: cfg.align.steps }))?;
+        let mut aligner = self.aligner();
+        let y0 = to_points(&aligner.latents());
+        let snapshot_steps: Vec<usize> = (0..10).map(|k| (k * cfg.align.steps + 4) / 9).collect();
+        let mut snapshots = vec![(0, y0.clone())];
+        let mut align_loss_curve = Vec::with_capacity(cfg.align.steps);
+        let mut align_nll = vec![(0, self.density.mean_nll_fast(&y0) as f32)];
+        let (mut align_secs, mut monitor_secs) = (0.0, 0.0);
+        while aligner.step < cfg.align.steps {
+            let start = Instant::now();
+            let loss = self.align_step(&mut aligner, &prior)?;
+            let y = to_points(&aligner.latents());
+            align_secs += start.elapsed().as_secs_f64();
+            let start = Instant::now();
+            let nll = self.density.mean_nll_fast(&y) as f32;
+            monitor_secs += start.elapsed().as_secs_f64();
+            align_loss_curve.push(loss);
+            align_nll.push((aligner.step, nll));
+            if snapshot_steps[1..].contains(&aligner.step) {
+                snapshots.push((aligner.step, y));
+            }
+            cancelled(on(Event::AlignStep { step: aligner.step, loss, nll }))?;
+        }
+        let y_final = to_points(&aligner.latents());
+        let loss_final = {
+            let mut rng = rng_for(cfg.seed, Stream::Eval, 4);
+            let y = rows_to_tensor(y_final.as_flattened(), 2, &self.device);
+            align_loss(&prior, y, 20, cfg.align.reduction, &mut rng).into_scalar::<f32>() as f64
+        };
+
+        // Evaluation: heatmaps, the bound, the velocity field.
+        cancelled(on(Event::Stage { name: "evaluate", steps: 0 }))?;
+        let (nll_map, align_map, heat_secs) = self.heatmaps(&prior, &reference, cfg.eval.grid, cfg.eval.t_values);
+        tracing::debug!("heatmaps: {:.2}s", run_start.elapsed().as_secs_f64());
+        let bound_summary = self.bound_summary(&prior, &y_final[..k.min(y_final.len())]);
+        tracing::debug!("bound: {:.2}s", run_start.elapsed().as_secs_f64());
+        let velocity = self.velocity_field(&prior, &reference);
+
+        let tail = &prior_loss[prior_loss.len().saturating_sub(100)..];
+        let evals = (cfg.eval.grid * cfg.eval.grid * cfg.eval.t_values) as f64;
+        let data_nll = self.density.mean_nll(&data_samples);
+        let sample_nll = self.density.mean_nll(&prior_samples);
+        let (nll_init, nll_final) = (self.density.mean_nll(&y0), self.density.mean_nll(&y_final));
+        tracing::debug!("exact NLLs: {:.2}s", run_start.elapsed().as_secs_f64());
+        let summary = Summary {
+            target: self.target.name.clone(),
+            preset: format!("{:?}", cfg.preset).to_lowercase(),
+            seed: cfg.seed,
+            device: self.device_name.clone(),
+            nll_method: self.density.method(),
+            scale: self.target.scale,
+            prior: PriorSummary {
+                steps: if loaded { prior_meta.steps } else { cfg.prior.steps },
+                final_loss: if tail.is_empty() { f64::NAN } else { tail.iter().map(|&v| v as f64).sum::<f64>() / tail.len() as f64 },
+                seconds: prior_secs,
+                steps_per_sec: if prior_secs > 0.0 { cfg.prior.steps as f64 / prior_secs } else { 0.0 },
+                width: prior.width(),
+                depth: prior.depth(),
+                params: prior.num_params(),
+                data_nll,
+                sample_nll,
+                model_nll_data,
+                model_nll_samples,
+                loaded,
+            },
+            align: AlignSummary {
+                steps: cfg.align.steps,
+                n_latents: cfg.align.n_latents,
+                nll_init,
+                nll_final,
+                loss_final,
+                reduction: cfg.align.reduction,
+                seconds: align_secs,
+                steps_per_sec: cfg.align.steps as f64 / align_secs.max(1e-9),
+                nll_monitor_seconds: monitor_secs,
+            },
+            heatmap: HeatmapSummary {
+                grid: cfg.eval.grid,
+                t_values: cfg.eval.t_values,
+                pearson: pearson(&align_map.values, &nll_map.values),
+                spearman: spearman(&align_map.values, &nll_map.values),
+                seconds: heat_secs,
+                evals_per_sec: evals / heat_secs.max(1e-9),
+            },
+            bound: bound_summary,
+            total_seconds: run_start.elapsed().as_secs_f64(),
+        };
+        Ok(ToyOutcome {
+            summary,
+            prior_loss,
+            align_loss: align_loss_curve,
+            align_nll,
+            snapshots,
+            target_samples: reference,
+            data_samples,
+            prior_samples,
+            nll_map,
+            align_map,
+            velocity,
+            prior,
+            prior_meta,
+        })
+    }
+
+    /// The bound of SPEC section 3 against the exact log-likelihood at `y`.
+    pub fn bound_summary(&self, prior: &VelocityMlp, y: &[Point]) -> BoundSummary {
+        let draws = self.cfg.eval.bound_draws;
+        let mut rng = rng_for(self.cfg.seed, Stream::Eval, 5);
+        let est = bound(prior, y.as_flattened(), 2, draws, &mut rng, &self.device);
+        let x = rows_to_tensor(y.as_flattened(), 2, &self.device);
+        let log_p: Vec<f64> = log_prob(prior, x, self.cfg.eval.likelihood_steps)
+            .try_into_vec_as::<f32>()
+            .expect("f32 readback")
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        let base = -(1.0 + (2.0 * std::f64::consts::PI).ln()); // d = 2: -(d / 2)(1 + ln 2 pi)
+        let (mut violations, mut violations_with_base) = (0, 0);
+        let mut max_excess = f64::NEG_INFINITY;
+        for i in 0..y.len() {
+            let sem = est.elbo_sem[i].max(1e-12);
+            let excess = (est.elbo[i] - log_p[i]) / sem;
+            violations += usize::from(excess > 3.0);
+            violations_with_base += usize::from((est.elbo[i] + base - log_p[i]) / sem > 3.0);
+            max_excess = max_excess.max(excess);
+        }
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        let (mean_elbo, _) = mean_sem(&est.elbo);
+        let sem = (est.elbo_sem.iter().map(|s| s * s).sum::<f64>()).sqrt() / y.len().max(1) as f64;
+        BoundSummary {
+            points: y.len(),
+            draws,
+            mean_log_p: mean(&log_p),
+            mean_elbo,
+            mean_c: mean(&est.c),
+            mean_l_align: mean(&est.l_align),
+            mean_elbo_sem: sem,
+            violations,
+            max_excess_sem: max_excess,
+            mean_elbo_with_base: mean_elbo + base,
+            violations_with_base,
+        }
+    }
+}
+
+/// Checks that a loaded prior fits this run: 2D, and trained on the same target.
+pub fn check_prior_fits(meta: &PriorMeta, target: &Target, path: &Path) -> Result<()> {
+    if meta.dim != 2 {
+        return Err(Error::Checkpoint {
+            path: path.to_path_buf(),
+            msg: format!("is a {}-dimensional prior; the toy needs a 2D one (train it with flowalign toy)", meta.dim),
+        });
+    }
+    if meta.target != target.name || (meta.scale - target.scale).abs() > 1e-4 * target.scale.max(1.0) {
+        return Err(Error::Checkpoint {
+            path: path.to_path_buf(),
+            msg: format!(
+                "was trained on target '{}' but this run's target is '{}'; pass --target {} or drop --prior",
+                meta.target, target.name, meta.target
+            ),
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,148 @@
+//! The toy's figures and tables (paper Fig. 3, 5, 6), built from a [`ToyOutcome`]'s plain data.
+
+use std::path::Path;
+
+use plotters::prelude::*;
+
+use super::experiment::ToyOutcome;
+use crate::error::Result;
+use crate::report::{Overlay, arrows_panel, curves_panel, heatmap_panel, save_png, scatter_panel, write_csv, write_json};
+use crate::stats::moving_average;
+
+/// Window of the L_align moving average (SPEC section 5).
+pub const SMOOTHING_WINDOW: usize = 17;
+
+const TARGET_DOTS: RGBColor = RGBColor(235, 235, 235);
+const LATENT_DOTS: RGBColor = RGBColor(230, 40, 40);
+
+fn range(o: &ToyOutcome) -> ((f32, f32), (f32, f32)) {
+    let m = &o.nll_map;
+    ((m.xs[0], *m.xs.last().expect("grid")), (m.ys[0], *m.ys.last().expect("grid")))
+}
+
+/// Draws one Fig. 3 row (NLL + y, L_align, curves) into three areas.
+fn figure3_row(areas: &[plotters::drawing::DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>], o: &ToyOutcome) -> Result<()> {
+    let s = &o.summary;
+    let y_final = &o.snapshots.last().expect("at least the initial snapshot").1;
+    // Every k-th sample: some samplers fill components in order (moons halves, rings).
+    let stride = o.target_samples.len().div_ceil(1500).max(1);
+    let targets: Vec<_> = o.target_samples.iter().step_by(stride).copied().collect();
+    let targets = &targets[..];
+    heatmap_panel(
+        &areas[0],
+        &format!("{}: NLL, y after {} steps", s.target, s.align.steps),
+        &o.nll_map,
+        &[
+            Overlay { points: targets, colour: TARGET_DOTS, radius: 1 },
+            Overlay { points: y_final, colour: LATENT_DOTS, radius: 2 },
+        ],
+    )?;
+    heatmap_panel(
+        &areas[1],
+        &format!("L_align (Pearson {:.3}, Spearman {:.3})", s.heatmap.pearson, s.heatmap.spearman),
+        &o.align_map,
+        &[Overlay { points: targets, colour: TARGET_DOTS, radius: 1 }],
+    )?;
+    let smooth = moving_average(&o.align_loss, SMOOTHING_WINDOW);
+    let nll: Vec<(usize, f32)> = o.align_nll.clone();
+    curves_panel(&areas[2], "L_align and NLL of y", &smooth, &nll)
+}
+
+/// `figure.png`: the paper's Fig. 3 layout for one target.
+pub fn figure3(path: &Path, o: &ToyOutcome) -> Result<()> {
+    save_png(path, (1650, 500), |root| {
+        let areas = root.split_evenly((1, 3));
+        figure3_row(&areas, o)
+    })
+}
+
+/// `figure5.png`: one Fig. 3 row per target (the paper's Fig. 5).
+pub fn figure5(path: &Path, outcomes: &[ToyOutcome]) -> Result<()> {
+    save_png(path, (1650, 480 * outcomes.len() as u32), |root| {
+        let areas = root.split_evenly((outcomes.len(), 3));
+        for (row, o) in outcomes.iter().enumerate() {
+            figure3_row(&areas[row * 3..row * 3 + 3], o)?;
+        }
+        Ok(())
+    })
+}
+
+/// `trajectories.png`: 10 snapshots of y over the NLL heatmap (the paper's Fig. 6).
+pub fn trajectories(path: &Path, o: &ToyOutcome) -> Result<()> {
+    save_png(path, (2250, 860), |root| {
+        let areas = root.split_evenly((2, 5));
+        for (area, (step, y)) in areas.iter().zip(&o.snapshots) {
+            heatmap_panel(
+                area,
+                &format!("step {step}"),
+                &o.nll_map,
+                &[Overlay { points: y, colour: LATENT_DOTS, radius: 2 }],
+            )?;
+        }
+        Ok(())
+    })
+}
+
+/// `velocity.png`: the prior's velocity field at t = 0.1, 0.3, 0.5, 0.7, 0.9.
+pub fn velocity(path: &Path, o: &ToyOutcome) -> Result<()> {
+    let r = range(o);
+    let cell = (r.0.1 - r.0.0) / 24.0;
+    save_png(path, (2250, 470), |root| {
+        let areas = root.split_evenly((1, o.velocity.len()));
+        for (area, (t, arrows)) in areas.iter().zip(&o.velocity) {
+            arrows_panel(area, &format!("v(z, t = {t:.1})"), r, arrows, cell)?;
+        }
+        Ok(())
+    })
+}
+
+/// `samples.png`: data samples next to prior samples from the Euler ODE.
+pub fn samples(path: &Path, o: &ToyOutcome) -> Result<()> {
+    let r = range(o);
+    let s = &o.summary.prior;
+    save_png(path, (1000, 500), |root| {
+        let areas = root.split_evenly((1, 2));
+        scatter_panel(&areas[0], &format!("data (NLL {:.3})", s.data_nll), r, &o.data_samples, RGBColor(31, 119, 180))?;
+        scatter_panel(&areas[1], &format!("prior samples, Euler 100 (NLL {:.3})", s.sample_nll), r, &o.prior_samples, RGBColor(255, 127, 14))
+    })
+}
+
+/// `curves.csv`: one row per step of each stage.
+pub fn curves_csv(path: &Path, o: &ToyOutcome) -> Result<()> {
+    let prior = o
+        .prior_loss
+        .iter()
+        .enumerate()
+        .map(|(i, l)| vec!["prior".into(), (i + 1).to_string(), l.to_string(), String::new()]);
+    let align = o.align_nll.iter().map(|&(step, nll)| {
+        let loss = if step == 0 { String::new() } else { o.align_loss[step - 1].to_string() };
+        vec!["align".into(), step.to_string(), loss, nll.to_string()]
+    });
+    write_csv(path, &["stage", "step", "loss", "nll_y"], prior.chain(align))
+}
+
+/// `heatmaps.csv`: the grid with the NLL and L_align at each point.
+pub fn heatmaps_csv(path: &Path, o: &ToyOutcome) -> Result<()> {
+    let (nll, al) = (&o.nll_map, &o.align_map);
+    let nx = nll.xs.len();
+    let rows = (0..nll.values.len()).map(|i| {
+        vec![
+            nll.xs[i % nx].to_string(),
+            nll.ys[i / nx].to_string(),
+            nll.values[i].to_string(),
+            al.values[i].to_string(),
+        ]
+    });
+    write_csv(path, &["x", "y", "nll", "l_align"], rows)
+}
+
+/// Writes every output of one run into `dir`.
+pub fn write_all(dir: &Path, o: &ToyOutcome) -> Result<()> {
+    write_json(&dir.join("summary.json"), &o.summary)?;
+    curves_csv(&dir.join("curves.csv"), o)?;
+    heatmaps_csv(&dir.join("heatmaps.csv"), o)?;
+    figure3(&dir.join("figure.png"), o)?;
+    trajectories(&dir.join("trajectories.png"), o)?;
+    velocity(&dir.join("velocity.png"), o)?;
+    samples(&dir.join("samples.png"), o)
+}
