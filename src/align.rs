@@ -19,7 +19,12 @@ use crate::rng::Rng;
 /// # Shapes
 /// - `x`: `[batch, d]`; `draws`: `t [batch]`, `eps [batch, d]`
 /// - output: `[batch]`
-pub fn residual_sq(field: &impl VelocityField, x: Tensor<2>, draws: &PathDraws, reduction: Reduction) -> Tensor<1> {
+pub fn residual_sq(
+    field: &impl VelocityField,
+    x: Tensor<2>,
+    draws: &PathDraws,
+    reduction: Reduction,
+) -> Tensor<1> {
     let [batch, d] = x.dims();
     let z = interpolate(x.clone(), draws.eps.clone(), draws.t.clone());
     let r = field.velocity(z, draws.t.clone()) - target_velocity(x, draws.eps.clone());
@@ -33,7 +38,12 @@ pub fn residual_sq(field: &impl VelocityField, x: Tensor<2>, draws: &PathDraws, 
 /// The Monte Carlo flow-matching loss: the mean of [`residual_sq`] over rows. A scalar `[1]`.
 ///
 /// With data rows this is `L_FM` (prior training); with latents and a frozen field it is `L_align`.
-pub fn flow_loss(field: &impl VelocityField, x: Tensor<2>, draws: &PathDraws, reduction: Reduction) -> Tensor<1> {
+pub fn flow_loss(
+    field: &impl VelocityField,
+    x: Tensor<2>,
+    draws: &PathDraws,
+    reduction: Reduction,
+) -> Tensor<1> {
     residual_sq(field, x, draws, reduction).mean()
 }
 
@@ -41,7 +51,13 @@ pub fn flow_loss(field: &impl VelocityField, x: Tensor<2>, draws: &PathDraws, re
 ///
 /// # Shapes
 /// - `y`: `[n, d]`
-pub fn align_loss(field: &impl VelocityField, y: Tensor<2>, mc: usize, reduction: Reduction, rng: &mut Rng) -> Tensor<1> {
+pub fn align_loss(
+    field: &impl VelocityField,
+    y: Tensor<2>,
+    mc: usize,
+    reduction: Reduction,
+    rng: &mut Rng,
+) -> Tensor<1> {
     let [n, d] = y.dims();
     let draws = PathDraws::sample(rng, n * mc, d, &y.device().inner());
     let y = if mc > 1 { y.repeat_dim(0, mc) } else { y }; // [mc * n, d]
@@ -52,15 +68,26 @@ pub fn align_loss(field: &impl VelocityField, y: Tensor<2>, mc: usize, reduction
 /// `t_values`, one eps per (point, t).
 ///
 /// `points` are flat rows of dimension `d`; the result has one value per point.
-pub fn align_heatmap(field: &impl VelocityField, points: &[f32], d: usize, t_values: &[f32], rng: &mut Rng, device: &Device) -> Vec<f32> {
+pub fn align_heatmap(
+    field: &impl VelocityField,
+    points: &[f32],
+    d: usize,
+    t_values: &[f32],
+    rng: &mut Rng,
+    device: &Device,
+) -> Vec<f32> {
     const MAX_ROWS: usize = 16_384;
     let n = points.len() / d;
     let per_chunk = (MAX_ROWS / t_values.len().max(1)).max(1);
     let mut out = Vec::with_capacity(n);
     for start in (0..n).step_by(per_chunk) {
         let len = per_chunk.min(n - start);
-        let x = rows_to_tensor(&points[start * d..(start + len) * d], d, device).repeat_dim(0, t_values.len()); // [T * len, d]
-        let t: Vec<f32> = t_values.iter().flat_map(|&t| std::iter::repeat_n(t, len)).collect();
+        let x = rows_to_tensor(&points[start * d..(start + len) * d], d, device)
+            .repeat_dim(0, t_values.len()); // [T * len, d]
+        let t: Vec<f32> = t_values
+            .iter()
+            .flat_map(|&t| std::iter::repeat_n(t, len))
+            .collect();
         let draws = PathDraws::with_times(rng, t, d, device);
         let sq: Vec<f32> = residual_sq(field, x, &draws, Reduction::Sum)
             .reshape([t_values.len(), len])
@@ -77,7 +104,9 @@ pub fn linspace(lo: f32, hi: f32, count: usize) -> Vec<f32> {
     if count == 1 {
         return vec![lo];
     }
-    (0..count).map(|i| lo + (hi - lo) * i as f32 / (count - 1) as f32).collect()
+    (0..count)
+        .map(|i| lo + (hi - lo) * i as f32 / (count - 1) as f32)
+        .collect()
 }
 
 /// Monte Carlo estimate, per latent, of the bound of Proposition 1 (SPEC section 3):
@@ -98,7 +127,14 @@ pub struct BoundEstimate {
 ///
 /// # Shapes
 /// - `y`: `[n, d]` rows given flat
-pub fn bound(field: &impl VelocityField, y: &[f32], d: usize, draws: usize, rng: &mut Rng, device: &Device) -> BoundEstimate {
+pub fn bound(
+    field: &impl VelocityField,
+    y: &[f32],
+    d: usize,
+    draws: usize,
+    rng: &mut Rng,
+    device: &Device,
+) -> BoundEstimate {
     let n = y.len() / d;
     let mut sums = vec![(0.0f64, 0.0f64, 0.0f64, 0.0f64); n]; // (sum c, sum l, sum e, sum e^2)
     // Several draws per pass, keeping each pass near 8k rows.
@@ -113,7 +149,10 @@ pub fn bound(field: &impl VelocityField, y: &[f32], d: usize, draws: usize, rng:
         let z = interpolate(x.clone(), eps.clone(), s.clone());
         let (v, div) = velocity_and_divergence(field, z, s);
         let r = v - target_velocity(x, eps);
-        let l: Vec<f32> = (r.clone() * r).sum_dim(1).try_into_vec_as::<f32>().expect("f32 readback");
+        let l: Vec<f32> = (r.clone() * r)
+            .sum_dim(1)
+            .try_into_vec_as::<f32>()
+            .expect("f32 readback");
         let div: Vec<f32> = div.try_into_vec_as::<f32>().expect("f32 readback");
         for (row, (&l, &dv)) in l.iter().zip(&div).enumerate() {
             let acc = &mut sums[row % n];
@@ -126,7 +165,12 @@ pub fn bound(field: &impl VelocityField, y: &[f32], d: usize, draws: usize, rng:
         done += k;
     }
     let m = draws as f64;
-    let mut est = BoundEstimate { c: vec![], l_align: vec![], elbo: vec![], elbo_sem: vec![] };
+    let mut est = BoundEstimate {
+        c: vec![],
+        l_align: vec![],
+        elbo: vec![],
+        elbo_sem: vec![],
+    };
     for (c, l, e, e2) in sums {
         let mean = e / m;
         let var = ((e2 / m - mean * mean) * m / (m - 1.0).max(1.0)).max(0.0);

@@ -5,7 +5,17 @@ use burn::prelude::*;
 use crate::error::{Error, Result};
 
 /// Which compute device to run on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum DeviceChoice {
     /// A hardware GPU when one is compiled in and present, else the CPU.

@@ -72,7 +72,8 @@ pub fn measure(width: usize, depth: usize, seconds: f64) -> Result<Value> {
     for batch in [256usize, 1024] {
         let mut rng = rng_for(0, Stream::Init, 0);
         let model = VelocityMlpConfig::new(2, width, depth).init(&mut rng, &ad);
-        let mut trainer = PriorTrainer::new(model, 1e-4, Schedule::Constant, usize::MAX, Reduction::Mean);
+        let mut trainer =
+            PriorTrainer::new(model, 1e-4, Schedule::Constant, usize::MAX, Reduction::Mean);
         let x = rows_to_tensor(&normal_rows(&mut rng, batch, 2), 2, &ad);
         let sps = timed(seconds, || {
             let draws = PathDraws::sample(&mut rng, batch, 2, &ad);
@@ -90,11 +91,21 @@ pub fn measure(width: usize, depth: usize, seconds: f64) -> Result<Value> {
     let axis = linspace(-3.0, 3.0, 200);
     let pts = Heatmap::points(&axis, &axis);
     let ts = linspace(0.1, 0.9, 2);
-    align_heatmap(&prior, &pts.as_flattened()[..8192], 2, &ts[..1], &mut rng, &device);
+    align_heatmap(
+        &prior,
+        &pts.as_flattened()[..8192],
+        2,
+        &ts[..1],
+        &mut rng,
+        &device,
+    );
     let start = Instant::now();
     align_heatmap(&prior, pts.as_flattened(), 2, &ts, &mut rng, &device);
     let el = start.elapsed().as_secs_f64();
-    out.insert("heatmap_evals_per_sec".into(), json!((pts.len() * ts.len()) as f64 / el));
+    out.insert(
+        "heatmap_evals_per_sec".into(),
+        json!((pts.len() * ts.len()) as f64 / el),
+    );
     Ok(Value::Object(out))
 }
 
@@ -104,7 +115,10 @@ fn peer(args: &BenchArgs) -> Option<Value> {
         return None;
     }
     if !args.peer.is_file() {
-        tracing::info!("peer script {} not found; measuring flowalign alone", args.peer.display());
+        tracing::info!(
+            "peer script {} not found; measuring flowalign alone",
+            args.peer.display()
+        );
         return None;
     }
     let torch_ok = Command::new("python3")
@@ -113,13 +127,27 @@ fn peer(args: &BenchArgs) -> Option<Value> {
         .map(|o| o.status.success())
         .unwrap_or(false);
     if !torch_ok {
-        tracing::info!("python3 cannot import torch (pip install torch numpy); measuring flowalign alone");
+        tracing::info!(
+            "python3 cannot import torch (pip install torch numpy); measuring flowalign alone"
+        );
         return None;
     }
     let out = Command::new("python3")
         .arg(&args.peer)
-        .args(["--bench", "--threads", "2", "--bench-batches", "256", "1024"])
-        .args(["--width", &args.width.to_string(), "--depth", &args.depth.to_string()])
+        .args([
+            "--bench",
+            "--threads",
+            "2",
+            "--bench-batches",
+            "256",
+            "1024",
+        ])
+        .args([
+            "--width",
+            &args.width.to_string(),
+            "--depth",
+            &args.depth.to_string(),
+        ])
         .args(["--bench-seconds", &args.seconds.to_string()])
         .output()
         .ok()?;
@@ -131,9 +159,16 @@ fn peer(args: &BenchArgs) -> Option<Value> {
 /// `flowalign bench toy`.
 pub fn run(args: BenchArgs) -> Result<()> {
     if args.seconds <= 0.0 {
-        return Err(Error::Config(format!("--seconds must be positive, got {}", args.seconds)));
+        return Err(Error::Config(format!(
+            "--seconds must be positive, got {}",
+            args.seconds
+        )));
     }
-    tracing::info!("measuring flowalign (burn flex, {}x{})", args.width, args.depth);
+    tracing::info!(
+        "measuring flowalign (burn flex, {}x{})",
+        args.width,
+        args.depth
+    );
     let ours = measure(args.width, args.depth, args.seconds)?;
     let theirs = peer(&args);
     let mut ratios = serde_json::Map::new();
@@ -149,9 +184,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
             }
         }
     }
-    let result = json!({ "flowalign": ours, "pytorch": theirs, "ratio_flowalign_over_pytorch": ratios });
+    let result =
+        json!({ "flowalign": ours, "pytorch": theirs, "ratio_flowalign_over_pytorch": ratios });
     if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, "choose an --out you can write to", e))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(dir, "choose an --out you can write to", e))?;
     }
     write_json(&args.out, &result)?;
     tracing::info!("{}", serde_json::to_string(&result).expect("json"));

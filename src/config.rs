@@ -54,6 +54,10 @@ pub struct PriorConfig {
     pub lr: f64,
     /// Learning-rate schedule.
     pub schedule: Schedule,
+    /// Decay of the exponential moving average of the weights that becomes the frozen prior
+    /// (0 = no EMA, the live weights are frozen).
+    #[serde(default)]
+    pub ema: f64,
 }
 
 /// Latent initialisation for the alignment stage.
@@ -155,6 +159,7 @@ impl ToyConfig {
                 batch: 256,
                 lr: 1e-4,
                 schedule: Schedule::Constant,
+                ema: 0.0,
             },
             align: AlignConfig {
                 n_latents: 1000,
@@ -188,6 +193,7 @@ impl ToyConfig {
                         warmup: 100,
                         final_frac: 0.05,
                     },
+                    ema: 0.0,
                 },
                 align: AlignConfig {
                     steps: 600,
@@ -209,9 +215,13 @@ impl ToyConfig {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::io(path, "check the path given to --config", e))?;
         let cfg: ToyConfig = toml::from_str(&text).map_err(|e| {
-            Error::input(path, format!("not a valid toy config: {}", one_line(&e.to_string())))
+            Error::input(
+                path,
+                format!("not a valid toy config: {}", one_line(&e.to_string())),
+            )
         })?;
-        cfg.validate().map_err(|e| Error::input(path, e.to_string()))?;
+        cfg.validate()
+            .map_err(|e| Error::input(path, e.to_string()))?;
         Ok(cfg)
     }
 
@@ -256,6 +266,12 @@ impl ToyConfig {
                 "prior.schedule.final_frac must lie in [0, 1], got {final_frac}"
             )));
         }
+        if !(0.0..1.0).contains(&self.prior.ema) {
+            return Err(Error::Config(format!(
+                "prior.ema must lie in [0, 1), got {}",
+                self.prior.ema
+            )));
+        }
         if self.eval.grid < 2 {
             return Err(Error::Config("eval.grid must be at least 2".into()));
         }
@@ -285,9 +301,15 @@ mod tests {
     #[test]
     fn paper_preset_is_the_spec() {
         let c = ToyConfig::preset(Preset::Paper, TargetKind::Mog);
-        assert_eq!((c.prior.width, c.prior.depth, c.prior.steps), (512, 4, 100_000));
+        assert_eq!(
+            (c.prior.width, c.prior.depth, c.prior.steps),
+            (512, 4, 100_000)
+        );
         assert_eq!((c.prior.batch, c.prior.lr), (256, 1e-4));
-        assert_eq!((c.align.n_latents, c.align.steps, c.align.lr), (1000, 5000, 1e-2));
+        assert_eq!(
+            (c.align.n_latents, c.align.steps, c.align.lr),
+            (1000, 5000, 1e-2)
+        );
         assert_eq!((c.eval.grid, c.eval.t_values), (50, 20));
     }
 

@@ -12,11 +12,15 @@ use flowalign::backend::{DeviceChoice, select};
 use flowalign::config::{LatentInit, Preset, Reduction, ToyConfig, View};
 use flowalign::toy::experiment::check_prior_fits;
 use flowalign::toy::figures;
-use flowalign::toy::{Event, ToyOutcome, ToyRun, TargetKind};
+use flowalign::toy::{Event, TargetKind, ToyOutcome, ToyRun};
 use flowalign::train::{load_prior, save_prior};
 
 #[derive(Parser)]
-#[command(name = "flowalign", version, about = "Aligning latent spaces with flow priors (arXiv 2506.05240)")]
+#[command(
+    name = "flowalign",
+    version,
+    about = "Aligning latent spaces with flow priors (arXiv 2506.05240)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -47,7 +51,11 @@ fn parse_target(s: &str) -> Result<TargetArg, String> {
     }
     <TargetKind as clap::ValueEnum>::from_str(s, true)
         .map(TargetArg::One)
-        .map_err(|_| format!("unknown target '{s}'; choose mog, grid, moons, rings, spiral, swissroll or all"))
+        .map_err(|_| {
+            format!(
+                "unknown target '{s}'; choose mog, grid, moons, rings, spiral, swissroll or all"
+            )
+        })
 }
 
 #[derive(Args)]
@@ -87,6 +95,9 @@ struct ToyArgs {
     batch: Option<usize>,
     #[arg(long)]
     prior_lr: Option<f64>,
+    /// EMA decay of the prior's weights (0 = off).
+    #[arg(long)]
+    ema: Option<f64>,
     #[arg(long)]
     align_lr: Option<f64>,
     #[arg(long)]
@@ -118,7 +129,8 @@ impl ToyArgs {
         if self.config.is_some() {
             if let Some(p) = self.preset {
                 let base = ToyConfig::preset(p, target);
-                (cfg.prior, cfg.align, cfg.eval, cfg.preset) = (base.prior, base.align, base.eval, p);
+                (cfg.prior, cfg.align, cfg.eval, cfg.preset) =
+                    (base.prior, base.align, base.eval, p);
             }
             if self.target.is_some() {
                 cfg.target = target;
@@ -144,6 +156,7 @@ impl ToyArgs {
         set!(depth => prior.depth);
         set!(batch => prior.batch);
         set!(prior_lr => prior.lr);
+        set!(ema => prior.ema);
         set!(align_lr => align.lr);
         set!(n_latents => align.n_latents);
         set!(mc => align.mc);
@@ -158,11 +171,21 @@ impl ToyArgs {
 }
 
 fn bar(len: usize, what: &str) -> ProgressBar {
-    let pb = if len > 0 { ProgressBar::new(len as u64) } else { ProgressBar::new_spinner() };
-    let style = ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {per_sec} eta {eta} {msg}")
-        .expect("valid template")
-        .progress_chars("=> ");
-    pb.set_style(if len > 0 { style } else { ProgressStyle::default_spinner() });
+    let pb = if len > 0 {
+        ProgressBar::new(len as u64)
+    } else {
+        ProgressBar::new_spinner()
+    };
+    let style = ProgressStyle::with_template(
+        "{prefix:>12} [{bar:30}] {pos}/{len} {per_sec} eta {eta} {msg}",
+    )
+    .expect("valid template")
+    .progress_chars("=> ");
+    pb.set_style(if len > 0 {
+        style
+    } else {
+        ProgressStyle::default_spinner()
+    });
     pb.set_prefix(what.to_string());
     pb
 }
@@ -171,11 +194,19 @@ fn bar(len: usize, what: &str) -> ProgressBar {
 fn run_toy(args: &ToyArgs, target: TargetKind, out: &Path) -> Result<ToyOutcome> {
     let cfg = args.config(target)?;
     let (device, device_name) = select(args.device)?;
-    std::fs::create_dir_all(out)
-        .with_context(|| format!("cannot create output folder {}; choose an --out you can write to", out.display()))?;
+    std::fs::create_dir_all(out).with_context(|| {
+        format!(
+            "cannot create output folder {}; choose an --out you can write to",
+            out.display()
+        )
+    })?;
     let probe = out.join(".flowalign-write-test");
-    std::fs::write(&probe, b"")
-        .with_context(|| format!("output folder {} is not writable; choose another --out", out.display()))?;
+    std::fs::write(&probe, b"").with_context(|| {
+        format!(
+            "output folder {} is not writable; choose another --out",
+            out.display()
+        )
+    })?;
     let _ = std::fs::remove_file(&probe);
 
     let run = ToyRun::new(cfg, device.clone(), device_name.clone())?;

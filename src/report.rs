@@ -21,7 +21,9 @@ pub struct Heatmap {
 impl Heatmap {
     /// The grid's points in `values` order.
     pub fn points(xs: &[f32], ys: &[f32]) -> Vec<Point> {
-        ys.iter().flat_map(|&y| xs.iter().map(move |&x| [x, y])).collect()
+        ys.iter()
+            .flat_map(|&y| xs.iter().map(move |&x| [x, y]))
+            .collect()
     }
 
     fn extent(&self) -> ((f32, f32), (f32, f32)) {
@@ -32,7 +34,12 @@ impl Heatmap {
 
     /// The colour range: the 2nd to 98th percentile, so a few extreme cells do not wash out the map.
     fn colour_range(&self) -> (f32, f32) {
-        let mut v: Vec<f32> = self.values.iter().copied().filter(|x| x.is_finite()).collect();
+        let mut v: Vec<f32> = self
+            .values
+            .iter()
+            .copied()
+            .filter(|x| x.is_finite())
+            .collect();
         if v.is_empty() {
             return (0.0, 1.0);
         }
@@ -45,11 +52,15 @@ impl Heatmap {
 
 /// Writes `bytes` to `path` atomically (temporary file in the same folder, then rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let hint = "choose an --out folder you can write to";
     let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(dir, hint, e))?;
     std::io::Write::write_all(&mut tmp, bytes).map_err(|e| Error::io(path, hint, e))?;
-    tmp.persist(path).map_err(|e| Error::io(path, hint, e.error))?;
+    tmp.persist(path)
+        .map_err(|e| Error::io(path, hint, e.error))?;
     Ok(())
 }
 
@@ -71,7 +82,11 @@ fn plot_err(e: impl std::fmt::Display) -> Error {
 }
 
 /// Renders a PNG of `size` pixels with `draw`, writing it atomically to `path`.
-pub fn save_png(path: &Path, size: (u32, u32), draw: impl FnOnce(&Area) -> Result<()>) -> Result<()> {
+pub fn save_png(
+    path: &Path,
+    size: (u32, u32),
+    draw: impl FnOnce(&Area) -> Result<()>,
+) -> Result<()> {
     register_font();
     let mut buf = vec![0u8; size.0 as usize * size.1 as usize * 3];
     {
@@ -121,15 +136,20 @@ pub fn heatmap_panel(area: &Area, title: &str, map: &Heatmap, overlays: &[Overla
     let (nx, ny) = (map.xs.len(), map.ys.len());
     let dx = (x1 - x0) / (nx - 1).max(1) as f32;
     let dy = (y1 - y0) / (ny - 1).max(1) as f32;
-    let cells = (0..ny).flat_map(|iy| (0..nx).map(move |ix| (ix, iy))).map(|(ix, iy)| {
-        let v = map.values[iy * nx + ix];
-        let c = ViridisRGB::get_color_normalized(v.clamp(lo, hi), lo, hi);
-        let (cx, cy) = (map.xs[ix], map.ys[iy]);
-        Rectangle::new(
-            [(cx - dx / 2.0, cy - dy / 2.0), (cx + dx / 2.0, cy + dy / 2.0)],
-            c.filled(),
-        )
-    });
+    let cells = (0..ny)
+        .flat_map(|iy| (0..nx).map(move |ix| (ix, iy)))
+        .map(|(ix, iy)| {
+            let v = map.values[iy * nx + ix];
+            let c = ViridisRGB::get_color_normalized(v.clamp(lo, hi), lo, hi);
+            let (cx, cy) = (map.xs[ix], map.ys[iy]);
+            Rectangle::new(
+                [
+                    (cx - dx / 2.0, cy - dy / 2.0),
+                    (cx + dx / 2.0, cy + dy / 2.0),
+                ],
+                c.filled(),
+            )
+        });
     chart.draw_series(cells).map_err(plot_err)?;
     for o in overlays {
         let inside = o
@@ -178,7 +198,9 @@ pub fn curves_panel(area: &Area, title: &str, loss: &[f32], nll: &[(usize, f32)]
     let n = loss.len().max(2) as f64;
     let finite = |v: &mut dyn Iterator<Item = f32>| {
         v.filter(|x| x.is_finite())
-            .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), x| (a.min(x), b.max(x)))
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), x| {
+                (a.min(x), b.max(x))
+            })
     };
     let (l0, l1) = finite(&mut loss.iter().copied());
     let (n0, n1) = finite(&mut nll.iter().map(|p| p.1));
@@ -297,7 +319,11 @@ pub fn arrows_panel(
         .draw()
         .map_err(plot_err)?;
     let norm = |v: &Point| (v[0] * v[0] + v[1] * v[1]).sqrt();
-    let vmax = arrows.iter().map(|(_, v)| norm(v)).fold(0.0f32, f32::max).max(1e-12);
+    let vmax = arrows
+        .iter()
+        .map(|(_, v)| norm(v))
+        .fold(0.0f32, f32::max)
+        .max(1e-12);
     let scale = 0.9 * cell / vmax;
     let segments = arrows.iter().flat_map(|(p, v)| {
         let tip = (p[0] + v[0] * scale, p[1] + v[1] * scale);
@@ -308,8 +334,14 @@ pub fn arrows_panel(
         let (ux, uy) = (dx / len, dy / len);
         let h = 0.35 * len;
         let (c25, s25) = (0.906f32, 0.423f32);
-        let left = (tip.0 - h * (ux * c25 - uy * s25), tip.1 - h * (uy * c25 + ux * s25));
-        let right = (tip.0 - h * (ux * c25 + uy * s25), tip.1 - h * (uy * c25 - ux * s25));
+        let left = (
+            tip.0 - h * (ux * c25 - uy * s25),
+            tip.1 - h * (uy * c25 + ux * s25),
+        );
+        let right = (
+            tip.0 - h * (ux * c25 + uy * s25),
+            tip.1 - h * (uy * c25 - ux * s25),
+        );
         [
             PathElement::new(vec![(p[0], p[1]), tip], c.stroke_width(1)),
             PathElement::new(vec![left, tip, right], c.stroke_width(1)),
@@ -320,7 +352,11 @@ pub fn arrows_panel(
 }
 
 /// Writes rows of a CSV file atomically; `header` names the columns.
-pub fn write_csv(path: &Path, header: &[&str], rows: impl Iterator<Item = Vec<String>>) -> Result<()> {
+pub fn write_csv(
+    path: &Path,
+    header: &[&str],
+    rows: impl Iterator<Item = Vec<String>>,
+) -> Result<()> {
     let mut text = header.join(",");
     text.push('\n');
     for row in rows {

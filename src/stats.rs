@@ -88,7 +88,9 @@ mod tests {
 
     #[test]
     fn moving_average_keeps_length_and_smooths() {
-        let v: Vec<f32> = (0..40).map(|i| if i % 2 == 0 { 1.0 } else { -1.0 }).collect();
+        let v: Vec<f32> = (0..40)
+            .map(|i| if i % 2 == 0 { 1.0 } else { -1.0 })
+            .collect();
         let s = moving_average(&v, 17);
         assert_eq!(s.len(), v.len());
         assert!(s[20].abs() < 0.1);

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::module::Param;
+use burn::module::{ModuleMapper, ModuleVisitor, Param};
 use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
 use burn::store::{ModuleSnapshot, SafetensorsStore};
@@ -51,7 +51,12 @@ fn finite_or_diverged(loss: f32, stage: &'static str, step: usize, lr: f64) -> R
     if loss.is_finite() {
         Ok(loss)
     } else {
-        Err(Error::Diverged { stage, step, loss, lr })
+        Err(Error::Diverged {
+            stage,
+            step,
+            loss,
+            lr,
+        })
     }
 }
 
@@ -65,12 +70,34 @@ pub struct PriorTrainer {
     schedule: Schedule,
     total: usize,
     reduction: Reduction,
+    ema: Option<Ema<VelocityMlp>>,
 }
 
 impl PriorTrainer {
     /// A trainer for `model` (which must live on an autodiff device) over `total` steps.
-    pub fn new(model: VelocityMlp, lr: f64, schedule: Schedule, total: usize, reduction: Reduction) -> Self {
-        PriorTrainer { model, optim: adam(), step: 0, lr, schedule, total, reduction }
+    pub fn new(
+        model: VelocityMlp,
+        lr: f64,
+        schedule: Schedule,
+        total: usize,
+        reduction: Reduction,
+    ) -> Self {
+        PriorTrainer {
+            model,
+            optim: adam(),
+            step: 0,
+            lr,
+            schedule,
+            total,
+            reduction,
+            ema: None,
+        }
+    }
+
+    /// Keeps an exponential moving average of the weights with `decay` (0 disables it).
+    pub fn with_ema(mut self, decay: f64) -> Self {
+        self.ema = (decay > 0.0).then(|| Ema::new(&self.model, decay));
+        self
     }
 
     /// The learning rate the next step will use.
@@ -85,21 +112,92 @@ impl PriorTrainer {
     pub fn train_step(&mut self, x: Tensor<2>, draws: &PathDraws) -> Result<f32> {
         let lr = self.current_lr();
         let loss = flow_loss(&self.model, x, draws, self.reduction);
-        let value = finite_or_diverged(loss.clone().into_scalar::<f32>(), "prior training", self.step + 1, lr)?;
+        let value = finite_or_diverged(
+            loss.clone().into_scalar::<f32>(),
+            "prior training",
+            self.step + 1,
+            lr,
+        )?;
         let grads = GradientsParams::from_grads(loss.backward(), &self.model);
         self.model = self.optim.step(lr, self.model.clone(), grads);
+        if let Some(ema) = &mut self.ema {
+            ema.update(&self.model);
+        }
         self.step += 1;
         Ok(value)
     }
 
-    /// The network as trained so far.
+    /// The network being trained (autodiff parameters).
     pub fn model(&self) -> &VelocityMlp {
         &self.model
     }
 
-    /// The trained network.
-    pub fn into_model(self) -> VelocityMlp {
-        self.model
+    /// The network to freeze for alignment: the EMA when one is kept, else the live weights,
+    /// without autodiff.
+    pub fn frozen(&self) -> VelocityMlp {
+        match &self.ema {
+            Some(ema) => ema.module.clone(),
+            None => self.model.valid(),
+        }
+    }
+}
+
+/// An exponential moving average of a module's parameters: `ema = decay * ema + (1 - decay) * live`.
+///
+/// The average lives without autodiff; parameters are matched by their order in the module.
+#[derive(Debug, Clone)]
+pub struct Ema<M: Module> {
+    /// The averaged module (no autodiff).
+    pub module: M,
+    /// Weight of the old average per update.
+    pub decay: f64,
+}
+
+struct CollectParams(Vec<Tensor<1>>);
+
+impl ModuleVisitor for CollectParams {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        self.0.push(param.val().inner().reshape([-1]));
+    }
+}
+
+struct BlendParams {
+    live: std::vec::IntoIter<Tensor<1>>,
+    decay: f64,
+}
+
+impl ModuleMapper for BlendParams {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let live = self
+            .live
+            .next()
+            .expect("the EMA and the live module have the same parameters");
+        let decay = self.decay;
+        param.map(|avg| {
+            let shape = avg.shape();
+            avg * decay + live.reshape(shape) * (1.0 - decay)
+        })
+    }
+}
+
+impl<M: Module> Ema<M> {
+    /// Starts the average at the live module's current values.
+    pub fn new(live: &M, decay: f64) -> Self {
+        Ema {
+            module: live.valid(),
+            decay,
+        }
+    }
+
+    /// Blends the live parameters into the average.
+    pub fn update(&mut self, live: &M) {
+        let mut collect = CollectParams(Vec::new());
+        live.visit(&mut collect);
+        let mut blend = BlendParams {
+            live: collect.0.into_iter(),
+            decay: self.decay,
+        };
+        self.module = self.module.clone().map(&mut blend);
     }
 }
 
@@ -123,10 +221,19 @@ pub struct Aligner {
 
 impl Aligner {
     /// Starts from the flat rows `y0` of dimension `d`, on `device` (autodiff is enabled here).
-    pub fn new(y0: &[f32], d: usize, lr: f64, mc: usize, reduction: Reduction, device: &Device) -> Self {
+    pub fn new(
+        y0: &[f32],
+        d: usize,
+        lr: f64,
+        mc: usize,
+        reduction: Reduction,
+        device: &Device,
+    ) -> Self {
         let y = crate::flow::rows_to_tensor(y0, d, &device.clone().autodiff());
         Aligner {
-            latents: Latents { y: Param::from_tensor(y) },
+            latents: Latents {
+                y: Param::from_tensor(y),
+            },
             optim: adam(),
             step: 0,
             lr,
@@ -139,7 +246,12 @@ impl Aligner {
     /// returns the loss before the step.
     pub fn align_step(&mut self, prior: &VelocityMlp, rng: &mut Rng) -> Result<f32> {
         let loss = align_loss(prior, self.latents.y.val(), self.mc, self.reduction, rng);
-        let value = finite_or_diverged(loss.clone().into_scalar::<f32>(), "alignment", self.step + 1, self.lr)?;
+        let value = finite_or_diverged(
+            loss.clone().into_scalar::<f32>(),
+            "alignment",
+            self.step + 1,
+            self.lr,
+        )?;
         let grads = GradientsParams::from_grads(loss.backward(), &self.latents);
         self.latents = self.optim.step(self.lr, self.latents.clone(), grads);
         self.step += 1;
@@ -181,12 +293,14 @@ pub fn prior_paths(dir: &Path) -> (PathBuf, PathBuf) {
 pub fn save_prior(dir: &Path, model: &VelocityMlp, meta: &PriorMeta) -> Result<()> {
     let (weights, meta_path) = prior_paths(dir);
     let mut store = SafetensorsStore::from_bytes(None);
-    model
-        .save_into(&mut store)
-        .map_err(|e| Error::Checkpoint { path: weights.clone(), msg: format!("could not serialise: {e}") })?;
-    let bytes = store
-        .get_bytes()
-        .map_err(|e| Error::Checkpoint { path: weights.clone(), msg: format!("could not serialise: {e}") })?;
+    model.save_into(&mut store).map_err(|e| Error::Checkpoint {
+        path: weights.clone(),
+        msg: format!("could not serialise: {e}"),
+    })?;
+    let bytes = store.get_bytes().map_err(|e| Error::Checkpoint {
+        path: weights.clone(),
+        msg: format!("could not serialise: {e}"),
+    })?;
     write_atomic(&weights, &bytes)?;
     let text = toml::to_string_pretty(meta).expect("PriorMeta serialises");
     write_atomic(&meta_path, text.as_bytes())
@@ -194,26 +308,54 @@ pub fn save_prior(dir: &Path, model: &VelocityMlp, meta: &PriorMeta) -> Result<(
 
 /// Loads a prior saved by [`save_prior`]; `path` is its folder or its `.safetensors` file.
 pub fn load_prior(path: &Path, device: &Device) -> Result<(VelocityMlp, PriorMeta)> {
-    let dir = if path.is_dir() { path.to_path_buf() } else { path.parent().unwrap_or(Path::new(".")).to_path_buf() };
+    let dir = if path.is_dir() {
+        path.to_path_buf()
+    } else {
+        path.parent().unwrap_or(Path::new(".")).to_path_buf()
+    };
     let (weights, meta_path) = if path.is_dir() {
         prior_paths(&dir)
     } else {
         (path.to_path_buf(), path.with_extension("toml"))
     };
-    let bad = |p: &Path, msg: String| Error::Checkpoint { path: p.to_path_buf(), msg };
+    let bad = |p: &Path, msg: String| Error::Checkpoint {
+        path: p.to_path_buf(),
+        msg,
+    };
     if !weights.is_file() {
-        return Err(bad(&weights, "not found; pass the folder of a run that trained a prior (it holds prior.safetensors)".into()));
+        return Err(bad(
+            &weights,
+            "not found; pass the folder of a run that trained a prior (it holds prior.safetensors)"
+                .into(),
+        ));
     }
-    let text = std::fs::read_to_string(&meta_path)
-        .map_err(|e| bad(&meta_path, format!("{e}; the prior's metadata must sit next to its weights")))?;
-    let meta: PriorMeta = toml::from_str(&text)
-        .map_err(|e| bad(&meta_path, format!("malformed metadata: {}", crate::config::one_line(&e.to_string()))))?;
+    let text = std::fs::read_to_string(&meta_path).map_err(|e| {
+        bad(
+            &meta_path,
+            format!("{e}; the prior's metadata must sit next to its weights"),
+        )
+    })?;
+    let meta: PriorMeta = toml::from_str(&text).map_err(|e| {
+        bad(
+            &meta_path,
+            format!(
+                "malformed metadata: {}",
+                crate::config::one_line(&e.to_string())
+            ),
+        )
+    })?;
     let bytes = std::fs::read(&weights).map_err(|e| bad(&weights, e.to_string()))?;
     let mut rng = crate::rng::rng_for(0, crate::rng::Stream::Init, 0);
     let mut model = VelocityMlpConfig::new(meta.dim, meta.width, meta.depth).init(&mut rng, device);
     let mut store = SafetensorsStore::from_bytes(Some(bytes)).validate(true);
     let applied = model.load_from(&mut store).map_err(|e| {
-        bad(&weights, format!("unreadable or truncated ({}); retrain the prior or restore the file", crate::config::one_line(&e.to_string())))
+        bad(
+            &weights,
+            format!(
+                "unreadable or truncated ({}); retrain the prior or restore the file",
+                crate::config::one_line(&e.to_string())
+            ),
+        )
     })?;
     if !applied.errors.is_empty() || !applied.missing.is_empty() {
         return Err(bad(
@@ -236,8 +378,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn ema_blends_parameters() {
+        let dev = Device::flex();
+        let a = Latents {
+            y: Param::from_tensor(Tensor::from_data(
+                TensorData::new(vec![1.0f32, 2.0], [1, 2]),
+                &dev,
+            )),
+        };
+        let b = Latents {
+            y: Param::from_tensor(Tensor::from_data(
+                TensorData::new(vec![3.0f32, 6.0], [1, 2]),
+                &dev,
+            )),
+        };
+        let mut ema = Ema::new(&a, 0.75);
+        ema.update(&b);
+        let v: Vec<f32> = ema.module.y.val().try_into_vec_as::<f32>().unwrap();
+        assert_eq!(v, vec![1.5, 3.0]);
+        ema.update(&b);
+        let v: Vec<f32> = ema.module.y.val().try_into_vec_as::<f32>().unwrap();
+        assert_eq!(v, vec![1.875, 3.75]);
+    }
+
+    #[test]
     fn cosine_schedule_warms_up_then_decays_to_the_floor() {
-        let s = Schedule::Cosine { warmup: 10, final_frac: 0.1 };
+        let s = Schedule::Cosine {
+            warmup: 10,
+            final_frac: 0.1,
+        };
         assert!((s.lr(1.0, 0, 110) - 0.1).abs() < 1e-12);
         assert!((s.lr(1.0, 9, 110) - 1.0).abs() < 1e-12);
         assert!((s.lr(1.0, 10, 110) - 1.0).abs() < 1e-12);

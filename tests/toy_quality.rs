@@ -5,7 +5,7 @@ use std::ops::ControlFlow;
 
 use burn::prelude::*;
 use flowalign::config::{Preset, Schedule, ToyConfig};
-use flowalign::toy::{Event, ToyRun, TargetKind};
+use flowalign::toy::{Event, TargetKind, ToyRun};
 
 #[test]
 fn short_mog_run_aligns_latents_and_heatmaps_agree() {
@@ -13,7 +13,10 @@ fn short_mog_run_aligns_latents_and_heatmaps_agree() {
     cfg.prior.width = 64;
     cfg.prior.depth = 2;
     cfg.prior.steps = 800;
-    cfg.prior.schedule = Schedule::Cosine { warmup: 50, final_frac: 0.05 };
+    cfg.prior.schedule = Schedule::Cosine {
+        warmup: 50,
+        final_frac: 0.05,
+    };
     cfg.align.steps = 300;
     cfg.align.n_latents = 500;
     cfg.eval.t_values = 10;
@@ -34,12 +37,27 @@ fn short_mog_run_aligns_latents_and_heatmaps_agree() {
     let head: f32 = prior_losses[..50].iter().sum::<f32>() / 50.0;
     let tail: f32 = prior_losses[prior_losses.len() - 50..].iter().sum::<f32>() / 50.0;
     assert!(tail < 0.8 * head, "prior loss {head} -> {tail}");
-    assert!(s.align.nll_final < s.align.nll_init - 3.0, "NLL {} -> {}", s.align.nll_init, s.align.nll_final);
+    assert!(
+        s.align.nll_final < s.align.nll_init - 3.0,
+        "NLL {} -> {}",
+        s.align.nll_init,
+        s.align.nll_final
+    );
     assert!(s.heatmap.pearson > 0.8, "Pearson {}", s.heatmap.pearson);
     assert!(s.heatmap.spearman > 0.8, "Spearman {}", s.heatmap.spearman);
-    assert!((s.prior.sample_nll - s.prior.data_nll).abs() < 1.0, "sample NLL {} vs data {}", s.prior.sample_nll, s.prior.data_nll);
+    assert!(
+        (s.prior.sample_nll - s.prior.data_nll).abs() < 1.0,
+        "sample NLL {} vs data {}",
+        s.prior.sample_nll,
+        s.prior.data_nll
+    );
     // The bound with its base term sits below the exact log-likelihood.
-    assert!(s.bound.mean_elbo_with_base < s.bound.mean_log_p, "{} vs {}", s.bound.mean_elbo_with_base, s.bound.mean_log_p);
+    assert!(
+        s.bound.mean_elbo_with_base < s.bound.mean_log_p,
+        "{} vs {}",
+        s.bound.mean_elbo_with_base,
+        s.bound.mean_log_p
+    );
 }
 
 #[test]
@@ -54,7 +72,11 @@ fn a_run_can_be_cancelled_between_steps() {
             if matches!(e, Event::PriorStep { .. }) {
                 seen += 1;
             }
-            if seen == 5 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+            if seen == 5 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
         })
         .err()
         .expect("cancelled");

@@ -14,7 +14,11 @@ use super::VelocityField;
 /// # Shapes
 /// - `z`: `[batch, d]`, `t`: `[batch]`
 /// - output: (`[batch, d]` velocity, `[batch]` divergence), both without autodiff
-pub fn velocity_and_divergence(field: &impl VelocityField, z: Tensor<2>, t: Tensor<1>) -> (Tensor<2>, Tensor<1>) {
+pub fn velocity_and_divergence(
+    field: &impl VelocityField,
+    z: Tensor<2>,
+    t: Tensor<1>,
+) -> (Tensor<2>, Tensor<1>) {
     let [batch, d] = z.dims();
     let z_rep = z.inner().repeat_dim(0, d).autodiff().require_grad(); // [d * batch, d]
     let t_rep = t.inner().repeat_dim(0, d).autodiff(); // [d * batch]
@@ -24,7 +28,10 @@ pub fn velocity_and_divergence(field: &impl VelocityField, z: Tensor<2>, t: Tens
             mask[(i * batch + b) * d + i] = 1.0;
         }
     }
-    let mask = Tensor::<2>::from_data(TensorData::new(mask, [d * batch, d]), &z_rep.device().inner());
+    let mask = Tensor::<2>::from_data(
+        TensorData::new(mask, [d * batch, d]),
+        &z_rep.device().inner(),
+    );
     let v_rep = field.velocity(z_rep.clone(), t_rep); // [d * batch, d]
     let grads = (v_rep.clone() * mask.clone()).sum().backward();
     let jac_rows = z_rep.grad(&grads).expect("the input requires grad").inner(); // [d * batch, d]
@@ -52,8 +59,16 @@ pub fn log_prob(field: &impl VelocityField, x: Tensor<2>, steps: usize) -> Tenso
     for k in 0..steps {
         let t = 1.0 + k as f32 * h;
         let (k1, d1) = velocity_and_divergence(field, z.clone(), t_full(t));
-        let (k2, d2) = velocity_and_divergence(field, z.clone() + k1.clone() * (h / 2.0), t_full(t + h / 2.0));
-        let (k3, d3) = velocity_and_divergence(field, z.clone() + k2.clone() * (h / 2.0), t_full(t + h / 2.0));
+        let (k2, d2) = velocity_and_divergence(
+            field,
+            z.clone() + k1.clone() * (h / 2.0),
+            t_full(t + h / 2.0),
+        );
+        let (k3, d3) = velocity_and_divergence(
+            field,
+            z.clone() + k2.clone() * (h / 2.0),
+            t_full(t + h / 2.0),
+        );
         let (k4, d4) = velocity_and_divergence(field, z.clone() + k3.clone() * h, t_full(t + h));
         z = z + (k1 + k2 * 2.0 + k3 * 2.0 + k4) * (h / 6.0);
         div_integral = div_integral + (d1 + d2 * 2.0 + d3 * 2.0 + d4) * (h / 6.0);

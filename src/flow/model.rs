@@ -69,7 +69,9 @@ fn linear(d_in: usize, d_out: usize, init: Init, rng: &mut Rng, device: &Device)
     let weights: Vec<f32> = match init {
         Init::XavierUniform => {
             let bound = (6.0 / (d_in + d_out) as f32).sqrt();
-            (0..d_in * d_out).map(|_| rng.random_range(-bound..bound)).collect()
+            (0..d_in * d_out)
+                .map(|_| rng.random_range(-bound..bound))
+                .collect()
         }
         Init::Normal(std) => (0..d_in * d_out)
             .map(|_| std * rng.sample::<f32, _>(StandardNormal))

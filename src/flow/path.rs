@@ -62,15 +62,25 @@ mod tests {
     fn path_endpoints_are_noise_and_data() {
         let dev = Device::flex();
         let x = Tensor::<2>::from_data(TensorData::new(vec![1.0f32, 2.0, 3.0, 4.0], [2, 2]), &dev);
-        let eps = Tensor::<2>::from_data(TensorData::new(vec![-1.0f32, 0.5, 0.0, 7.0], [2, 2]), &dev);
+        let eps =
+            Tensor::<2>::from_data(TensorData::new(vec![-1.0f32, 0.5, 0.0, 7.0], [2, 2]), &dev);
         let t0 = Tensor::<1>::zeros([2], &dev);
         let t1 = Tensor::<1>::ones([2], &dev);
-        assert_eq!(tensor_to_rows(interpolate(x.clone(), eps.clone(), t0)), vec![-1.0, 0.5, 0.0, 7.0]);
-        assert_eq!(tensor_to_rows(interpolate(x.clone(), eps.clone(), t1)), vec![1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(
+            tensor_to_rows(interpolate(x.clone(), eps.clone(), t0)),
+            vec![-1.0, 0.5, 0.0, 7.0]
+        );
+        assert_eq!(
+            tensor_to_rows(interpolate(x.clone(), eps.clone(), t1)),
+            vec![1.0, 2.0, 3.0, 4.0]
+        );
         let th = Tensor::<1>::from_data(TensorData::new(vec![0.25f32, 0.5], [2]), &dev);
         let mid = tensor_to_rows(interpolate(x.clone(), eps.clone(), th));
         assert_eq!(mid, vec![-0.5, 0.875, 1.5, 5.5]);
         // The path's time derivative is the target velocity.
-        assert_eq!(tensor_to_rows(target_velocity(x, eps)), vec![2.0, 1.5, 3.0, -3.0]);
+        assert_eq!(
+            tensor_to_rows(target_velocity(x, eps)),
+            vec![2.0, 1.5, 3.0, -3.0]
+        );
     }
 }

@@ -27,8 +27,14 @@ fn step(field: &impl VelocityField, z: Tensor<2>, t: f32, h: f32, solver: Solver
         Solver::Euler => z.clone() + field.velocity(z, times(t, n, &dev)) * h,
         Solver::Rk4 => {
             let k1 = field.velocity(z.clone(), times(t, n, &dev));
-            let k2 = field.velocity(z.clone() + k1.clone() * (h / 2.0), times(t + h / 2.0, n, &dev));
-            let k3 = field.velocity(z.clone() + k2.clone() * (h / 2.0), times(t + h / 2.0, n, &dev));
+            let k2 = field.velocity(
+                z.clone() + k1.clone() * (h / 2.0),
+                times(t + h / 2.0, n, &dev),
+            );
+            let k3 = field.velocity(
+                z.clone() + k2.clone() * (h / 2.0),
+                times(t + h / 2.0, n, &dev),
+            );
             let k4 = field.velocity(z.clone() + k3.clone() * h, times(t + h, n, &dev));
             z + (k1 + k2 * 2.0 + k3 * 2.0 + k4) * (h / 6.0)
         }
@@ -57,6 +63,11 @@ pub fn integrate_with(
 }
 
 /// Samples the flow: integrates noise `z0` from t = 0 to t = 1.
-pub fn sample(field: &impl VelocityField, z0: Tensor<2>, steps: usize, solver: Solver) -> Tensor<2> {
+pub fn sample(
+    field: &impl VelocityField,
+    z0: Tensor<2>,
+    steps: usize,
+    solver: Solver,
+) -> Tensor<2> {
     integrate_with(field, z0, (0.0, 1.0), steps, solver, |_, _| {})
 }

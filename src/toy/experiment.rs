@@ -188,7 +188,13 @@ impl ToyRun {
             Target::builtin(cfg.target)
         };
         let density = Density::for_target(&target);
-        Ok(ToyRun { cfg, target, density, device, device_name: device_name.into() })
+        Ok(ToyRun {
+            cfg,
+            target,
+            density,
+            device,
+            device_name: device_name.into(),
+        })
     }
 
     /// The inference device.
@@ -206,7 +212,14 @@ impl ToyRun {
     /// A prior trainer over the configured number of steps.
     pub fn prior_trainer(&self) -> PriorTrainer {
         let p = &self.cfg.prior;
-        PriorTrainer::new(self.init_prior(), p.lr, p.schedule, p.steps, Reduction::Mean)
+        PriorTrainer::new(
+            self.init_prior(),
+            p.lr,
+            p.schedule,
+            p.steps,
+            Reduction::Mean,
+        )
+        .with_ema(p.ema)
     }
 
     /// One prior step: a fresh batch of target samples and (t, eps) draws seeded by the step number.
@@ -228,7 +241,9 @@ impl ToyRun {
             .flat_map(|_| match self.cfg.align.init {
                 LatentInit::Normal => [normal(&mut rng), normal(&mut rng)],
                 LatentInit::Box => [rng.random_range(-3.0..3.0), rng.random_range(-3.0..3.0)],
-                LatentInit::Corner => [2.5 + 0.25 * normal(&mut rng), 2.5 + 0.25 * normal(&mut rng)],
+                LatentInit::Corner => {
+                    [2.5 + 0.25 * normal(&mut rng), 2.5 + 0.25 * normal(&mut rng)]
+                }
             })
             .collect()
     }
@@ -236,7 +251,14 @@ impl ToyRun {
     /// An aligner starting from [`ToyRun::initial_latents`].
     pub fn aligner(&self) -> Aligner {
         let a = &self.cfg.align;
-        Aligner::new(&self.initial_latents(), 2, a.lr, a.mc, a.reduction, &self.device)
+        Aligner::new(
+            &self.initial_latents(),
+            2,
+            a.lr,
+            a.mc,
+            a.reduction,
+            &self.device,
+        )
     }
 
     /// One alignment step against the frozen `prior` (plain parameters).
@@ -258,7 +280,10 @@ impl ToyRun {
             View::Data => {
                 let axis = |d: usize| {
                     let lo = reference.iter().map(|p| p[d]).fold(f32::INFINITY, f32::min);
-                    let hi = reference.iter().map(|p| p[d]).fold(f32::NEG_INFINITY, f32::max);
+                    let hi = reference
+                        .iter()
+                        .map(|p| p[d])
+                        .fold(f32::NEG_INFINITY, f32::max);
                     let pad = 0.2 * (hi - lo);
                     (lo - pad, hi + pad)
                 };
@@ -274,7 +299,13 @@ impl ToyRun {
     }
 
     /// The NLL and L_align heatmaps of `prior` (plain parameters) on an `n x n` grid.
-    pub fn heatmaps(&self, prior: &VelocityMlp, reference: &[Point], n: usize, t_values: usize) -> (Heatmap, Heatmap, f64) {
+    pub fn heatmaps(
+        &self,
+        prior: &VelocityMlp,
+        reference: &[Point],
+        n: usize,
+        t_values: usize,
+    ) -> (Heatmap, Heatmap, f64) {
         let (xs, ys) = self.grid_axes(reference, n);
         let pts = Heatmap::points(&xs, &ys);
         let nll: Vec<f32> = self.density.log_prob(&pts).iter().map(|l| -l).collect();
@@ -284,14 +315,26 @@ impl ToyRun {
         let align = align_heatmap(prior, pts.as_flattened(), 2, &ts, &mut rng, &self.device);
         let secs = start.elapsed().as_secs_f64();
         (
-            Heatmap { xs: xs.clone(), ys: ys.clone(), values: nll },
-            Heatmap { xs, ys, values: align },
+            Heatmap {
+                xs: xs.clone(),
+                ys: ys.clone(),
+                values: nll,
+            },
+            Heatmap {
+                xs,
+                ys,
+                values: align,
+            },
             secs,
         )
     }
 
     /// Velocity arrows on a 25 x 25 grid at [`VELOCITY_TIMES`].
-    pub fn velocity_field(&self, prior: &VelocityMlp, reference: &[Point]) -> Vec<(f32, Vec<(Point, Point)>)> {
+    pub fn velocity_field(
+        &self,
+        prior: &VelocityMlp,
+        reference: &[Point],
+    ) -> Vec<(f32, Vec<(Point, Point)>)> {
         let (xs, ys) = self.grid_axes(reference, 25);
         let pts = Heatmap::points(&xs, &ys);
         VELOCITY_TIMES
@@ -306,9 +349,19 @@ impl ToyRun {
     }
 
     /// Samples from the prior by the Euler ODE (SPEC section 1).
-    pub fn prior_samples(&self, prior: &VelocityMlp, n: usize, steps: usize, solver: Solver) -> Vec<Point> {
+    pub fn prior_samples(
+        &self,
+        prior: &VelocityMlp,
+        n: usize,
+        steps: usize,
+        solver: Solver,
+    ) -> Vec<Point> {
         let mut rng = rng_for(self.cfg.seed, Stream::Eval, 2);
-        let z0 = rows_to_tensor(&crate::flow::path::normal_rows(&mut rng, n, 2), 2, &self.device);
+        let z0 = rows_to_tensor(
+            &crate::flow::path::normal_rows(&mut rng, n, 2),
+            2,
+            &self.device,
+        );
         to_points(&tensor_to_rows(sample(prior, z0, steps, solver)))
     }
 
@@ -321,7 +374,11 @@ impl ToyRun {
     }
 
     /// Runs the whole experiment. With `prior = Some(..)` the training stage is skipped.
-    pub fn run(&self, prior: Option<(VelocityMlp, PriorMeta)>, on: &mut dyn FnMut(Event) -> ControlFlow<()>) -> Result<ToyOutcome> {
+    pub fn run(
+        &self,
+        prior: Option<(VelocityMlp, PriorMeta)>,
+        on: &mut dyn FnMut(Event) -> ControlFlow<()>,
+    ) -> Result<ToyOutcome> {
         let run_start = Instant::now();
         let cfg = &self.cfg;
 
@@ -332,14 +389,21 @@ impl ToyRun {
         let (prior, prior_meta) = match prior {
             Some(p) => p,
             None => {
-                cancelled(on(Event::Stage { name: "prior", steps: cfg.prior.steps }))?;
+                cancelled(on(Event::Stage {
+                    name: "prior",
+                    steps: cfg.prior.steps,
+                }))?;
                 let mut trainer = self.prior_trainer();
                 let start = Instant::now();
                 while trainer.step < cfg.prior.steps {
                     let lr = trainer.current_lr();
                     let loss = self.prior_step(&mut trainer)?;
                     prior_loss.push(loss);
-                    cancelled(on(Event::PriorStep { step: trainer.step, loss, lr }))?;
+                    cancelled(on(Event::PriorStep {
+                        step: trainer.step,
+                        loss,
+                        lr,
+                    }))?;
                 }
                 prior_secs = start.elapsed().as_secs_f64();
                 let meta = PriorMeta {
@@ -351,14 +415,22 @@ impl ToyRun {
                     steps: cfg.prior.steps,
                     seed: cfg.seed,
                 };
-                (trainer.into_model().valid(), meta)
+                (trainer.frozen(), meta)
             }
         };
 
         // Prior check: samples vs data under the target density, and the prior's exact likelihood.
-        cancelled(on(Event::Stage { name: "prior check", steps: 0 }))?;
+        cancelled(on(Event::Stage {
+            name: "prior check",
+            steps: 0,
+        }))?;
         let reference = self.reference_samples();
-        let prior_samples = self.prior_samples(&prior, cfg.eval.n_check, cfg.eval.sample_steps, Solver::Euler);
+        let prior_samples = self.prior_samples(
+            &prior,
+            cfg.eval.n_check,
+            cfg.eval.sample_steps,
+            Solver::Euler,
+        );
         let data_samples = {
             let mut rng = rng_for(cfg.seed, Stream::Eval, 3);
             self.target.sample(cfg.eval.n_check, &mut rng)
@@ -368,9 +440,15 @@ impl ToyRun {
         let model_nll_data = self.exact_nll(&prior, &data_samples[..k]);
         let model_nll_samples = self.exact_nll(&prior, &prior_samples[..k]);
 
-        tracing::debug!("prior exact likelihood: {:.2}s", run_start.elapsed().as_secs_f64());
+        tracing::debug!(
+            "prior exact likelihood: {:.2}s",
+            run_start.elapsed().as_secs_f64()
+        );
         // Stage 2: alignment.
-        cancelled(on(Event::Stage { name: "align", steps: cfg.align.steps }))?;
+        cancelled(on(Event::Stage {
+            name: "align",
+            steps: cfg.align.steps,
+        }))?;
         let mut aligner = self.aligner();
         let y0 = to_points(&aligner.latents());
         let snapshot_steps: Vec<usize> = (0..10).map(|k| (k * cfg.align.steps + 4) / 9).collect();
@@ -391,7 +469,11 @@ impl ToyRun {
             if snapshot_steps[1..].contains(&aligner.step) {
                 snapshots.push((aligner.step, y));
             }
-            cancelled(on(Event::AlignStep { step: aligner.step, loss, nll }))?;
+            cancelled(on(Event::AlignStep {
+                step: aligner.step,
+                loss,
+                nll,
+            }))?;
         }
         let y_final = to_points(&aligner.latents());
         let loss_final = {
@@ -401,8 +483,12 @@ impl ToyRun {
         };
 
         // Evaluation: heatmaps, the bound, the velocity field.
-        cancelled(on(Event::Stage { name: "evaluate", steps: 0 }))?;
-        let (nll_map, align_map, heat_secs) = self.heatmaps(&prior, &reference, cfg.eval.grid, cfg.eval.t_values);
+        cancelled(on(Event::Stage {
+            name: "evaluate",
+            steps: 0,
+        }))?;
+        let (nll_map, align_map, heat_secs) =
+            self.heatmaps(&prior, &reference, cfg.eval.grid, cfg.eval.t_values);
         tracing::debug!("heatmaps: {:.2}s", run_start.elapsed().as_secs_f64());
         let bound_summary = self.bound_summary(&prior, &y_final[..k.min(y_final.len())]);
         tracing::debug!("bound: {:.2}s", run_start.elapsed().as_secs_f64());
@@ -422,10 +508,22 @@ impl ToyRun {
             nll_method: self.density.method(),
             scale: self.target.scale,
             prior: PriorSummary {
-                steps: if loaded { prior_meta.steps } else { cfg.prior.steps },
-                final_loss: if tail.is_empty() { f64::NAN } else { tail.iter().map(|&v| v as f64).sum::<f64>() / tail.len() as f64 },
+                steps: if loaded {
+                    prior_meta.steps
+                } else {
+                    cfg.prior.steps
+                },
+                final_loss: if tail.is_empty() {
+                    f64::NAN
+                } else {
+                    tail.iter().map(|&v| v as f64).sum::<f64>() / tail.len() as f64
+                },
                 seconds: prior_secs,
-                steps_per_sec: if prior_secs > 0.0 { cfg.prior.steps as f64 / prior_secs } else { 0.0 },
+                steps_per_sec: if prior_secs > 0.0 {
+                    cfg.prior.steps as f64 / prior_secs
+                } else {
+                    0.0
+                },
                 width: prior.width(),
                 depth: prior.depth(),
                 params: prior.num_params(),
@@ -520,10 +618,15 @@ pub fn check_prior_fits(meta: &PriorMeta, target: &Target, path: &Path) -> Resul
     if meta.dim != 2 {
         return Err(Error::Checkpoint {
             path: path.to_path_buf(),
-            msg: format!("is a {}-dimensional prior; the toy needs a 2D one (train it with flowalign toy)", meta.dim),
+            msg: format!(
+                "is a {}-dimensional prior; the toy needs a 2D one (train it with flowalign toy)",
+                meta.dim
+            ),
         });
     }
-    if meta.target != target.name || (meta.scale - target.scale).abs() > 1e-4 * target.scale.max(1.0) {
+    if meta.target != target.name
+        || (meta.scale - target.scale).abs() > 1e-4 * target.scale.max(1.0)
+    {
         return Err(Error::Checkpoint {
             path: path.to_path_buf(),
             msg: format!(

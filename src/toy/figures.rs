@@ -6,7 +6,10 @@ use plotters::prelude::*;
 
 use super::experiment::ToyOutcome;
 use crate::error::Result;
-use crate::report::{Overlay, arrows_panel, curves_panel, heatmap_panel, save_png, scatter_panel, write_csv, write_json};
+use crate::report::{
+    Overlay, arrows_panel, curves_panel, heatmap_panel, save_png, scatter_panel, write_csv,
+    write_json,
+};
 use crate::stats::moving_average;
 
 /// Window of the L_align moving average (SPEC section 5).
@@ -17,11 +20,17 @@ const LATENT_DOTS: RGBColor = RGBColor(230, 40, 40);
 
 fn range(o: &ToyOutcome) -> ((f32, f32), (f32, f32)) {
     let m = &o.nll_map;
-    ((m.xs[0], *m.xs.last().expect("grid")), (m.ys[0], *m.ys.last().expect("grid")))
+    (
+        (m.xs[0], *m.xs.last().expect("grid")),
+        (m.ys[0], *m.ys.last().expect("grid")),
+    )
 }
 
 /// Draws one Fig. 3 row (NLL + y, L_align, curves) into three areas.
-fn figure3_row(areas: &[plotters::drawing::DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>], o: &ToyOutcome) -> Result<()> {
+fn figure3_row(
+    areas: &[plotters::drawing::DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>],
+    o: &ToyOutcome,
+) -> Result<()> {
     let s = &o.summary;
     let y_final = &o.snapshots.last().expect("at least the initial snapshot").1;
     // Every k-th sample: some samplers fill components in order (moons halves, rings).
@@ -33,15 +42,30 @@ fn figure3_row(areas: &[plotters::drawing::DrawingArea<BitMapBackend<'_>, plotte
         &format!("{}: NLL, y after {} steps", s.target, s.align.steps),
         &o.nll_map,
         &[
-            Overlay { points: targets, colour: TARGET_DOTS, radius: 1 },
-            Overlay { points: y_final, colour: LATENT_DOTS, radius: 2 },
+            Overlay {
+                points: targets,
+                colour: TARGET_DOTS,
+                radius: 1,
+            },
+            Overlay {
+                points: y_final,
+                colour: LATENT_DOTS,
+                radius: 2,
+            },
         ],
     )?;
     heatmap_panel(
         &areas[1],
-        &format!("L_align (Pearson {:.3}, Spearman {:.3})", s.heatmap.pearson, s.heatmap.spearman),
+        &format!(
+            "L_align (Pearson {:.3}, Spearman {:.3})",
+            s.heatmap.pearson, s.heatmap.spearman
+        ),
         &o.align_map,
-        &[Overlay { points: targets, colour: TARGET_DOTS, radius: 1 }],
+        &[Overlay {
+            points: targets,
+            colour: TARGET_DOTS,
+            radius: 1,
+        }],
     )?;
     let smooth = moving_average(&o.align_loss, SMOOTHING_WINDOW);
     let nll: Vec<(usize, f32)> = o.align_nll.clone();
@@ -76,7 +100,11 @@ pub fn trajectories(path: &Path, o: &ToyOutcome) -> Result<()> {
                 area,
                 &format!("step {step}"),
                 &o.nll_map,
-                &[Overlay { points: y, colour: LATENT_DOTS, radius: 2 }],
+                &[Overlay {
+                    points: y,
+                    colour: LATENT_DOTS,
+                    radius: 2,
+                }],
             )?;
         }
         Ok(())
@@ -102,23 +130,46 @@ pub fn samples(path: &Path, o: &ToyOutcome) -> Result<()> {
     let s = &o.summary.prior;
     save_png(path, (1000, 500), |root| {
         let areas = root.split_evenly((1, 2));
-        scatter_panel(&areas[0], &format!("data (NLL {:.3})", s.data_nll), r, &o.data_samples, RGBColor(31, 119, 180))?;
-        scatter_panel(&areas[1], &format!("prior samples, Euler 100 (NLL {:.3})", s.sample_nll), r, &o.prior_samples, RGBColor(255, 127, 14))
+        scatter_panel(
+            &areas[0],
+            &format!("data (NLL {:.3})", s.data_nll),
+            r,
+            &o.data_samples,
+            RGBColor(31, 119, 180),
+        )?;
+        scatter_panel(
+            &areas[1],
+            &format!("prior samples, Euler 100 (NLL {:.3})", s.sample_nll),
+            r,
+            &o.prior_samples,
+            RGBColor(255, 127, 14),
+        )
     })
 }
 
 /// `curves.csv`: one row per step of each stage.
 pub fn curves_csv(path: &Path, o: &ToyOutcome) -> Result<()> {
-    let prior = o
-        .prior_loss
-        .iter()
-        .enumerate()
-        .map(|(i, l)| vec!["prior".into(), (i + 1).to_string(), l.to_string(), String::new()]);
+    let prior = o.prior_loss.iter().enumerate().map(|(i, l)| {
+        vec![
+            "prior".into(),
+            (i + 1).to_string(),
+            l.to_string(),
+            String::new(),
+        ]
+    });
     let align = o.align_nll.iter().map(|&(step, nll)| {
-        let loss = if step == 0 { String::new() } else { o.align_loss[step - 1].to_string() };
+        let loss = if step == 0 {
+            String::new()
+        } else {
+            o.align_loss[step - 1].to_string()
+        };
         vec!["align".into(), step.to_string(), loss, nll.to_string()]
     });
-    write_csv(path, &["stage", "step", "loss", "nll_y"], prior.chain(align))
+    write_csv(
+        path,
+        &["stage", "step", "loss", "nll_y"],
+        prior.chain(align),
+    )
 }
 
 /// `heatmaps.csv`: the grid with the NLL and L_align at each point.

@@ -68,7 +68,10 @@ impl TargetKind {
             }
             TargetKind::Grid => {
                 let c: Vec<f32> = (0..4).map(|i| -1.5 + i as f32).collect();
-                let means = c.iter().flat_map(|&x| c.iter().map(move |&y| [x, y])).collect();
+                let means = c
+                    .iter()
+                    .flat_map(|&x| c.iter().map(move |&y| [x, y]))
+                    .collect();
                 Some((means, 0.1))
             }
             _ => None,
@@ -281,7 +284,9 @@ pub fn read_points_csv(path: &Path) -> Result<Vec<Point>> {
                 if !x.is_finite() || !y.is_finite() {
                     return Err(Error::input(
                         path,
-                        format!("line {line} holds a non-finite value ({x}, {y}); remove or fix that row"),
+                        format!(
+                            "line {line} holds a non-finite value ({x}, {y}); remove or fix that row"
+                        ),
                     ));
                 }
                 points.push([*x, *y]);
