@@ -184,10 +184,10 @@ impl ToyConfig {
             Preset::Paper => paper,
             Preset::Interactive => ToyConfig {
                 prior: PriorConfig {
-                    width: 128,
+                    width: 96,
                     depth: 3,
-                    steps: 3000,
-                    batch: 256,
+                    steps: 4000,
+                    batch: 512,
                     lr: 2e-3,
                     schedule: Schedule::Cosine {
                         warmup: 100,
@@ -196,7 +196,7 @@ impl ToyConfig {
                     ema: 0.0,
                 },
                 align: AlignConfig {
-                    steps: 600,
+                    steps: 500,
                     ..paper.align
                 },
                 eval: EvalConfig {

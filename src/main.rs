@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use flowalign::backend::{DeviceChoice, select};
+use flowalign::bench::BenchArgs;
 use flowalign::config::{LatentInit, Preset, Reduction, ToyConfig, View};
 use flowalign::toy::experiment::check_prior_fits;
 use flowalign::toy::figures;
@@ -29,13 +30,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// The 2D toy experiment: train a flow prior, align 1,000 latents, write figures and numbers.
-    Toy(ToyArgs),
+    Toy(Box<ToyArgs>),
     /// Throughput benchmarks (JSON), side by side with PyTorch when it is installed.
-    Bench(flowalign_bench::BenchArgs),
-}
-
-mod flowalign_bench {
-    pub use flowalign::bench::BenchArgs;
+    Bench(BenchArgs),
 }
 
 /// `--target` accepts a built-in name or `all`.
@@ -308,7 +305,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Toy(args) => toy(args),
+        Command::Toy(args) => toy(*args),
         Command::Bench(args) => flowalign::bench::run(args).map_err(anyhow::Error::from),
     };
     match result {

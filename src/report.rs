@@ -59,6 +59,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let hint = "choose an --out folder you can write to";
     let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(dir, hint, e))?;
     std::io::Write::write_all(&mut tmp, bytes).map_err(|e| Error::io(path, hint, e))?;
+    // Temporary files are private (0600); outputs are ordinary files.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| Error::io(path, hint, e))?;
+    }
     tmp.persist(path)
         .map_err(|e| Error::io(path, hint, e.error))?;
     Ok(())

@@ -78,8 +78,7 @@ fn a_run_can_be_cancelled_between_steps() {
                 ControlFlow::Continue(())
             }
         })
-        .err()
-        .expect("cancelled");
+        .expect_err("cancelled");
     assert!(matches!(err, flowalign::Error::Cancelled));
     assert_eq!(seen, 5);
 }

@@ -587,11 +587,11 @@ impl ToyRun {
         let base = -(1.0 + (2.0 * std::f64::consts::PI).ln()); // d = 2: -(d / 2)(1 + ln 2 pi)
         let (mut violations, mut violations_with_base) = (0, 0);
         let mut max_excess = f64::NEG_INFINITY;
-        for i in 0..y.len() {
-            let sem = est.elbo_sem[i].max(1e-12);
-            let excess = (est.elbo[i] - log_p[i]) / sem;
+        for ((elbo, sem), lp) in est.elbo.iter().zip(&est.elbo_sem).zip(&log_p) {
+            let sem = sem.max(1e-12);
+            let excess = (elbo - lp) / sem;
             violations += usize::from(excess > 3.0);
-            violations_with_base += usize::from((est.elbo[i] + base - log_p[i]) / sem > 3.0);
+            violations_with_base += usize::from((elbo + base - lp) / sem > 3.0);
             max_excess = max_excess.max(excess);
         }
         let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
