@@ -26,7 +26,8 @@ impl Heatmap {
             .collect()
     }
 
-    fn extent(&self) -> ((f32, f32), (f32, f32)) {
+    /// `((x_min, x_max), (y_min, y_max))` of the grid.
+    pub fn extent(&self) -> ((f32, f32), (f32, f32)) {
         let (x0, x1) = (self.xs[0], *self.xs.last().unwrap_or(&self.xs[0]));
         let (y0, y1) = (self.ys[0], *self.ys.last().unwrap_or(&self.ys[0]));
         ((x0, x1), (y0, y1))

@@ -1,5 +1,6 @@
 //! The `flowalign` binary on real files: outputs, reuse of a prior, determinism and bad input.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -56,6 +57,19 @@ fn run(cmd: &mut Command) -> Output {
     cmd.output().expect("flowalign runs")
 }
 
+/// `flowalign toy --config CFG [EXTRA...] --out OUT`.
+fn toy<S: AsRef<OsStr>>(cfg: &Path, out: &Path, extra: &[S]) -> Output {
+    run(bin()
+        .arg("toy")
+        .arg("--config")
+        .arg(cfg)
+        .args(extra)
+        .arg("--out")
+        .arg(out))
+}
+
+const NONE: [&str; 0] = [];
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -89,11 +103,7 @@ fn toy_run_writes_every_output_and_reuses_its_prior() {
     let d = tmp();
     let cfg = tiny_config(d.path(), "moons");
     let out = d.path().join("run");
-    let o = run(bin()
-        .args(["toy", "--config"])
-        .arg(&cfg)
-        .arg("--out")
-        .arg(&out));
+    let o = toy(&cfg, &out, &NONE);
     assert!(o.status.success(), "{}", stderr(&o));
     for f in [
         "figure.png",
@@ -145,13 +155,11 @@ fn toy_run_writes_every_output_and_reuses_its_prior() {
 
     // The written config reproduces the run; the saved prior skips training.
     let again = d.path().join("again");
-    let o = run(bin()
-        .args(["toy", "--config"])
-        .arg(out.join("config.toml"))
-        .arg("--prior")
-        .arg(&out)
-        .arg("--out")
-        .arg(&again));
+    let o = toy(
+        &out.join("config.toml"),
+        &again,
+        &[OsStr::new("--prior"), out.as_os_str()],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let s2 = summary(&again);
     assert_eq!(s2["prior"]["loaded"], true);
@@ -165,11 +173,7 @@ fn same_seed_gives_bit_identical_numbers() {
     let cfg = tiny_config(d.path(), "mog");
     let (a, b) = (d.path().join("a"), d.path().join("b"));
     for out in [&a, &b] {
-        let o = run(bin()
-            .args(["toy", "--config"])
-            .arg(&cfg)
-            .arg("--out")
-            .arg(out));
+        let o = toy(&cfg, out, &NONE);
         assert!(o.status.success(), "{}", stderr(&o));
     }
     // The heatmaps read every weight of the prior, the curves every step of both stages. (The
@@ -193,11 +197,7 @@ fn same_seed_gives_bit_identical_numbers() {
     }
     // A different seed gives different numbers.
     let c = d.path().join("c");
-    let o = run(bin()
-        .args(["toy", "--config"])
-        .arg(&cfg)
-        .args(["--seed", "1", "--out"])
-        .arg(&c));
+    let o = toy(&cfg, &c, &["--seed", "1"]);
     assert!(o.status.success());
     assert!(
         std::fs::read(a.join("curves.csv")).unwrap()
@@ -217,13 +217,7 @@ fn custom_csv_target_runs_with_a_kde() {
     }
     std::fs::write(&csv, text).unwrap();
     let out = d.path().join("run");
-    let o = run(bin()
-        .args(["toy", "--config"])
-        .arg(&cfg)
-        .arg("--target-csv")
-        .arg(&csv)
-        .arg("--out")
-        .arg(&out));
+    let o = toy(&cfg, &out, &[OsStr::new("--target-csv"), csv.as_os_str()]);
     assert!(o.status.success(), "{}", stderr(&o));
     let s = summary(&out);
     assert_eq!(s["target"], "pts");
@@ -235,13 +229,11 @@ fn csv_error(content: &str) -> String {
     let cfg = tiny_config(d.path(), "mog");
     let csv = d.path().join("bad.csv");
     std::fs::write(&csv, content).unwrap();
-    let o = run(bin()
-        .args(["toy", "--config"])
-        .arg(&cfg)
-        .arg("--target-csv")
-        .arg(&csv)
-        .arg("--out")
-        .arg(d.path().join("o")));
+    let o = toy(
+        &cfg,
+        &d.path().join("o"),
+        &[OsStr::new("--target-csv"), csv.as_os_str()],
+    );
     let line = fails(&o);
     assert!(
         line.contains("bad.csv"),
@@ -273,31 +265,29 @@ fn bad_priors_and_values_get_one_line_errors() {
     let d = tmp();
     let cfg = tiny_config(d.path(), "moons");
     let out = d.path().join("run");
-    let o = run(bin()
-        .args(["toy", "--config"])
-        .arg(&cfg)
-        .arg("--out")
-        .arg(&out));
+    let o = toy(&cfg, &out, &NONE);
     assert!(o.status.success(), "{}", stderr(&o));
     let before = std::fs::read(out.join("summary.json")).unwrap();
+    let x = d.path().join("x");
 
     // Missing checkpoint.
-    let o = run(bin()
-        .args(["toy", "--config"])
-        .arg(&cfg)
-        .arg("--prior")
-        .arg(d.path().join("nowhere"))
-        .arg("--out")
-        .arg(d.path().join("x")));
+    let o = toy(
+        &cfg,
+        &x,
+        &[OsStr::new("--prior"), d.path().join("nowhere").as_os_str()],
+    );
     assert!(fails(&o).contains("not found"));
     // A prior trained on another target.
-    let o = run(bin()
-        .args(["toy", "--config"])
-        .arg(&cfg)
-        .args(["--target", "spiral", "--prior"])
-        .arg(&out)
-        .arg("--out")
-        .arg(d.path().join("x")));
+    let o = toy(
+        &cfg,
+        &x,
+        &[
+            OsStr::new("--target"),
+            OsStr::new("spiral"),
+            OsStr::new("--prior"),
+            out.as_os_str(),
+        ],
+    );
     assert!(fails(&o).contains("trained on target 'moons'"));
     // A truncated checkpoint.
     let broken = d.path().join("broken");
@@ -305,13 +295,7 @@ fn bad_priors_and_values_get_one_line_errors() {
     let w = std::fs::read(out.join("prior.safetensors")).unwrap();
     std::fs::write(broken.join("prior.safetensors"), &w[..w.len() / 2]).unwrap();
     std::fs::copy(out.join("prior.toml"), broken.join("prior.toml")).unwrap();
-    let o = run(bin()
-        .args(["toy", "--config"])
-        .arg(&cfg)
-        .arg("--prior")
-        .arg(&broken)
-        .arg("--out")
-        .arg(d.path().join("x")));
+    let o = toy(&cfg, &x, &[OsStr::new("--prior"), broken.as_os_str()]);
     assert!(fails(&o).contains("truncated"));
     // Zero or negative values.
     for args in [
@@ -320,20 +304,10 @@ fn bad_priors_and_values_get_one_line_errors() {
         ["--prior-lr", "0"],
         ["--align-lr", "-1"],
     ] {
-        let o = run(bin()
-            .args(["toy", "--config"])
-            .arg(&cfg)
-            .args(args)
-            .arg("--out")
-            .arg(d.path().join("x")));
+        let o = toy(&cfg, &x, &args);
         fails(&o);
     }
-    let o = run(bin()
-        .args(["toy", "--config"])
-        .arg(&cfg)
-        .args(["--align-steps", "-3"])
-        .arg("--out")
-        .arg(d.path().join("x")));
+    let o = toy(&cfg, &x, &["--align-steps", "-3"]);
     assert_eq!(o.status.code(), Some(2));
     // An unknown config key.
     let typo = d.path().join("typo.toml");
@@ -344,26 +318,14 @@ fn bad_priors_and_values_get_one_line_errors() {
             .replace("[prior]\n", "[prior]\nwidht = 3\n"),
     )
     .unwrap();
-    let o = run(bin()
-        .args(["toy", "--config"])
-        .arg(&typo)
-        .arg("--out")
-        .arg(d.path().join("x")));
+    let o = toy(&typo, &x, &NONE);
     assert!(fails(&o).contains("widht"));
     // An unwritable output folder (a path below a regular file).
-    let o = run(bin()
-        .args(["toy", "--config"])
-        .arg(&cfg)
-        .arg("--out")
-        .arg(out.join("summary.json").join("sub")));
+    let o = toy(&cfg, &out.join("summary.json").join("sub"), &NONE);
     assert!(fails(&o).contains("--out"));
 
     // A diverging run stops at the first non-finite loss and keeps the earlier outputs intact.
-    let o = run(bin()
-        .args(["toy", "--config"])
-        .arg(&cfg)
-        .args(["--prior-lr", "1e30", "--out"])
-        .arg(&out));
+    let o = toy(&cfg, &out, &["--prior-lr", "1e30"]);
     let line = fails(&o);
     assert!(
         line.contains("diverged") && line.contains("lower the learning rate"),

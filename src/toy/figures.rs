@@ -18,14 +18,6 @@ pub const SMOOTHING_WINDOW: usize = 17;
 const TARGET_DOTS: RGBColor = RGBColor(235, 235, 235);
 const LATENT_DOTS: RGBColor = RGBColor(230, 40, 40);
 
-fn range(o: &ToyOutcome) -> ((f32, f32), (f32, f32)) {
-    let m = &o.nll_map;
-    (
-        (m.xs[0], *m.xs.last().expect("grid")),
-        (m.ys[0], *m.ys.last().expect("grid")),
-    )
-}
-
 /// Draws one Fig. 3 row (NLL + y, L_align, curves) into three areas.
 fn figure3_row(
     areas: &[plotters::drawing::DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>],
@@ -68,8 +60,7 @@ fn figure3_row(
         }],
     )?;
     let smooth = moving_average(&o.align_loss, SMOOTHING_WINDOW);
-    let nll: Vec<(usize, f32)> = o.align_nll.clone();
-    curves_panel(&areas[2], "L_align and NLL of y", &smooth, &nll)
+    curves_panel(&areas[2], "L_align and NLL of y", &smooth, &o.align_nll)
 }
 
 /// `figure.png`: the paper's Fig. 3 layout for one target.
@@ -113,7 +104,7 @@ pub fn trajectories(path: &Path, o: &ToyOutcome) -> Result<()> {
 
 /// `velocity.png`: the prior's velocity field at t = 0.1, 0.3, 0.5, 0.7, 0.9.
 pub fn velocity(path: &Path, o: &ToyOutcome) -> Result<()> {
-    let r = range(o);
+    let r = o.nll_map.extent();
     let cell = (r.0.1 - r.0.0) / 24.0;
     save_png(path, (2250, 470), |root| {
         let areas = root.split_evenly((1, o.velocity.len()));
@@ -126,7 +117,7 @@ pub fn velocity(path: &Path, o: &ToyOutcome) -> Result<()> {
 
 /// `samples.png`: data samples next to prior samples from the Euler ODE.
 pub fn samples(path: &Path, o: &ToyOutcome) -> Result<()> {
-    let r = range(o);
+    let r = o.nll_map.extent();
     let s = &o.summary.prior;
     save_png(path, (1000, 500), |root| {
         let areas = root.split_evenly((1, 2));
