@@ -78,23 +78,22 @@ pub fn align_heatmap(
 ) -> Vec<f32> {
     const MAX_ROWS: usize = 16_384;
     let n = points.len() / d;
-    let per_chunk = (MAX_ROWS / t_values.len().max(1)).max(1);
     let mut out = Vec::with_capacity(n);
-    for start in (0..n).step_by(per_chunk) {
-        let len = per_chunk.min(n - start);
-        let x = rows_to_tensor(&points[start * d..(start + len) * d], d, device)
-            .repeat_dim(0, t_values.len()); // [T * len, d]
-        let t: Vec<f32> = t_values
-            .iter()
-            .flat_map(|&t| std::iter::repeat_n(t, len))
-            .collect();
-        let draws = PathDraws::with_times(rng, t, d, device);
-        let sq: Vec<f32> = residual_sq(field, x, &draws, Reduction::Sum)
-            .reshape([t_values.len(), len])
-            .mean_dim(0)
+    for start in (0..n).step_by(MAX_ROWS) {
+        let len = MAX_ROWS.min(n - start);
+        let x = rows_to_tensor(&points[start * d..(start + len) * d], d, device); // [len, d]
+        let mut sum = Tensor::<1>::zeros([len], device);
+        // One shared t per pass, so the network computes its time conditioning once.
+        for &t in t_values {
+            let eps = rows_to_tensor(&normal_rows(rng, len, d), d, device);
+            let z = x.clone() * t + eps.clone() * (1.0 - t);
+            let r = field.velocity_at(z, t) - target_velocity(x.clone(), eps);
+            sum = sum + (r.clone() * r).sum_dim(1).reshape([len]);
+        }
+        let mean: Vec<f32> = (sum / t_values.len().max(1) as f32)
             .try_into_vec_as::<f32>()
             .expect("float tensors read back as f32");
-        out.extend(sq);
+        out.extend(mean);
     }
     out
 }

@@ -23,10 +23,12 @@ pub struct BenchArgs {
     /// What to measure.
     #[arg(value_enum, default_value_t = BenchKind::Toy)]
     pub kind: BenchKind,
-    #[arg(long, default_value_t = 512)]
-    pub width: usize,
-    #[arg(long, default_value_t = 4)]
-    pub depth: usize,
+    /// Network width (default: 512 for `toy`, the interactive preset's 96 for `landscape`).
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Network depth (default: 4 for `toy`, 3 for `landscape`).
+    #[arg(long)]
+    pub depth: Option<usize>,
     /// Minimum seconds per figure.
     #[arg(long, default_value_t = 8.0)]
     pub seconds: f64,
@@ -36,9 +38,9 @@ pub struct BenchArgs {
     /// Skip the PyTorch peer.
     #[arg(long)]
     pub no_peer: bool,
-    /// Where to write the JSON result.
-    #[arg(long, default_value = "runs/bench-toy.json")]
-    pub out: PathBuf,
+    /// Where to write the JSON result (default: runs/bench-<kind>.json).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 /// Benchmarks available.
@@ -46,6 +48,66 @@ pub struct BenchArgs {
 pub enum BenchKind {
     /// Prior training (batch 256, 1024), alignment (1,000 y), L_align heatmap evaluations.
     Toy,
+    /// The visualizer's landscape refresh: heatmaps, velocity field and ODE samples (milliseconds).
+    Landscape,
+}
+
+/// Median milliseconds of `reps` calls of `f` after one warm-up call.
+fn median_ms(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut ms: Vec<f64> = (0..reps)
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    ms.sort_by(f64::total_cmp);
+    ms[ms.len() / 2]
+}
+
+/// Times the pieces of one landscape refresh of the visualizer on the CPU backend (spiral target).
+pub fn landscape(width: usize, depth: usize) -> Result<Value> {
+    use crate::config::{Preset, ToyConfig};
+    use crate::flow::solver::Solver;
+    use crate::toy::{TargetKind, ToyRun};
+    let mut cfg = ToyConfig::preset(Preset::Interactive, TargetKind::Spiral);
+    (cfg.prior.width, cfg.prior.depth) = (width, depth);
+    let run = ToyRun::new(cfg, Device::flex(), "cpu")?;
+    let mut rng = rng_for(0, Stream::Init, 0);
+    let prior = VelocityMlpConfig::new(2, width, depth).init(&mut rng, &Device::flex());
+    let reference = run.reference_samples();
+    let reps = 5;
+    let mut out = serde_json::Map::new();
+    out.insert("width".into(), json!(width));
+    out.insert("depth".into(), json!(depth));
+    for grid in [50, 100] {
+        let ms = median_ms(reps, || {
+            run.align_heatmap(&prior, &reference, grid, 20);
+        });
+        out.insert(format!("align_heatmap_{grid}x{grid}_t20_ms"), json!(ms));
+        let ms = median_ms(reps, || {
+            run.nll_heatmap(&reference, grid);
+        });
+        out.insert(format!("target_nll_heatmap_{grid}x{grid}_ms"), json!(ms));
+    }
+    let ms = median_ms(reps, || {
+        run.velocity_at(&prior, &reference, 0.5, 21);
+    });
+    out.insert("velocity_21x21_ms".into(), json!(ms));
+    let ms = median_ms(reps, || {
+        run.prior_paths(&prior, 1000, 100, Solver::Euler, 40);
+    });
+    out.insert("ode_samples_1000_euler100_paths40_ms".into(), json!(ms));
+    let ms = median_ms(1, || {
+        run.prior_nll_heatmap(&prior, &reference, 40);
+    });
+    out.insert("prior_exact_nll_40x40_ms".into(), json!(ms));
+    let ms = median_ms(1, || {
+        run.bound_heatmap(&prior, &reference, 40, 16);
+    });
+    out.insert("bound_40x40_draws16_ms".into(), json!(ms));
+    Ok(Value::Object(out))
 }
 
 /// Calls `f` repeatedly for at least `min_s` seconds and 5 calls after 3 warm-up calls; returns calls/s.
@@ -110,7 +172,7 @@ pub fn measure(width: usize, depth: usize, seconds: f64) -> Result<Value> {
 }
 
 /// Runs the PyTorch peer; `None` (with a notice) when it cannot run here.
-fn peer(args: &BenchArgs) -> Option<Value> {
+fn peer(args: &BenchArgs, width: usize, depth: usize) -> Option<Value> {
     if args.no_peer {
         return None;
     }
@@ -144,9 +206,9 @@ fn peer(args: &BenchArgs) -> Option<Value> {
         ])
         .args([
             "--width",
-            &args.width.to_string(),
+            &width.to_string(),
             "--depth",
-            &args.depth.to_string(),
+            &depth.to_string(),
         ])
         .args(["--bench-seconds", &args.seconds.to_string()])
         .output()
@@ -156,21 +218,45 @@ fn peer(args: &BenchArgs) -> Option<Value> {
     serde_json::from_str(line).ok()
 }
 
-/// `flowalign bench toy`.
+/// `flowalign bench toy|landscape`.
 pub fn run(args: BenchArgs) -> Result<()> {
+    let name = match args.kind {
+        BenchKind::Toy => "toy",
+        BenchKind::Landscape => "landscape",
+    };
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("runs/bench-{name}.json")));
+    let result = match args.kind {
+        BenchKind::Toy => toy(&args)?,
+        BenchKind::Landscape => {
+            let (w, d) = (args.width.unwrap_or(96), args.depth.unwrap_or(3));
+            tracing::info!("measuring the visualizer's landscape refresh (burn flex, {w}x{d})");
+            landscape(w, d)?
+        }
+    };
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(dir, "choose an --out you can write to", e))?;
+    }
+    write_json(&out, &result)?;
+    tracing::info!("{}", serde_json::to_string(&result).expect("json"));
+    Ok(())
+}
+
+/// `flowalign bench toy`: flowalign and, when it can run, the PyTorch peer.
+fn toy(args: &BenchArgs) -> Result<Value> {
+    let (width, depth) = (args.width.unwrap_or(512), args.depth.unwrap_or(4));
     if args.seconds <= 0.0 {
         return Err(Error::Config(format!(
             "--seconds must be positive, got {}",
             args.seconds
         )));
     }
-    tracing::info!(
-        "measuring flowalign (burn flex, {}x{})",
-        args.width,
-        args.depth
-    );
-    let ours = measure(args.width, args.depth, args.seconds)?;
-    let theirs = peer(&args);
+    tracing::info!("measuring flowalign (burn flex, {width}x{depth})");
+    let ours = measure(width, depth, args.seconds)?;
+    let theirs = peer(args, width, depth);
     let mut ratios = serde_json::Map::new();
     if let Some(p) = &theirs {
         // Both sides name their figures alike.
@@ -185,13 +271,5 @@ pub fn run(args: BenchArgs) -> Result<()> {
             }
         }
     }
-    let result =
-        json!({ "flowalign": ours, "pytorch": theirs, "ratio_flowalign_over_pytorch": ratios });
-    if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::io(dir, "choose an --out you can write to", e))?;
-    }
-    write_json(&args.out, &result)?;
-    tracing::info!("{}", serde_json::to_string(&result).expect("json"));
-    Ok(())
+    Ok(json!({ "flowalign": ours, "pytorch": theirs, "ratio_flowalign_over_pytorch": ratios }))
 }

@@ -26,7 +26,7 @@ pub enum Error {
     Checkpoint { path: PathBuf, msg: String },
     /// Training produced a non-finite loss.
     #[error(
-        "{stage} diverged at step {step}: loss is {loss} (not finite); lower the learning rate (now {lr})"
+        "{stage} diverged at step {step}: loss is {loss} (not finite, or above 1e6); lower the learning rate (now {lr})"
     )]
     Diverged {
         stage: &'static str,
@@ -37,6 +37,9 @@ pub enum Error {
     /// The backend could not provide the requested device.
     #[error("device: {0}")]
     Device(String),
+    /// The visualizer could not open its window.
+    #[error("{0}")]
+    Display(String),
     /// A run was cancelled by its owner (e.g. the GUI reset it).
     #[error("cancelled")]
     Cancelled,

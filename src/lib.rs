@@ -1,7 +1,8 @@
 //! flowalign: aligning latent spaces with flow priors (Li et al., arXiv 2506.05240).
 //!
 //! The engine: a flow-matching prior ([`flow`]), the alignment loss and its bound ([`align`]),
-//! training steps ([`train`]), and the 2D toy experiment ([`toy`]) with its reports ([`report`]).
+//! training steps ([`train`]), the 2D toy experiment ([`toy`]) with its reports ([`report`]), and the
+//! desktop visualizer ([`gui`], cargo feature `gui`).
 //! `../shared/SPEC.md` in the project tree defines every formula; doc comments cite its sections.
 
 pub mod align;
@@ -10,6 +11,8 @@ pub mod bench;
 pub mod config;
 pub mod error;
 pub mod flow;
+#[cfg(feature = "gui")]
+pub mod gui;
 pub mod report;
 pub mod rng;
 pub mod stats;

@@ -23,12 +23,15 @@ use flowalign::train::{load_prior, save_prior};
     about = "Aligning latent spaces with flow priors (arXiv 2506.05240)"
 )]
 struct Cli {
+    /// Without a subcommand, the visualizer opens.
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// The desktop visualizer: train the prior and align latents live (the default command).
+    Gui(Box<GuiArgs>),
     /// The 2D toy experiment: train a flow prior, align 1,000 latents, write figures and numbers.
     Toy(Box<ToyArgs>),
     /// Throughput benchmarks (JSON), side by side with PyTorch when it is installed.
@@ -55,9 +58,10 @@ fn parse_target(s: &str) -> Result<TargetArg, String> {
         })
 }
 
-#[derive(Args)]
-struct ToyArgs {
-    /// Target distribution: mog, grid, moons, rings, spiral, swissroll, or all (Fig. 5 grid).
+/// The run's config: a preset or a TOML file, then one flag per knob.
+#[derive(Args, Default)]
+struct ConfigArgs {
+    /// Target distribution: mog, grid, moons, rings, spiral, swissroll, or all (Fig. 5 grid; toy only).
     #[arg(long, value_parser = parse_target)]
     target: Option<TargetArg>,
     /// Your own 2D points: a CSV with two numeric columns x,y (header optional).
@@ -69,15 +73,6 @@ struct ToyArgs {
     /// A TOML config (every run writes one as config.toml); flags override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Output folder.
-    #[arg(long, default_value = "runs/toy")]
-    out: PathBuf,
-    /// Reuse a trained prior: a run folder (or its prior.safetensors) instead of training.
-    #[arg(long, value_name = "PATH")]
-    prior: Option<PathBuf>,
-    /// Compute device.
-    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
-    device: DeviceChoice,
     #[arg(long)]
     seed: Option<u64>,
     #[arg(long)]
@@ -116,7 +111,22 @@ struct ToyArgs {
     view: Option<View>,
 }
 
-impl ToyArgs {
+#[derive(Args)]
+struct ToyArgs {
+    #[command(flatten)]
+    cfg: ConfigArgs,
+    /// Output folder.
+    #[arg(long, default_value = "runs/toy")]
+    out: PathBuf,
+    /// Reuse a trained prior: a run folder (or its prior.safetensors) instead of training.
+    #[arg(long, value_name = "PATH")]
+    prior: Option<PathBuf>,
+    /// Compute device.
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    device: DeviceChoice,
+}
+
+impl ConfigArgs {
     /// The config for `target`: preset or file, then flags.
     fn config(&self, target: TargetKind) -> Result<ToyConfig> {
         let mut cfg = match &self.config {
@@ -167,6 +177,98 @@ impl ToyArgs {
     }
 }
 
+impl ConfigArgs {
+    /// Whether no config flag was given at all.
+    fn is_empty(&self) -> bool {
+        self.target.is_none()
+            && self.target_csv.is_none()
+            && self.preset.is_none()
+            && self.config.is_none()
+            && self.seed.is_none()
+            && self.prior_steps.is_none()
+            && self.align_steps.is_none()
+            && self.width.is_none()
+            && self.depth.is_none()
+            && self.batch.is_none()
+            && self.prior_lr.is_none()
+            && self.ema.is_none()
+            && self.align_lr.is_none()
+            && self.n_latents.is_none()
+            && self.mc.is_none()
+            && self.reduction.is_none()
+            && self.init.is_none()
+            && self.grid.is_none()
+            && self.t_values.is_none()
+            && self.view.is_none()
+    }
+}
+
+#[derive(Args, Default)]
+struct GuiArgs {
+    #[command(flatten)]
+    cfg: ConfigArgs,
+    /// Start with a trained prior (a `flowalign toy` run folder or its prior.safetensors): align at once.
+    #[arg(long, value_name = "PATH")]
+    prior: Option<PathBuf>,
+    /// Start training as soon as the window opens.
+    #[arg(long)]
+    autostart: bool,
+    /// Save a PNG of the window before exiting (with --exit-after).
+    #[arg(long, value_name = "FILE.png")]
+    screenshot: Option<PathBuf>,
+    /// Close the window after this many seconds.
+    #[arg(long, value_name = "SECS")]
+    exit_after: Option<f64>,
+    /// Write frame-time and throughput statistics (JSON) when the window closes.
+    #[arg(long, value_name = "FILE.json")]
+    stats: Option<PathBuf>,
+    /// Compute device of the training thread.
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    device: DeviceChoice,
+}
+
+#[cfg(feature = "gui")]
+fn gui(args: GuiArgs) -> Result<()> {
+    use flowalign::gui::{Launch, check_display};
+    check_display()?;
+    let cfg = if args.cfg.is_empty() {
+        None
+    } else {
+        let target = match args.cfg.target {
+            Some(TargetArg::All) => {
+                bail!("--target all is for `flowalign toy`; the visualizer shows one target at a time")
+            }
+            Some(TargetArg::One(kind)) => kind,
+            None => TargetKind::Mog,
+        };
+        let mut cfg = args.cfg.config(target)?;
+        // The window keeps its points inline, so a saved session does not depend on the CSV.
+        if let Some(csv) = cfg.target_csv.take() {
+            cfg.points = Some(flowalign::toy::targets::read_points_csv(&csv)?);
+        }
+        Some(cfg)
+    };
+    if args.screenshot.is_some() && args.exit_after.is_none() {
+        bail!("--screenshot is taken when the window closes; add --exit-after SECS");
+    }
+    let (device, _) = select(args.device)?;
+    let launch = Launch {
+        cfg,
+        prior: args.prior,
+        autostart: args.autostart,
+        screenshot: args.screenshot,
+        exit_after: args.exit_after,
+        stats: args.stats,
+    };
+    flowalign::gui::run(launch, device)?;
+    Ok(())
+}
+
+#[cfg(not(feature = "gui"))]
+fn gui(_: GuiArgs) -> Result<()> {
+    bail!("this build has no visualizer (built without the `gui` feature); use `flowalign toy`, or rebuild with default features")
+}
+
 fn bar(len: usize, what: &str) -> ProgressBar {
     let pb = if len > 0 {
         ProgressBar::new(len as u64)
@@ -189,7 +291,7 @@ fn bar(len: usize, what: &str) -> ProgressBar {
 
 /// Runs one toy target into `out`.
 fn run_toy(args: &ToyArgs, target: TargetKind, out: &Path) -> Result<ToyOutcome> {
-    let cfg = args.config(target)?;
+    let cfg = args.cfg.config(target)?;
     let (device, device_name) = select(args.device)?;
     std::fs::create_dir_all(out).with_context(|| {
         format!(
@@ -271,7 +373,7 @@ fn run_toy(args: &ToyArgs, target: TargetKind, out: &Path) -> Result<ToyOutcome>
 }
 
 fn toy(args: ToyArgs) -> Result<()> {
-    match (args.target, &args.target_csv) {
+    match (args.cfg.target, &args.cfg.target_csv) {
         (Some(TargetArg::All), _) => {
             if args.prior.is_some() {
                 bail!("--prior belongs to one target; drop it when using --target all");
@@ -305,8 +407,10 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Toy(args) => toy(*args),
-        Command::Bench(args) => flowalign::bench::run(args).map_err(anyhow::Error::from),
+        None => gui(GuiArgs::default()),
+        Some(Command::Gui(args)) => gui(*args),
+        Some(Command::Toy(args)) => toy(*args),
+        Some(Command::Bench(args)) => flowalign::bench::run(args).map_err(anyhow::Error::from),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -34,7 +34,7 @@ impl Heatmap {
     }
 
     /// The colour range: the 2nd to 98th percentile, so a few extreme cells do not wash out the map.
-    fn colour_range(&self) -> (f32, f32) {
+    pub fn colour_range(&self) -> (f32, f32) {
         let mut v: Vec<f32> = self
             .values
             .iter()
@@ -103,8 +103,19 @@ pub fn save_png(
         draw(&area)?;
         area.present().map_err(plot_err)?;
     }
+    write_png_rgb(path, &buf, size)
+}
+
+/// The viridis colour of `v` on the range `[lo, hi]` (clamped), as RGB bytes.
+pub fn viridis(v: f32, lo: f32, hi: f32) -> [u8; 3] {
+    let c = ViridisRGB::get_color_normalized(v.clamp(lo, hi), lo, hi);
+    [c.0, c.1, c.2]
+}
+
+/// Writes `rgb` (row-major, 3 bytes a pixel) as a PNG of `size` pixels, atomically.
+pub fn write_png_rgb(path: &Path, rgb: &[u8], size: (u32, u32)) -> Result<()> {
     let mut png = Vec::new();
-    encode_png(&mut png, &buf, size)?;
+    encode_png(&mut png, rgb, size)?;
     write_atomic(path, &png)
 }
 

@@ -47,8 +47,11 @@ fn adam() -> ModuleOptimizer {
         .init()
 }
 
+/// A loss above this has diverged: flow-matching losses of normalised data are of order the dimension.
+pub const DIVERGED_LOSS: f32 = 1e6;
+
 fn finite_or_diverged(loss: f32, stage: &'static str, step: usize, lr: f64) -> Result<f32> {
-    if loss.is_finite() {
+    if loss.is_finite() && loss.abs() <= DIVERGED_LOSS {
         Ok(loss)
     } else {
         Err(Error::Diverged {

@@ -19,9 +19,26 @@ pub fn velocity_and_divergence(
     z: Tensor<2>,
     t: Tensor<1>,
 ) -> (Tensor<2>, Tensor<1>) {
+    let d = z.dims()[1];
+    let t_rep = t.inner().repeat_dim(0, d).autodiff(); // [d * batch]
+    divergence_with(z, |z_rep| field.velocity(z_rep, t_rep))
+}
+
+/// [`velocity_and_divergence`] with one time shared by every row.
+pub fn velocity_and_divergence_at(
+    field: &impl VelocityField,
+    z: Tensor<2>,
+    t: f32,
+) -> (Tensor<2>, Tensor<1>) {
+    divergence_with(z, |z_rep| field.velocity_at(z_rep, t))
+}
+
+fn divergence_with(
+    z: Tensor<2>,
+    velocity: impl FnOnce(Tensor<2>) -> Tensor<2>,
+) -> (Tensor<2>, Tensor<1>) {
     let [batch, d] = z.dims();
     let z_rep = z.inner().repeat_dim(0, d).autodiff().require_grad(); // [d * batch, d]
-    let t_rep = t.inner().repeat_dim(0, d).autodiff(); // [d * batch]
     let mut mask = vec![0.0f32; d * batch * d];
     for i in 0..d {
         for b in 0..batch {
@@ -32,7 +49,7 @@ pub fn velocity_and_divergence(
         TensorData::new(mask, [d * batch, d]),
         &z_rep.device().inner(),
     );
-    let v_rep = field.velocity(z_rep.clone(), t_rep); // [d * batch, d]
+    let v_rep = velocity(z_rep.clone()); // [d * batch, d]
     let grads = (v_rep.clone() * mask.clone()).sum().backward();
     let jac_rows = z_rep.grad(&grads).expect("the input requires grad").inner(); // [d * batch, d]
     let div = (jac_rows * mask)
@@ -52,24 +69,17 @@ pub fn log_prob(field: &impl VelocityField, x: Tensor<2>, steps: usize) -> Tenso
     let [batch, d] = x.dims();
     let dev = x.device().inner();
     let h = -1.0 / steps as f32;
-    let t_full = |t: f32| Tensor::<1>::full([batch], t, &dev);
     let mut z = x.inner();
     // integral of the divergence from t = 1 down to the current time.
     let mut div_integral = Tensor::<1>::zeros([batch], &dev);
     for k in 0..steps {
         let t = 1.0 + k as f32 * h;
-        let (k1, d1) = velocity_and_divergence(field, z.clone(), t_full(t));
-        let (k2, d2) = velocity_and_divergence(
-            field,
-            z.clone() + k1.clone() * (h / 2.0),
-            t_full(t + h / 2.0),
-        );
-        let (k3, d3) = velocity_and_divergence(
-            field,
-            z.clone() + k2.clone() * (h / 2.0),
-            t_full(t + h / 2.0),
-        );
-        let (k4, d4) = velocity_and_divergence(field, z.clone() + k3.clone() * h, t_full(t + h));
+        let (k1, d1) = velocity_and_divergence_at(field, z.clone(), t);
+        let (k2, d2) =
+            velocity_and_divergence_at(field, z.clone() + k1.clone() * (h / 2.0), t + h / 2.0);
+        let (k3, d3) =
+            velocity_and_divergence_at(field, z.clone() + k2.clone() * (h / 2.0), t + h / 2.0);
+        let (k4, d4) = velocity_and_divergence_at(field, z.clone() + k3.clone() * h, t + h);
         z = z + (k1 + k2 * 2.0 + k3 * 2.0 + k4) * (h / 6.0);
         div_integral = div_integral + (d1 + d2 * 2.0 + d3 * 2.0 + d4) * (h / 6.0);
     }

@@ -20,11 +20,26 @@ pub trait VelocityField {
     /// - `t`: `[batch]`
     /// - output: `[batch, d]`
     fn velocity(&self, z: Tensor<2>, t: Tensor<1>) -> Tensor<2>;
+
+    /// The velocity of every row of `z` at one shared time `t` (ODE steps, heatmaps); fields
+    /// whose time conditioning is costly override it to compute that once.
+    ///
+    /// # Shapes
+    /// - `z`: `[batch, d]`; output `[batch, d]`
+    fn velocity_at(&self, z: Tensor<2>, t: f32) -> Tensor<2> {
+        let n = z.dims()[0];
+        let t = Tensor::<1>::full([n], t, &z.device());
+        self.velocity(z, t)
+    }
 }
 
 impl VelocityField for VelocityMlp {
     fn velocity(&self, z: Tensor<2>, t: Tensor<1>) -> Tensor<2> {
         self.forward(z, t)
+    }
+
+    fn velocity_at(&self, z: Tensor<2>, t: f32) -> Tensor<2> {
+        self.forward_at(z, t)
     }
 }
 

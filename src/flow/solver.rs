@@ -15,27 +15,15 @@ pub enum Solver {
     Rk4,
 }
 
-fn times(t: f32, n: usize, device: &Device) -> Tensor<1> {
-    Tensor::full([n], t, device)
-}
-
 /// One step of size `h` from time `t`.
 fn step(field: &impl VelocityField, z: Tensor<2>, t: f32, h: f32, solver: Solver) -> Tensor<2> {
-    let n = z.dims()[0];
-    let dev = z.device();
     match solver {
-        Solver::Euler => z.clone() + field.velocity(z, times(t, n, &dev)) * h,
+        Solver::Euler => z.clone() + field.velocity_at(z, t) * h,
         Solver::Rk4 => {
-            let k1 = field.velocity(z.clone(), times(t, n, &dev));
-            let k2 = field.velocity(
-                z.clone() + k1.clone() * (h / 2.0),
-                times(t + h / 2.0, n, &dev),
-            );
-            let k3 = field.velocity(
-                z.clone() + k2.clone() * (h / 2.0),
-                times(t + h / 2.0, n, &dev),
-            );
-            let k4 = field.velocity(z.clone() + k3.clone() * h, times(t + h, n, &dev));
+            let k1 = field.velocity_at(z.clone(), t);
+            let k2 = field.velocity_at(z.clone() + k1.clone() * (h / 2.0), t + h / 2.0);
+            let k3 = field.velocity_at(z.clone() + k2.clone() * (h / 2.0), t + h / 2.0);
+            let k4 = field.velocity_at(z.clone() + k3.clone() * h, t + h);
             z + (k1 + k2 * 2.0 + k3 * 2.0 + k4) * (h / 6.0)
         }
     }

@@ -18,7 +18,7 @@ use crate::config::{LatentInit, Reduction, ToyConfig, View};
 use crate::error::{Error, Result};
 use crate::flow::likelihood::log_prob;
 use crate::flow::path::PathDraws;
-use crate::flow::solver::{Solver, sample};
+use crate::flow::solver::{Solver, integrate_with};
 use crate::flow::{VelocityField, VelocityMlp, VelocityMlpConfig, rows_to_tensor, tensor_to_rows};
 use crate::report::Heatmap;
 use crate::rng::{Rng, Stream, rng_for};
@@ -298,7 +298,33 @@ impl ToyRun {
         self.target.sample(5000, &mut rng)
     }
 
-    /// The NLL and L_align heatmaps of `prior` (plain parameters) on an `n x n` grid.
+    /// The target's NLL on an `n x n` grid over the view of `reference`.
+    pub fn nll_heatmap(&self, reference: &[Point], n: usize) -> Heatmap {
+        let (xs, ys) = self.grid_axes(reference, n);
+        let pts = Heatmap::points(&xs, &ys);
+        let values = self.density.log_prob(&pts).iter().map(|l| -l).collect();
+        Heatmap { xs, ys, values }
+    }
+
+    /// The L_align heatmap of `prior` (plain parameters) on an `n x n` grid, averaged over
+    /// `t_values` times evenly spaced in [0.1, 0.9] (SPEC section 5).
+    pub fn align_heatmap(
+        &self,
+        prior: &VelocityMlp,
+        reference: &[Point],
+        n: usize,
+        t_values: usize,
+    ) -> Heatmap {
+        let (xs, ys) = self.grid_axes(reference, n);
+        let pts = Heatmap::points(&xs, &ys);
+        let mut rng = rng_for(self.cfg.seed, Stream::Eval, 1);
+        let ts = linspace(0.1, 0.9, t_values);
+        let values = align_heatmap(prior, pts.as_flattened(), 2, &ts, &mut rng, &self.device);
+        Heatmap { xs, ys, values }
+    }
+
+    /// The NLL and L_align heatmaps of `prior` (plain parameters) on an `n x n` grid, and the
+    /// seconds the L_align map took.
     pub fn heatmaps(
         &self,
         prior: &VelocityMlp,
@@ -306,27 +332,55 @@ impl ToyRun {
         n: usize,
         t_values: usize,
     ) -> (Heatmap, Heatmap, f64) {
+        let nll = self.nll_heatmap(reference, n);
+        let start = Instant::now();
+        let align = self.align_heatmap(prior, reference, n, t_values);
+        (nll, align, start.elapsed().as_secs_f64())
+    }
+
+    /// The prior's own NLL (exact likelihood by the ODE, SPEC section 1) on an `n x n` grid.
+    pub fn prior_nll_heatmap(&self, prior: &VelocityMlp, reference: &[Point], n: usize) -> Heatmap {
         let (xs, ys) = self.grid_axes(reference, n);
         let pts = Heatmap::points(&xs, &ys);
-        let nll: Vec<f32> = self.density.log_prob(&pts).iter().map(|l| -l).collect();
-        let mut rng = rng_for(self.cfg.seed, Stream::Eval, 1);
-        let start = Instant::now();
-        let ts = linspace(0.1, 0.9, t_values);
-        let align = align_heatmap(prior, pts.as_flattened(), 2, &ts, &mut rng, &self.device);
-        let secs = start.elapsed().as_secs_f64();
-        (
-            Heatmap {
-                xs: xs.clone(),
-                ys: ys.clone(),
-                values: nll,
-            },
-            Heatmap {
-                xs,
-                ys,
-                values: align,
-            },
-            secs,
-        )
+        let x = rows_to_tensor(pts.as_flattened(), 2, &self.device);
+        let values = log_prob(prior, x, self.cfg.eval.likelihood_steps)
+            .try_into_vec_as::<f32>()
+            .expect("f32 readback")
+            .into_iter()
+            .map(|l| -l)
+            .collect();
+        Heatmap { xs, ys, values }
+    }
+
+    /// The bound `C(y) - L_align(y)` of SPEC section 3 on an `n x n` grid, `draws` draws per cell.
+    pub fn bound_heatmap(
+        &self,
+        prior: &VelocityMlp,
+        reference: &[Point],
+        n: usize,
+        draws: usize,
+    ) -> Heatmap {
+        let (xs, ys) = self.grid_axes(reference, n);
+        let pts = Heatmap::points(&xs, &ys);
+        let mut rng = rng_for(self.cfg.seed, Stream::Eval, 6);
+        let est = bound(prior, pts.as_flattened(), 2, draws, &mut rng, &self.device);
+        let values = est.elbo.iter().map(|&e| e as f32).collect();
+        Heatmap { xs, ys, values }
+    }
+
+    /// Velocity arrows `(z, v(z, t))` on an `n x n` grid at time `t`.
+    pub fn velocity_at(
+        &self,
+        prior: &VelocityMlp,
+        reference: &[Point],
+        t: f32,
+        n: usize,
+    ) -> Vec<(Point, Point)> {
+        let (xs, ys) = self.grid_axes(reference, n);
+        let pts = Heatmap::points(&xs, &ys);
+        let z = rows_to_tensor(pts.as_flattened(), 2, &self.device);
+        let v = to_points(&tensor_to_rows(prior.velocity_at(z, t)));
+        pts.into_iter().zip(v).collect()
     }
 
     /// Velocity arrows on a 25 x 25 grid at [`VELOCITY_TIMES`].
@@ -335,16 +389,9 @@ impl ToyRun {
         prior: &VelocityMlp,
         reference: &[Point],
     ) -> Vec<(f32, Vec<(Point, Point)>)> {
-        let (xs, ys) = self.grid_axes(reference, 25);
-        let pts = Heatmap::points(&xs, &ys);
         VELOCITY_TIMES
             .iter()
-            .map(|&t| {
-                let z = rows_to_tensor(pts.as_flattened(), 2, &self.device);
-                let tt = Tensor::<1>::full([pts.len()], t, &self.device);
-                let v = to_points(&tensor_to_rows(prior.velocity(z, tt)));
-                (t, pts.iter().copied().zip(v).collect())
-            })
+            .map(|&t| (t, self.velocity_at(prior, reference, t, 25)))
             .collect()
     }
 
@@ -356,13 +403,34 @@ impl ToyRun {
         steps: usize,
         solver: Solver,
     ) -> Vec<Point> {
+        self.prior_paths(prior, n, steps, solver, 0).0
+    }
+
+    /// Samples from the prior, and the ODE paths (every solver step, noise first) of the first
+    /// `paths` of them.
+    pub fn prior_paths(
+        &self,
+        prior: &VelocityMlp,
+        n: usize,
+        steps: usize,
+        solver: Solver,
+        paths: usize,
+    ) -> (Vec<Point>, Vec<Vec<Point>>) {
         let mut rng = rng_for(self.cfg.seed, Stream::Eval, 2);
-        let z0 = rows_to_tensor(
-            &crate::flow::path::normal_rows(&mut rng, n, 2),
-            2,
-            &self.device,
-        );
-        to_points(&tensor_to_rows(sample(prior, z0, steps, solver)))
+        let z0 = crate::flow::path::normal_rows(&mut rng, n, 2);
+        let paths = paths.min(n);
+        let mut trajectories: Vec<Vec<Point>> =
+            to_points(&z0[..2 * paths]).into_iter().map(|p| vec![p]).collect();
+        let z0 = rows_to_tensor(&z0, 2, &self.device);
+        let z = integrate_with(prior, z0, (0.0, 1.0), steps, solver, |_, z| {
+            if paths > 0 {
+                let head = tensor_to_rows(z.clone().slice([0..paths, 0..2]));
+                for (path, p) in trajectories.iter_mut().zip(to_points(&head)) {
+                    path.push(p);
+                }
+            }
+        });
+        (to_points(&tensor_to_rows(z)), trajectories)
     }
 
     fn exact_nll(&self, prior: &VelocityMlp, points: &[Point]) -> f64 {

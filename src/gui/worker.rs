@@ -1,0 +1,642 @@
+//! The training thread behind the visualizer: it owns the run, trains the prior and aligns the
+//! latents one step at a time, and reports plain data to the UI.
+//!
+//! A second thread computes the landscapes (heatmaps, velocity field, ODE samples) from snapshots of
+//! the prior, at a bounded duty cycle so that it never stalls training for long.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use burn::prelude::{Device, Module};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{AlignConfig, ToyConfig};
+use crate::error::{Error, Result};
+use crate::flow::VelocityMlp;
+use crate::flow::solver::Solver;
+use crate::report::Heatmap;
+use crate::stats::{pearson, spearman};
+use crate::toy::experiment::check_prior_fits;
+use crate::toy::{Point, ToyRun};
+use crate::train::{Aligner, PriorTrainer, load_prior};
+
+/// What the landscapes show, chosen in the UI; everything else comes from the run's config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ViewRequest {
+    /// Heatmap cells per side.
+    pub grid: usize,
+    /// Number of t values (evenly spaced in [0.1, 0.9]) the L_align heatmap averages over.
+    pub t_values: usize,
+    /// Also compute the prior's own exact NLL (ODE) on the grid (at most 40 x 40; slow).
+    pub prior_nll: bool,
+    /// Also compute the bound `C(y) - L_align` of SPEC section 3 on the grid (at most 40 x 40).
+    pub bound: bool,
+    /// Time at which the velocity field is drawn.
+    pub velocity_t: f32,
+    /// Arrows per side of the velocity field.
+    pub velocity_grid: usize,
+    /// ODE solver for the prior's samples.
+    pub solver: Solver,
+    /// ODE steps for the prior's samples.
+    pub sample_steps: usize,
+    /// Number of ODE samples.
+    pub samples: usize,
+    /// Number of ODE paths drawn.
+    pub paths: usize,
+    /// Seconds between landscape refreshes while the prior trains.
+    pub refresh_secs: f32,
+}
+
+impl Default for ViewRequest {
+    fn default() -> Self {
+        ViewRequest {
+            grid: 50,
+            t_values: 20,
+            prior_nll: false,
+            bound: false,
+            velocity_t: 0.5,
+            velocity_grid: 21,
+            solver: Solver::Euler,
+            sample_steps: 100,
+            samples: 1000,
+            paths: 40,
+            refresh_secs: 1.0,
+        }
+    }
+}
+
+/// The largest grid of the ODE-based heatmaps (their cost grows with the grid's area).
+pub const SLOW_GRID_MAX: usize = 40;
+
+/// Commands from the UI.
+#[derive(Debug, Clone)]
+pub enum Command {
+    /// Starts a new session (cancelling any other); with `prior`, skips training and aligns at once.
+    Start {
+        cfg: Box<ToyConfig>,
+        prior: Option<PathBuf>,
+    },
+    Pause,
+    Resume,
+    /// Freezes the prior as trained so far and starts aligning latents with `align`.
+    Align(AlignConfig),
+    /// Changes what the landscapes show; recomputes them.
+    View(ViewRequest),
+    /// Cancels the session.
+    Reset,
+}
+
+/// The stage of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Stage {
+    #[default]
+    Idle,
+    Prior,
+    Align,
+    Done,
+}
+
+/// The landscapes of one prior snapshot.
+#[derive(Debug, Clone)]
+pub struct Analysis {
+    /// The prior step the snapshot was taken at.
+    pub prior_step: usize,
+    /// NLL of the target density.
+    pub nll: Heatmap,
+    /// L_align of the prior.
+    pub align: Heatmap,
+    /// The prior's own exact NLL, when asked for.
+    pub prior_nll: Option<Heatmap>,
+    /// `-(C(y) - L_align(y))`, the bound of SPEC section 3 on the NLL scale, when asked for.
+    pub neg_bound: Option<Heatmap>,
+    /// Correlations between the NLL and L_align maps (finite cells).
+    pub pearson: f64,
+    pub spearman: f64,
+    /// `(z, v(z, t))` arrows at `velocity_t`.
+    pub velocity: Vec<(Point, Point)>,
+    pub velocity_t: f32,
+    /// ODE samples of the prior and the paths of some of them.
+    pub samples: Vec<Point>,
+    pub paths: Vec<Vec<Point>>,
+    /// Seconds the L_align heatmap took, and the whole analysis.
+    pub align_map_secs: f64,
+    pub total_secs: f64,
+}
+
+/// Progress reports to the UI: plain data only.
+#[derive(Debug, Clone)]
+pub enum Update {
+    /// A session started: the target's samples and the view range (normalised coordinates).
+    Session {
+        target: String,
+        samples: Vec<Point>,
+        range: ((f32, f32), (f32, f32)),
+        prior_steps: usize,
+        align_steps: usize,
+    },
+    Stage(Stage),
+    Paused(bool),
+    PriorStep {
+        step: usize,
+        loss: f32,
+        lr: f64,
+    },
+    /// Latents before the first alignment step.
+    AlignStart { latents: Vec<Point>, nll: f32 },
+    AlignStep {
+        step: usize,
+        loss: f32,
+        nll: f32,
+        latents: Vec<Point>,
+    },
+    Analysis(Box<Analysis>),
+    /// The session stopped on an error (divergence, bad input); the message is one line.
+    Failed(String),
+}
+
+/// An update tagged with the session it belongs to, so stale reports can be dropped.
+#[derive(Debug, Clone)]
+pub struct Tagged {
+    pub session: u64,
+    pub update: Update,
+}
+
+type Repaint = Arc<dyn Fn() + Send + Sync>;
+
+/// Handle to the training thread; dropping it stops both threads promptly.
+pub struct Worker {
+    tx: Option<Sender<Command>>,
+    rx: Receiver<Tagged>,
+    session: Arc<Mutex<u64>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Worker {
+    /// Spawns the training and analysis threads; `repaint` is called after each report.
+    pub fn spawn(device: Device, repaint: impl Fn() + Send + Sync + 'static) -> Worker {
+        let (cmd_tx, cmd_rx) = mpsc::channel();
+        let (up_tx, up_rx) = mpsc::channel();
+        let (job_tx, job_rx) = mpsc::channel::<Job>();
+        let repaint: Repaint = Arc::new(repaint);
+        let session = Arc::new(Mutex::new(0));
+        let busy = Arc::new(AtomicBool::new(false));
+        let analysis = {
+            let (up_tx, repaint, busy) = (up_tx.clone(), repaint.clone(), busy.clone());
+            std::thread::Builder::new()
+                .name("flowalign-analysis".into())
+                .spawn(move || analysis_loop(job_rx, up_tx, repaint, busy))
+                .expect("spawning a thread")
+        };
+        let trainer = {
+            let session = session.clone();
+            std::thread::Builder::new()
+                .name("flowalign-train".into())
+                .spawn(move || {
+                    let mut t = Trainer {
+                        device,
+                        cmd_rx,
+                        up_tx,
+                        job_tx,
+                        busy,
+                        repaint,
+                        session,
+                        state: None,
+                        view: ViewRequest::default(),
+                    };
+                    t.run();
+                })
+                .expect("spawning a thread")
+        };
+        Worker {
+            tx: Some(cmd_tx),
+            rx: up_rx,
+            session: session.clone(),
+            threads: vec![trainer, analysis],
+        }
+    }
+
+    /// Sends a command; a stopped worker ignores it.
+    pub fn send(&self, cmd: Command) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(cmd);
+        }
+    }
+
+    /// The updates received so far for the current session.
+    pub fn drain(&self) -> Vec<Update> {
+        let current = *self.session.lock().unwrap_or_else(|e| e.into_inner());
+        self.rx
+            .try_iter()
+            .filter(|t| t.session == current)
+            .map(|t| t.update)
+            .collect()
+    }
+
+    /// The current session number (increments on every start and reset).
+    pub fn session(&self) -> u64 {
+        *self.session.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // Closing the command channel ends the training thread at its next step, which closes the
+        // job channel and ends the analysis thread after its current job.
+        self.tx = None;
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Job {
+    session: u64,
+    run: Arc<ToyRun>,
+    reference: Arc<Vec<Point>>,
+    prior: VelocityMlp,
+    prior_step: usize,
+    view: ViewRequest,
+}
+
+enum Phase {
+    Prior(Box<PriorTrainer>),
+    Align {
+        prior: VelocityMlp,
+        prior_step: usize,
+        aligner: Box<Aligner>,
+    },
+    Done {
+        prior: VelocityMlp,
+        prior_step: usize,
+    },
+}
+
+struct State {
+    run: Arc<ToyRun>,
+    reference: Arc<Vec<Point>>,
+    phase: Phase,
+    paused: bool,
+    /// When the landscapes were last requested, and whether the current prior still needs them.
+    last_job: Option<Instant>,
+    stale: bool,
+    last_job_secs: f64,
+}
+
+struct Trainer {
+    device: Device,
+    cmd_rx: Receiver<Command>,
+    up_tx: Sender<Tagged>,
+    job_tx: Sender<Job>,
+    busy: Arc<AtomicBool>,
+    repaint: Repaint,
+    session: Arc<Mutex<u64>>,
+    state: Option<State>,
+    view: ViewRequest,
+}
+
+impl Trainer {
+    fn run(&mut self) {
+        loop {
+            let working = self.state.as_ref().is_some_and(|s| {
+                !s.paused && matches!(s.phase, Phase::Prior(_) | Phase::Align { .. })
+            });
+            let waiting_on_analysis = self.state.as_ref().is_some_and(|s| s.stale);
+            let cmd = if working {
+                match self.cmd_rx.try_recv() {
+                    Ok(c) => Some(c),
+                    Err(TryRecvError::Empty) => None,
+                    Err(TryRecvError::Disconnected) => return,
+                }
+            } else {
+                // Idle: wake up now and then to schedule a pending landscape refresh.
+                let wait = if waiting_on_analysis {
+                    Duration::from_millis(50)
+                } else {
+                    Duration::from_secs(3600)
+                };
+                match self.cmd_rx.recv_timeout(wait) {
+                    Ok(c) => Some(c),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            };
+            if let Some(cmd) = cmd {
+                self.handle(cmd);
+                continue;
+            }
+            if working && let Err(e) = self.step() {
+                self.fail(e);
+            }
+            self.schedule_analysis();
+        }
+    }
+
+    fn session(&self) -> u64 {
+        *self.session.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn send(&self, update: Update) {
+        let _ = self.up_tx.send(Tagged {
+            session: self.session(),
+            update,
+        });
+        (self.repaint)();
+    }
+
+    fn fail(&mut self, e: Error) {
+        self.send(Update::Failed(e.to_string()));
+        if let Some(s) = &mut self.state {
+            s.paused = true;
+        }
+        self.send(Update::Paused(true));
+    }
+
+    fn new_session(&mut self) {
+        self.state = None;
+        *self.session.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Start { cfg, prior } => {
+                self.new_session();
+                if let Err(e) = self.start(*cfg, prior) {
+                    self.send(Update::Failed(e.to_string()));
+                    self.send(Update::Stage(Stage::Idle));
+                }
+            }
+            Command::Pause | Command::Resume => {
+                let pause = matches!(cmd, Command::Pause);
+                if let Some(s) = &mut self.state {
+                    s.paused = pause;
+                    self.send(Update::Paused(pause));
+                }
+            }
+            Command::Align(align) => {
+                if let Err(e) = self.align(align) {
+                    self.fail(e);
+                }
+            }
+            Command::View(view) => {
+                self.view = view;
+                if let Some(s) = &mut self.state {
+                    s.stale = true;
+                    s.last_job = None;
+                }
+            }
+            Command::Reset => {
+                self.new_session();
+                self.send(Update::Stage(Stage::Idle));
+            }
+        }
+    }
+
+    fn start(&mut self, cfg: ToyConfig, prior: Option<PathBuf>) -> Result<()> {
+        let run = ToyRun::new(cfg, self.device.clone(), "gui")?;
+        let loaded = match &prior {
+            Some(path) => {
+                let (model, meta) = load_prior(path, &self.device)?;
+                check_prior_fits(&meta, &run.target, path)?;
+                Some((model, meta.steps))
+            }
+            None => None,
+        };
+        let reference = run.reference_samples();
+        let range = run.view_range(&reference);
+        let mut shown = reference.clone();
+        shown.truncate(2000);
+        self.send(Update::Session {
+            target: run.target.name.clone(),
+            samples: shown,
+            range,
+            prior_steps: run.cfg.prior.steps,
+            align_steps: run.cfg.align.steps,
+        });
+        let align = run.cfg.align.clone();
+        let phase = Phase::Prior(Box::new(run.prior_trainer()));
+        self.state = Some(State {
+            run: Arc::new(run),
+            reference: Arc::new(reference),
+            phase,
+            paused: false,
+            last_job: None,
+            stale: true,
+            last_job_secs: 0.0,
+        });
+        match loaded {
+            Some((model, steps)) => {
+                self.freeze(model, steps, align)?;
+            }
+            None => self.send(Update::Stage(Stage::Prior)),
+        }
+        Ok(())
+    }
+
+    /// Switches to the alignment stage with the prior as trained so far.
+    fn align(&mut self, align: AlignConfig) -> Result<()> {
+        let Some(s) = &self.state else {
+            return Ok(());
+        };
+        let (prior, step) = match &s.phase {
+            Phase::Prior(t) => (t.frozen(), t.step),
+            Phase::Align {
+                prior, prior_step, ..
+            }
+            | Phase::Done { prior, prior_step } => (prior.clone(), *prior_step),
+        };
+        self.freeze(prior, step, align)
+    }
+
+    fn freeze(&mut self, prior: VelocityMlp, prior_step: usize, align: AlignConfig) -> Result<()> {
+        let Some(s) = &mut self.state else {
+            return Ok(());
+        };
+        let mut cfg = s.run.cfg.clone();
+        cfg.align = align;
+        cfg.validate()?;
+        // The run is shared with the analysis thread; a new alignment config makes a new run.
+        let run = Arc::new(ToyRun::new(cfg, self.device.clone(), "gui")?);
+        let aligner = run.aligner();
+        let y0 = to_points(&aligner.latents());
+        let nll = run.density.mean_nll_fast(&y0) as f32;
+        s.run = run;
+        s.phase = Phase::Align {
+            prior,
+            prior_step,
+            aligner: Box::new(aligner),
+        };
+        s.paused = false;
+        s.stale = true;
+        s.last_job = None;
+        self.send(Update::Stage(Stage::Align));
+        self.send(Update::Paused(false));
+        self.send(Update::AlignStart { latents: y0, nll });
+        Ok(())
+    }
+
+    fn step(&mut self) -> Result<()> {
+        let Some(s) = &mut self.state else {
+            return Ok(());
+        };
+        let run = s.run.clone();
+        match &mut s.phase {
+            Phase::Prior(trainer) => {
+                let lr = trainer.current_lr();
+                let loss = run.prior_step(trainer)?;
+                let step = trainer.step;
+                let finished = (step >= run.cfg.prior.steps).then(|| trainer.frozen());
+                self.send(Update::PriorStep { step, loss, lr });
+                if let Some(prior) = finished {
+                    // The budget is spent: align with what was trained.
+                    return self.freeze(prior, step, run.cfg.align.clone());
+                }
+            }
+            Phase::Align {
+                prior,
+                prior_step,
+                aligner,
+            } => {
+                let loss = run.align_step(aligner, prior)?;
+                let latents = to_points(&aligner.latents());
+                let nll = run.density.mean_nll_fast(&latents) as f32;
+                let step = aligner.step;
+                let done = step >= run.cfg.align.steps;
+                if done {
+                    let (prior, prior_step) = (prior.clone(), *prior_step);
+                    s.phase = Phase::Done { prior, prior_step };
+                }
+                self.send(Update::AlignStep {
+                    step,
+                    loss,
+                    nll,
+                    latents,
+                });
+                if done {
+                    self.send(Update::Stage(Stage::Done));
+                }
+            }
+            Phase::Done { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// Hands the analysis thread a snapshot of the prior when it is idle and the duty cycle allows.
+    fn schedule_analysis(&mut self) {
+        let session = self.session();
+        let Some(s) = &mut self.state else {
+            return;
+        };
+        if self.busy.load(Ordering::Acquire) {
+            return;
+        }
+        let training = matches!(s.phase, Phase::Prior(_)) && !s.paused;
+        if !training && !s.stale {
+            return;
+        }
+        if let Some(last) = s.last_job {
+            // While the prior trains, landscapes take at most about a tenth of the time.
+            let gap = f64::from(self.view.refresh_secs).max(9.0 * s.last_job_secs);
+            if last.elapsed().as_secs_f64() < gap {
+                return;
+            }
+        }
+        let (prior, prior_step) = match &s.phase {
+            Phase::Prior(t) => (t.model().valid(), t.step),
+            Phase::Align {
+                prior, prior_step, ..
+            }
+            | Phase::Done { prior, prior_step } => (prior.clone(), *prior_step),
+        };
+        self.busy.store(true, Ordering::Release);
+        let job = Job {
+            session,
+            run: s.run.clone(),
+            reference: s.reference.clone(),
+            prior,
+            prior_step,
+            view: self.view.clone(),
+        };
+        s.last_job = Some(Instant::now());
+        s.stale = false;
+        if self.job_tx.send(job).is_err() {
+            self.busy.store(false, Ordering::Release);
+        }
+    }
+}
+
+fn to_points(rows: &[f32]) -> Vec<Point> {
+    rows.chunks_exact(2).map(|c| [c[0], c[1]]).collect()
+}
+
+/// Computes the landscapes of each job; the target's NLL map is cached per session and grid.
+fn analysis_loop(rx: Receiver<Job>, tx: Sender<Tagged>, repaint: Repaint, busy: Arc<AtomicBool>) {
+    let mut nll_cache: Option<((u64, usize, String), Heatmap)> = None;
+    while let Ok(mut job) = rx.recv() {
+        // Skip to the newest job.
+        while let Ok(newer) = rx.try_recv() {
+            job = newer;
+        }
+        let key = (job.session, job.view.grid, job.run.target.name.clone());
+        let nll = match &nll_cache {
+            Some((k, map)) if *k == key => map.clone(),
+            _ => {
+                let map = job.run.nll_heatmap(&job.reference, job.view.grid);
+                nll_cache = Some((key, map.clone()));
+                map
+            }
+        };
+        let analysis = analyse(&job, nll);
+        let _ = tx.send(Tagged {
+            session: job.session,
+            update: Update::Analysis(Box::new(analysis)),
+        });
+        busy.store(false, Ordering::Release);
+        repaint();
+    }
+}
+
+fn analyse(job: &Job, nll: Heatmap) -> Analysis {
+    let start = Instant::now();
+    let (run, reference, prior, view) = (&job.run, &job.reference[..], &job.prior, &job.view);
+    let align = run.align_heatmap(prior, reference, view.grid, view.t_values);
+    let align_map_secs = start.elapsed().as_secs_f64();
+    let (a, b): (Vec<f32>, Vec<f32>) = nll
+        .values
+        .iter()
+        .zip(&align.values)
+        .filter(|(a, b)| a.is_finite() && b.is_finite())
+        .map(|(a, b)| (*a, *b))
+        .unzip();
+    let slow_grid = view.grid.min(SLOW_GRID_MAX);
+    let prior_nll = view
+        .prior_nll
+        .then(|| run.prior_nll_heatmap(prior, reference, slow_grid));
+    let neg_bound = view.bound.then(|| {
+        let mut map = run.bound_heatmap(prior, reference, slow_grid, 16);
+        map.values.iter_mut().for_each(|v| *v = -*v);
+        map
+    });
+    let velocity = run.velocity_at(prior, reference, view.velocity_t, view.velocity_grid);
+    let (samples, paths) =
+        run.prior_paths(prior, view.samples, view.sample_steps, view.solver, view.paths);
+    Analysis {
+        prior_step: job.prior_step,
+        pearson: pearson(&a, &b),
+        spearman: spearman(&a, &b),
+        nll,
+        align,
+        prior_nll,
+        neg_bound,
+        velocity,
+        velocity_t: view.velocity_t,
+        samples,
+        paths,
+        align_map_secs,
+        total_secs: start.elapsed().as_secs_f64(),
+    }
+}
