@@ -1045,32 +1045,16 @@ impl FlowAlignApp {
                 });
                 let p = &mut cfg.prior;
                 egui::Grid::new("prior_grid").num_columns(2).show(ui, |ui| {
-                    ui.label("width");
-                    ui.add(egui::DragValue::new(&mut p.width).range(4..=2048));
-                    ui.end_row();
-                    ui.label("depth");
-                    ui.add(egui::DragValue::new(&mut p.depth).range(1..=16));
-                    ui.end_row();
-                    ui.label("batch");
-                    ui.add(egui::DragValue::new(&mut p.batch).range(8..=65536));
-                    ui.end_row();
-                    ui.label("lr");
-                    ui.add(
-                        egui::DragValue::new(&mut p.lr)
+                    field(ui, "width", egui::DragValue::new(&mut p.width).range(4..=2048));
+                    field(ui, "depth", egui::DragValue::new(&mut p.depth).range(1..=16));
+                    field(ui, "batch", egui::DragValue::new(&mut p.batch).range(8..=65536));
+                    field(ui, "prior lr", egui::DragValue::new(&mut p.lr)
                             .range(1e-6..=10.0)
                             .speed(1e-4)
-                            .max_decimals(6),
-                    );
-                    ui.end_row();
-                    ui.label("steps");
-                    ui.add(egui::DragValue::new(&mut p.steps).range(1..=1_000_000));
-                    ui.end_row();
-                    ui.label("EMA");
-                    ui.add(egui::DragValue::new(&mut p.ema).range(0.0..=0.9999).speed(1e-3));
-                    ui.end_row();
-                    ui.label("seed");
-                    ui.add(egui::DragValue::new(&mut cfg.seed));
-                    ui.end_row();
+                            .max_decimals(6),);
+                    field(ui, "prior steps", egui::DragValue::new(&mut p.steps).range(1..=1_000_000));
+                    field(ui, "EMA", egui::DragValue::new(&mut p.ema).range(0.0..=0.9999).speed(1e-3));
+                    field(ui, "seed", egui::DragValue::new(&mut cfg.seed));
                 });
                 if !idle {
                     ui.label(RichText::new("changing these resets the session").small());
@@ -1081,39 +1065,33 @@ impl FlowAlignApp {
             .show(ui, |ui| {
                 let a = &mut cfg.align;
                 egui::Grid::new("align_grid").num_columns(2).show(ui, |ui| {
-                    ui.label("latents");
-                    ui.add(egui::DragValue::new(&mut a.n_latents).range(1..=100_000));
-                    ui.end_row();
-                    ui.label("steps");
-                    ui.add(egui::DragValue::new(&mut a.steps).range(1..=1_000_000));
-                    ui.end_row();
-                    ui.label("lr");
-                    ui.add(
-                        egui::DragValue::new(&mut a.lr)
+                    field(ui, "latents", egui::DragValue::new(&mut a.n_latents).range(1..=100_000));
+                    field(ui, "align steps", egui::DragValue::new(&mut a.steps).range(1..=1_000_000));
+                    field(ui, "align lr", egui::DragValue::new(&mut a.lr)
                             .range(1e-6..=10.0)
                             .speed(1e-3)
-                            .max_decimals(6),
-                    );
-                    ui.end_row();
-                    ui.label("mc samples");
-                    ui.add(egui::DragValue::new(&mut a.mc).range(1..=256));
-                    ui.end_row();
-                    ui.label("reduction");
+                            .max_decimals(6),);
+                    field(ui, "mc samples", egui::DragValue::new(&mut a.mc).range(1..=256));
+                    let l = ui.label("reduction");
                     egui::ComboBox::from_id_salt("reduction")
                         .selected_text(format!("{:?}", a.reduction).to_lowercase())
                         .show_ui(ui, |ui| {
                             ui.selectable_value(&mut a.reduction, Reduction::Sum, "sum");
                             ui.selectable_value(&mut a.reduction, Reduction::Mean, "mean");
-                        });
+                        })
+                        .response
+                        .labelled_by(l.id);
                     ui.end_row();
-                    ui.label("init");
+                    let l = ui.label("init");
                     egui::ComboBox::from_id_salt("init")
                         .selected_text(format!("{:?}", a.init).to_lowercase())
                         .show_ui(ui, |ui| {
                             ui.selectable_value(&mut a.init, LatentInit::Normal, "normal N(0, I)");
                             ui.selectable_value(&mut a.init, LatentInit::Box, "uniform box");
                             ui.selectable_value(&mut a.init, LatentInit::Corner, "corner cluster");
-                        });
+                        })
+                        .response
+                        .labelled_by(l.id);
                     ui.end_row();
                 });
                 ui.label(RichText::new("applied by Align now / Restart alignment").small());
@@ -1159,8 +1137,8 @@ impl FlowAlignApp {
             .show(ui, |ui| {
                 let mut dir = self.settings.export_dir.display().to_string();
                 ui.horizontal(|ui| {
-                    ui.label("folder");
-                    if ui.text_edit_singleline(&mut dir).changed() {
+                    let l = ui.label("export folder");
+                    if ui.text_edit_singleline(&mut dir).labelled_by(l.id).changed() {
                         self.settings.export_dir = PathBuf::from(dir.trim());
                     }
                 });
@@ -1424,6 +1402,14 @@ impl FlowAlignApp {
         }
     }
 
+    /// Where panel `name` was drawn last frame (`nll`, `align`, `velocity`, `samples`, ...).
+    pub fn panel_rect(&self, name: &str) -> Option<egui::Rect> {
+        self.panel_rects
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, r)| *r)
+    }
+
     /// Adds a few points, uniform in the brush's disc around `p` (drawing canvas coordinates).
     pub fn add_drawn_points(&mut self, p: [f64; 2]) {
         let radius = self.settings.brush;
@@ -1436,6 +1422,13 @@ impl FlowAlignApp {
         }
         self.settings.cfg.target_csv = None;
     }
+}
+
+/// One labelled row of a settings grid (the label names the widget for screen readers and tests).
+fn field(ui: &mut Ui, label: &str, widget: impl egui::Widget) {
+    let l = ui.label(label);
+    ui.add(widget).labelled_by(l.id);
+    ui.end_row();
 }
 
 /// Collects what the 2D panels report while they are drawn.
