@@ -219,6 +219,12 @@ struct GuiArgs {
     /// Close the window after this many seconds.
     #[arg(long, value_name = "SECS")]
     exit_after: Option<f64>,
+    /// Show the prior's exact NLL (ODE) heatmap as panel (c).
+    #[arg(long)]
+    prior_nll: bool,
+    /// Show the bound -(C(y) - L_align) of SPEC section 3 as a heatmap.
+    #[arg(long)]
+    bound: bool,
     /// Write frame-time and throughput statistics (JSON) when the window closes.
     #[arg(long, value_name = "FILE.json")]
     stats: Option<PathBuf>,
@@ -259,6 +265,8 @@ fn gui(args: GuiArgs) -> Result<()> {
         screenshot: args.screenshot,
         exit_after: args.exit_after,
         stats: args.stats,
+        prior_nll: args.prior_nll,
+        bound: args.bound,
     };
     flowalign::gui::run(launch, device)?;
     Ok(())

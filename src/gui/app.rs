@@ -6,6 +6,7 @@
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::time::{Duration, Instant};
 
@@ -40,6 +41,9 @@ pub struct Launch {
     pub exit_after: Option<f64>,
     /// Write frame and throughput statistics here when closing.
     pub stats: Option<PathBuf>,
+    /// Also show the prior's exact NLL and the bound heatmaps.
+    pub prior_nll: bool,
+    pub bound: bool,
 }
 
 impl Launch {
@@ -79,7 +83,7 @@ impl Default for Settings {
             brush: 0.3,
             brush_rate: 3,
             file_path: String::new(),
-            max_fps: 30.0,
+            max_fps: 20.0,
         }
     }
 }
@@ -293,6 +297,8 @@ pub struct FlowAlignApp {
     pub frames: FrameStats,
     launch: Launch,
     worker: Worker,
+    /// `settings.max_fps` as f32 bits, read by the training thread's repaint requests.
+    max_fps: Arc<AtomicU32>,
     view_sent: Option<ViewRequest>,
     textures: Option<(usize, Vec<(&'static str, HeatTexture)>)>,
     panel_rects: Vec<(&'static str, egui::Rect)>,
@@ -319,9 +325,13 @@ impl FlowAlignApp {
         if let Some(cfg) = &launch.cfg {
             settings.cfg = cfg.clone();
         }
+        settings.view.prior_nll |= launch.prior_nll;
+        settings.view.bound |= launch.bound;
         let ctx = cc.egui_ctx.clone();
-        let fps = settings.max_fps.clamp(1.0, 240.0);
+        let max_fps = Arc::new(AtomicU32::new(settings.max_fps.to_bits()));
+        let fps = max_fps.clone();
         let worker = Worker::spawn(device, move || {
+            let fps = f32::from_bits(fps.load(Ordering::Relaxed)).clamp(1.0, 240.0);
             ctx.request_repaint_after(Duration::from_secs_f32(1.0 / fps));
         });
         let (shot_tx, shot_rx) = mpsc::channel();
@@ -333,6 +343,7 @@ impl FlowAlignApp {
             frames: FrameStats::default(),
             launch,
             worker,
+            max_fps,
             view_sent: None,
             textures: None,
             panel_rects: Vec::new(),
@@ -842,6 +853,8 @@ impl eframe::App for FlowAlignApp {
         }
         self.cancel_if_changed();
         self.sync_view();
+        self.max_fps
+            .store(self.settings.max_fps.to_bits(), Ordering::Relaxed);
     }
 
     fn save(&mut self, storage: &mut dyn eframe::Storage) {
@@ -1131,6 +1144,8 @@ impl FlowAlignApp {
                 let c = &mut self.settings.curves;
                 ui.checkbox(&mut c.log_steps, "log-scale steps");
                 ui.add(egui::Slider::new(&mut c.smoothing, 1..=201).text("smoothing"));
+                ui.add(egui::Slider::new(&mut self.settings.max_fps, 5.0..=60.0).text("max fps"))
+                    .on_hover_text("repaints per second while training; fewer leave more CPU to training");
             });
         egui::CollapsingHeader::new("Export")
             .default_open(true)
@@ -1193,8 +1208,12 @@ impl FlowAlignApp {
             self.state.range
         };
         let avail = ui.available_size();
-        // Two rows: three maps above; velocity, samples and the curves (1.2 wide) below.
-        let size = ((avail.x - 60.0) / 3.2)
+        // Two rows: up to four maps above; velocity, samples and the curves (1.2 wide) below.
+        let extra = self
+            .textures
+            .as_ref()
+            .map_or(0, |(_, v)| v.len().saturating_sub(2));
+        let size = ((avail.x - 60.0) / (2.0 + extra as f32).max(3.2))
             .min((avail.y - 150.0) / 2.0)
             .max(160.0);
         let analysis = self.state.shown_analysis().cloned();
@@ -1279,9 +1298,14 @@ impl FlowAlignApp {
             frame.panel(ui, "align", "(b) L_align of the prior", |ui| {
                 panels::heatmap_plot(ui, "align", tex("align"), &[], range, size, false)
             });
+            let bound_title = if tex("prior_nll").is_some() {
+                "(d) -(C(y) - L_align), SPEC section 3"
+            } else {
+                "(c) -(C(y) - L_align), SPEC section 3"
+            };
             for (name, title) in [
                 ("prior_nll", "(c) the prior's exact NLL (ODE)"),
-                ("bound", "(c) -(C(y) - L_align), SPEC section 3"),
+                ("bound", bound_title),
             ] {
                 if tex(name).is_some() {
                     frame.panel(ui, name, title, |ui| {

@@ -5,7 +5,6 @@
 //! the prior, at a bounded duty cycle so that it never stalls training for long.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -184,7 +183,7 @@ impl Worker {
         let (job_tx, job_rx) = mpsc::channel::<Job>();
         let repaint: Repaint = Arc::new(repaint);
         let session = Arc::new(Mutex::new(0));
-        let busy = Arc::new(AtomicBool::new(false));
+        let busy = Arc::new(Mutex::new(AnalysisClock::default()));
         let analysis = {
             let (up_tx, repaint, busy) = (up_tx.clone(), repaint.clone(), busy.clone());
             std::thread::Builder::new()
@@ -254,6 +253,16 @@ impl Drop for Worker {
     }
 }
 
+/// Whether the analysis thread is working, and how long its last job took.
+#[derive(Debug, Default)]
+struct AnalysisClock {
+    busy: bool,
+    last_secs: f64,
+}
+
+/// While the prior trains, a landscape refresh waits this many times the last one's duration.
+const ANALYSIS_GAP: f64 = 4.0;
+
 struct Job {
     session: u64,
     run: Arc<ToyRun>,
@@ -284,7 +293,6 @@ struct State {
     /// When the landscapes were last requested, and whether the current prior still needs them.
     last_job: Option<Instant>,
     stale: bool,
-    last_job_secs: f64,
 }
 
 struct Trainer {
@@ -292,7 +300,7 @@ struct Trainer {
     cmd_rx: Receiver<Command>,
     up_tx: Sender<Tagged>,
     job_tx: Sender<Job>,
-    busy: Arc<AtomicBool>,
+    busy: Arc<Mutex<AnalysisClock>>,
     repaint: Repaint,
     session: Arc<Mutex<u64>>,
     state: Option<State>,
@@ -426,7 +434,6 @@ impl Trainer {
             paused: false,
             last_job: None,
             stale: true,
-            last_job_secs: 0.0,
         });
         match loaded {
             Some((model, steps)) => {
@@ -531,16 +538,20 @@ impl Trainer {
         let Some(s) = &mut self.state else {
             return;
         };
-        if self.busy.load(Ordering::Acquire) {
-            return;
-        }
+        let last_secs = {
+            let clock = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+            if clock.busy {
+                return;
+            }
+            clock.last_secs
+        };
         let training = matches!(s.phase, Phase::Prior(_)) && !s.paused;
         if !training && !s.stale {
             return;
         }
         if let Some(last) = s.last_job {
-            // While the prior trains, landscapes take at most about a tenth of the time.
-            let gap = f64::from(self.view.refresh_secs).max(9.0 * s.last_job_secs);
+            // While the prior trains, landscapes take at most about a fifth of the time.
+            let gap = f64::from(self.view.refresh_secs).max(ANALYSIS_GAP * last_secs);
             if last.elapsed().as_secs_f64() < gap {
                 return;
             }
@@ -552,7 +563,7 @@ impl Trainer {
             }
             | Phase::Done { prior, prior_step } => (prior.clone(), *prior_step),
         };
-        self.busy.store(true, Ordering::Release);
+        self.busy.lock().unwrap_or_else(|e| e.into_inner()).busy = true;
         let job = Job {
             session,
             run: s.run.clone(),
@@ -564,7 +575,7 @@ impl Trainer {
         s.last_job = Some(Instant::now());
         s.stale = false;
         if self.job_tx.send(job).is_err() {
-            self.busy.store(false, Ordering::Release);
+            self.busy.lock().unwrap_or_else(|e| e.into_inner()).busy = false;
         }
     }
 }
@@ -574,7 +585,12 @@ fn to_points(rows: &[f32]) -> Vec<Point> {
 }
 
 /// Computes the landscapes of each job; the target's NLL map is cached per session and grid.
-fn analysis_loop(rx: Receiver<Job>, tx: Sender<Tagged>, repaint: Repaint, busy: Arc<AtomicBool>) {
+fn analysis_loop(
+    rx: Receiver<Job>,
+    tx: Sender<Tagged>,
+    repaint: Repaint,
+    clock: Arc<Mutex<AnalysisClock>>,
+) {
     let mut nll_cache: Option<((u64, usize, String), Heatmap)> = None;
     while let Ok(mut job) = rx.recv() {
         // Skip to the newest job.
@@ -591,11 +607,15 @@ fn analysis_loop(rx: Receiver<Job>, tx: Sender<Tagged>, repaint: Repaint, busy: 
             }
         };
         let analysis = analyse(&job, nll);
+        let secs = analysis.total_secs;
         let _ = tx.send(Tagged {
             session: job.session,
             update: Update::Analysis(Box::new(analysis)),
         });
-        busy.store(false, Ordering::Release);
+        *clock.lock().unwrap_or_else(|e| e.into_inner()) = AnalysisClock {
+            busy: false,
+            last_secs: secs,
+        };
         repaint();
     }
 }
