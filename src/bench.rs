@@ -204,12 +204,7 @@ fn peer(args: &BenchArgs, width: usize, depth: usize) -> Option<Value> {
             "256",
             "1024",
         ])
-        .args([
-            "--width",
-            &width.to_string(),
-            "--depth",
-            &depth.to_string(),
-        ])
+        .args(["--width", &width.to_string(), "--depth", &depth.to_string()])
         .args(["--bench-seconds", &args.seconds.to_string()])
         .output()
         .ok()?;

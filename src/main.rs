@@ -242,7 +242,9 @@ fn gui(args: GuiArgs) -> Result<()> {
     } else {
         let target = match args.cfg.target {
             Some(TargetArg::All) => {
-                bail!("--target all is for `flowalign toy`; the visualizer shows one target at a time")
+                bail!(
+                    "--target all is for `flowalign toy`; the visualizer shows one target at a time"
+                )
             }
             Some(TargetArg::One(kind)) => kind,
             None => TargetKind::Mog,
@@ -274,7 +276,9 @@ fn gui(args: GuiArgs) -> Result<()> {
 
 #[cfg(not(feature = "gui"))]
 fn gui(_: GuiArgs) -> Result<()> {
-    bail!("this build has no visualizer (built without the `gui` feature); use `flowalign toy`, or rebuild with default features")
+    bail!(
+        "this build has no visualizer (built without the `gui` feature); use `flowalign toy`, or rebuild with default features"
+    )
 }
 
 fn bar(len: usize, what: &str) -> ProgressBar {

@@ -91,10 +91,16 @@ fn select_target_start_pause_resume_align() {
     let paused_at = h.state().state.prior_step();
     std::thread::sleep(Duration::from_millis(400));
     h.step();
-    assert_eq!(h.state().state.prior_step(), paused_at, "training went on while paused");
+    assert_eq!(
+        h.state().state.prior_step(),
+        paused_at,
+        "training went on while paused"
+    );
 
     click(&mut h, "Resume");
-    wait_for(&mut h, "training to resume", |a| a.state.prior_step() > paused_at + 20);
+    wait_for(&mut h, "training to resume", |a| {
+        a.state.prior_step() > paused_at + 20
+    });
 
     // Landscapes arrive while the prior trains.
     wait_for(&mut h, "a landscape", |a| !a.state.analyses.is_empty());
@@ -107,15 +113,25 @@ fn select_target_start_pause_resume_align() {
     // Align once the prior has learnt something, well before its budget is spent.
     wait_for(&mut h, "a trained prior", |a| a.state.prior_step() >= 200);
     click(&mut h, "Align now");
-    wait_for(&mut h, "the alignment stage", |a| a.state.stage == Stage::Align);
+    wait_for(&mut h, "the alignment stage", |a| {
+        a.state.stage == Stage::Align
+    });
     let prior_steps = h.state().state.prior_step();
-    assert!(prior_steps < 2000, "Align now should not wait for the step budget");
-    wait_for(&mut h, "the end of alignment", |a| a.state.stage == Stage::Done);
+    assert!(
+        prior_steps < 2000,
+        "Align now should not wait for the step budget"
+    );
+    wait_for(&mut h, "the end of alignment", |a| {
+        a.state.stage == Stage::Done
+    });
     let s = &h.state().state;
     assert_eq!(s.align_step(), 150);
     assert_eq!(s.prior_step(), prior_steps, "the prior froze");
     let (first, last) = (s.align_nll[0][1], s.align_nll.last().unwrap()[1]);
-    assert!(last < first - 1.0, "NLL of y should fall: {first} -> {last}");
+    assert!(
+        last < first - 1.0,
+        "NLL of y should fall: {first} -> {last}"
+    );
     assert!(s.history.steps.len() > 10);
     assert_eq!(s.history.latest().unwrap().1.len(), 200);
 }
@@ -178,14 +194,26 @@ fn drawing_on_panel_a_makes_a_custom_target() {
     let mean_x = pts.iter().map(|p| p[0]).sum::<f32>() / n as f32;
     assert!(mean_x > 0.0, "points at mean x {mean_x}");
     click(&mut h, "Start");
-    wait_for(&mut h, "the custom session", |a| a.state.target_name == "custom");
+    wait_for(&mut h, "the custom session", |a| {
+        a.state.target_name == "custom"
+    });
     assert!(!h.state().drawing);
     click(&mut h, "Clear");
-    assert_eq!(h.state().settings.cfg.points.as_ref().map(Vec::len), Some(0));
+    assert_eq!(
+        h.state().settings.cfg.points.as_ref().map(Vec::len),
+        Some(0)
+    );
     assert_eq!(h.state().state.stage, Stage::Idle);
     // An empty drawing cannot start: an error, no session.
     click(&mut h, "Start");
-    assert!(h.state().state.error.as_deref().unwrap().contains("at least 2 points"));
+    assert!(
+        h.state()
+            .state
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("at least 2 points")
+    );
     assert_eq!(h.state().state.stage, Stage::Idle);
 }
 
@@ -223,7 +251,9 @@ fn a_bad_csv_is_an_error_and_a_good_one_becomes_the_target() {
     assert_eq!(h.state().settings.cfg.target, TargetKind::Mog);
     assert!(h.state().settings.cfg.points.is_none());
     let step = h.state().state.prior_step();
-    wait_for(&mut h, "training to go on", |a| a.state.prior_step() > step + 5);
+    wait_for(&mut h, "training to go on", |a| {
+        a.state.prior_step() > step + 5
+    });
 
     // Dropping a good CSV onto the window loads it as the new target.
     h.input_mut()
@@ -233,9 +263,15 @@ fn a_bad_csv_is_an_error_and_a_good_one_becomes_the_target() {
     h.step();
     let app = h.state();
     assert_eq!(app.settings.cfg.points.as_ref().map(Vec::len), Some(400));
-    assert_eq!(app.state.stage, Stage::Idle, "a new target resets the session");
+    assert_eq!(
+        app.state.stage,
+        Stage::Idle,
+        "a new target resets the session"
+    );
     click(&mut h, "Start");
-    wait_for(&mut h, "the ring session", |a| a.state.target_name == "custom");
+    wait_for(&mut h, "the ring session", |a| {
+        a.state.target_name == "custom"
+    });
 }
 
 #[test]

@@ -69,18 +69,31 @@ fn the_real_window_renders_trains_and_saves_a_screenshot() {
     let mut colours: Vec<[u8; 3]> = pixels.clone();
     colours.sort_unstable();
     colours.dedup();
-    assert!(colours.len() > 500, "a blank render: {} colours", colours.len());
+    assert!(
+        colours.len() > 500,
+        "a blank render: {} colours",
+        colours.len()
+    );
     // The heatmaps are viridis: deep purple (low) and yellow (high) must both cover real area.
     let purple = pixels.iter().filter(|&&p| near(p, [68, 1, 84], 40)).count();
-    let yellow = pixels.iter().filter(|&&p| near(p, [253, 231, 37], 40)).count();
-    assert!(purple > 5_000 && yellow > 5_000, "no heatmaps: {purple} purple, {yellow} yellow px");
+    let yellow = pixels
+        .iter()
+        .filter(|&&p| near(p, [253, 231, 37], 40))
+        .count();
+    assert!(
+        purple > 5_000 && yellow > 5_000,
+        "no heatmaps: {purple} purple, {yellow} yellow px"
+    );
 
     let stats: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
     assert!(stats["frames"].as_u64().unwrap() > 10, "{stats}");
     assert_eq!(stats["prior_steps"].as_u64(), Some(300), "{stats}");
     assert!(stats["align_steps"].as_u64().unwrap() > 0, "{stats}");
-    assert!(stats["landscape_refreshes"].as_u64().unwrap() >= 1, "{stats}");
+    assert!(
+        stats["landscape_refreshes"].as_u64().unwrap() >= 1,
+        "{stats}"
+    );
 }
 
 #[test]
@@ -95,5 +108,8 @@ fn without_a_display_the_gui_says_so_in_one_line() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     let lines: Vec<&str> = stderr.lines().collect();
     assert_eq!(lines.len(), 1, "{stderr}");
-    assert!(lines[0].contains("no display") && lines[0].contains("flowalign toy"), "{stderr}");
+    assert!(
+        lines[0].contains("no display") && lines[0].contains("flowalign toy"),
+        "{stderr}"
+    );
 }

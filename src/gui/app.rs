@@ -100,7 +100,7 @@ impl History {
 
     fn push(&mut self, step: usize, y: Vec<Point>) {
         let stride = self.stride.max(1);
-        if step % stride != 0 && !self.steps.is_empty() {
+        if !step.is_multiple_of(stride) && !self.steps.is_empty() {
             return;
         }
         self.steps.push((step, y));
@@ -506,7 +506,11 @@ impl FlowAlignApp {
     }
 
     fn stem(&self) -> String {
-        let cfg = self.state.session_cfg.as_ref().unwrap_or(&self.settings.cfg);
+        let cfg = self
+            .state
+            .session_cfg
+            .as_ref()
+            .unwrap_or(&self.settings.cfg);
         let target = if cfg.points.is_some() {
             "custom"
         } else {
@@ -517,7 +521,9 @@ impl FlowAlignApp {
 
     /// Writes the curves as CSV (`stage, step, loss, nll_y`, the format of `flowalign toy`).
     pub fn export_curves(&mut self) -> Result<PathBuf> {
-        let path = self.export_dir()?.join(format!("curves-{}.csv", self.stem()));
+        let path = self
+            .export_dir()?
+            .join(format!("curves-{}.csv", self.stem()));
         let s = &self.state;
         let prior = s.prior_loss.iter().map(|p| {
             vec![
@@ -550,7 +556,11 @@ impl FlowAlignApp {
         let path = self
             .export_dir()?
             .join(format!("session-{}.toml", self.stem()));
-        let cfg = self.state.session_cfg.as_ref().unwrap_or(&self.settings.cfg);
+        let cfg = self
+            .state
+            .session_cfg
+            .as_ref()
+            .unwrap_or(&self.settings.cfg);
         write_atomic(&path, cfg.to_toml().as_bytes())?;
         Ok(path)
     }
@@ -669,7 +679,10 @@ impl FlowAlignApp {
                 Update::Analysis(a) => {
                     let a: Arc<Analysis> = Arc::from(a);
                     // During alignment the prior is frozen: the newest landscapes replace the last.
-                    if s.analyses.last().is_some_and(|l| l.prior_step == a.prior_step) {
+                    if s.analyses
+                        .last()
+                        .is_some_and(|l| l.prior_step == a.prior_step)
+                    {
                         s.analyses.pop();
                     }
                     s.analyses.push(a);
@@ -969,7 +982,9 @@ impl FlowAlignApp {
         });
         if let Some(e) = self.state.error.clone() {
             ui.horizontal(|ui| {
-                ui.label(RichText::new(format!("error: {e}")).color(Color32::from_rgb(255, 90, 90)));
+                ui.label(
+                    RichText::new(format!("error: {e}")).color(Color32::from_rgb(255, 90, 90)),
+                );
                 if ui.small_button("dismiss").clicked() {
                     self.state.error = None;
                 }
@@ -1016,7 +1031,9 @@ impl FlowAlignApp {
                     cfg.points = Some(Vec::new());
                 }
                 ui.add(egui::Slider::new(&mut self.settings.brush, 0.05..=1.5).text("brush"));
-                ui.add(egui::Slider::new(&mut self.settings.brush_rate, 1..=20).text("points/frame"));
+                ui.add(
+                    egui::Slider::new(&mut self.settings.brush_rate, 1..=20).text("points/frame"),
+                );
                 ui.horizontal(|ui| {
                     let n = cfg.points.as_ref().map_or(0, Vec::len);
                     ui.label(format!("{n} drawn points"));
@@ -1058,15 +1075,41 @@ impl FlowAlignApp {
                 });
                 let p = &mut cfg.prior;
                 egui::Grid::new("prior_grid").num_columns(2).show(ui, |ui| {
-                    field(ui, "width", egui::DragValue::new(&mut p.width).range(4..=2048));
-                    field(ui, "depth", egui::DragValue::new(&mut p.depth).range(1..=16));
-                    field(ui, "batch", egui::DragValue::new(&mut p.batch).range(8..=65536));
-                    field(ui, "prior lr", egui::DragValue::new(&mut p.lr)
+                    field(
+                        ui,
+                        "width",
+                        egui::DragValue::new(&mut p.width).range(4..=2048),
+                    );
+                    field(
+                        ui,
+                        "depth",
+                        egui::DragValue::new(&mut p.depth).range(1..=16),
+                    );
+                    field(
+                        ui,
+                        "batch",
+                        egui::DragValue::new(&mut p.batch).range(8..=65536),
+                    );
+                    field(
+                        ui,
+                        "prior lr",
+                        egui::DragValue::new(&mut p.lr)
                             .range(1e-6..=10.0)
                             .speed(1e-4)
-                            .max_decimals(6),);
-                    field(ui, "prior steps", egui::DragValue::new(&mut p.steps).range(1..=1_000_000));
-                    field(ui, "EMA", egui::DragValue::new(&mut p.ema).range(0.0..=0.9999).speed(1e-3));
+                            .max_decimals(6),
+                    );
+                    field(
+                        ui,
+                        "prior steps",
+                        egui::DragValue::new(&mut p.steps).range(1..=1_000_000),
+                    );
+                    field(
+                        ui,
+                        "EMA",
+                        egui::DragValue::new(&mut p.ema)
+                            .range(0.0..=0.9999)
+                            .speed(1e-3),
+                    );
                     field(ui, "seed", egui::DragValue::new(&mut cfg.seed));
                 });
                 if !idle {
@@ -1078,13 +1121,29 @@ impl FlowAlignApp {
             .show(ui, |ui| {
                 let a = &mut cfg.align;
                 egui::Grid::new("align_grid").num_columns(2).show(ui, |ui| {
-                    field(ui, "latents", egui::DragValue::new(&mut a.n_latents).range(1..=100_000));
-                    field(ui, "align steps", egui::DragValue::new(&mut a.steps).range(1..=1_000_000));
-                    field(ui, "align lr", egui::DragValue::new(&mut a.lr)
+                    field(
+                        ui,
+                        "latents",
+                        egui::DragValue::new(&mut a.n_latents).range(1..=100_000),
+                    );
+                    field(
+                        ui,
+                        "align steps",
+                        egui::DragValue::new(&mut a.steps).range(1..=1_000_000),
+                    );
+                    field(
+                        ui,
+                        "align lr",
+                        egui::DragValue::new(&mut a.lr)
                             .range(1e-6..=10.0)
                             .speed(1e-3)
-                            .max_decimals(6),);
-                    field(ui, "mc samples", egui::DragValue::new(&mut a.mc).range(1..=256));
+                            .max_decimals(6),
+                    );
+                    field(
+                        ui,
+                        "mc samples",
+                        egui::DragValue::new(&mut a.mc).range(1..=256),
+                    );
                     let l = ui.label("reduction");
                     egui::ComboBox::from_id_salt("reduction")
                         .selected_text(format!("{:?}", a.reduction).to_lowercase())
@@ -1145,7 +1204,9 @@ impl FlowAlignApp {
                 ui.checkbox(&mut c.log_steps, "log-scale steps");
                 ui.add(egui::Slider::new(&mut c.smoothing, 1..=201).text("smoothing"));
                 ui.add(egui::Slider::new(&mut self.settings.max_fps, 5.0..=60.0).text("max fps"))
-                    .on_hover_text("repaints per second while training; fewer leave more CPU to training");
+                    .on_hover_text(
+                        "repaints per second while training; fewer leave more CPU to training",
+                    );
             });
         egui::CollapsingHeader::new("Export")
             .default_open(true)
@@ -1153,7 +1214,11 @@ impl FlowAlignApp {
                 let mut dir = self.settings.export_dir.display().to_string();
                 ui.horizontal(|ui| {
                     let l = ui.label("export folder");
-                    if ui.text_edit_singleline(&mut dir).labelled_by(l.id).changed() {
+                    if ui
+                        .text_edit_singleline(&mut dir)
+                        .labelled_by(l.id)
+                        .changed()
+                    {
                         self.settings.export_dir = PathBuf::from(dir.trim());
                     }
                 });
@@ -1169,7 +1234,8 @@ impl FlowAlignApp {
                     }
                 });
                 ui.label(
-                    RichText::new("session TOMLs load here and in `flowalign toy --config`").small(),
+                    RichText::new("session TOMLs load here and in `flowalign toy --config`")
+                        .small(),
                 );
             });
     }
@@ -1373,7 +1439,14 @@ impl FlowAlignApp {
             .replay_index
             .and_then(|i| s.history.steps.get(i))
             .map(|(step, _)| *step as f64);
-        panels::align_curve_plot(ui, &s.align_loss, &s.align_nll, style, egui::vec2(w, h.max(60.0)), marker);
+        panels::align_curve_plot(
+            ui,
+            &s.align_loss,
+            &s.align_nll,
+            style,
+            egui::vec2(w, h.max(60.0)),
+            marker,
+        );
         // The time scrubber over the recorded latents and the prior's checkpoints.
         let n = s.history.steps.len();
         ui.horizontal(|ui| {

@@ -126,24 +126,24 @@ pub fn heatmap_plot(
         plot.legend(Legend::default().position(egui_plot::Corner::RightTop))
     };
     let response = plot.show(ui, |plot_ui| {
-            if let Some(h) = heat {
-                let ((hx0, hx1), (hy0, hy1)) = h.extent;
-                let centre = PlotPoint::new((hx0 + hx1) / 2.0, (hy0 + hy1) / 2.0);
-                let size = egui::vec2(hx1 - hx0 + h.cell.0, hy1 - hy0 + h.cell.1);
-                plot_ui.image(PlotImage::new("", &h.texture, centre, size));
-            }
-            for o in overlays {
-                plot_ui.points(
-                    Points::new(o.name, plot_points(o.points))
-                        .color(o.colour)
-                        .radius(o.radius)
-                        .shape(MarkerShape::Circle)
-                        .filled(true)
-                        .allow_hover(false),
-                );
-            }
-            plot_ui.pointer_coordinate().map(|p| [p.x, p.y])
-        });
+        if let Some(h) = heat {
+            let ((hx0, hx1), (hy0, hy1)) = h.extent;
+            let centre = PlotPoint::new((hx0 + hx1) / 2.0, (hy0 + hy1) / 2.0);
+            let size = egui::vec2(hx1 - hx0 + h.cell.0, hy1 - hy0 + h.cell.1);
+            plot_ui.image(PlotImage::new("", &h.texture, centre, size));
+        }
+        for o in overlays {
+            plot_ui.points(
+                Points::new(o.name, plot_points(o.points))
+                    .color(o.colour)
+                    .radius(o.radius)
+                    .shape(MarkerShape::Circle)
+                    .filled(true)
+                    .allow_hover(false),
+            );
+        }
+        plot_ui.pointer_coordinate().map(|p| [p.x, p.y])
+    });
     // With panning off, the pointer's own position (not the pan-corrected one) is where to draw.
     let r = &response.response;
     let down = r.is_pointer_button_down_on() || r.dragged_by(egui::PointerButton::Primary);

@@ -146,7 +146,10 @@ pub enum Update {
         lr: f64,
     },
     /// Latents before the first alignment step.
-    AlignStart { latents: Vec<Point>, nll: f32 },
+    AlignStart {
+        latents: Vec<Point>,
+        nll: f32,
+    },
     AlignStep {
         step: usize,
         loss: f32,
@@ -642,8 +645,13 @@ fn analyse(job: &Job, nll: Heatmap) -> Analysis {
         map
     });
     let velocity = run.velocity_at(prior, reference, view.velocity_t, view.velocity_grid);
-    let (samples, paths) =
-        run.prior_paths(prior, view.samples, view.sample_steps, view.solver, view.paths);
+    let (samples, paths) = run.prior_paths(
+        prior,
+        view.samples,
+        view.sample_steps,
+        view.solver,
+        view.paths,
+    );
     Analysis {
         prior_step: job.prior_step,
         pearson: pearson(&a, &b),

@@ -419,8 +419,10 @@ impl ToyRun {
         let mut rng = rng_for(self.cfg.seed, Stream::Eval, 2);
         let z0 = crate::flow::path::normal_rows(&mut rng, n, 2);
         let paths = paths.min(n);
-        let mut trajectories: Vec<Vec<Point>> =
-            to_points(&z0[..2 * paths]).into_iter().map(|p| vec![p]).collect();
+        let mut trajectories: Vec<Vec<Point>> = to_points(&z0[..2 * paths])
+            .into_iter()
+            .map(|p| vec![p])
+            .collect();
         let z0 = rows_to_tensor(&z0, 2, &self.device);
         let z = integrate_with(prior, z0, (0.0, 1.0), steps, solver, |_, z| {
             if paths > 0 {
