@@ -10,6 +10,7 @@ pub mod backend;
 pub mod bench;
 pub mod config;
 pub mod error;
+pub mod features;
 pub mod flow;
 #[cfg(feature = "gui")]
 pub mod gui;

@@ -11,6 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use flowalign::backend::{DeviceChoice, select};
 use flowalign::bench::BenchArgs;
 use flowalign::config::{LatentInit, Preset, Reduction, ToyConfig, View};
+use flowalign::features::projection::ProjectionKind;
 use flowalign::toy::experiment::check_prior_fits;
 use flowalign::toy::figures;
 use flowalign::toy::{Event, TargetKind, ToyOutcome, ToyRun};
@@ -34,8 +35,136 @@ enum Command {
     Gui(Box<GuiArgs>),
     /// The 2D toy experiment: train a flow prior, align 1,000 latents, write figures and numbers.
     Toy(Box<ToyArgs>),
+    /// Target feature files: list the tensors of a .safetensors, .npy or .npz file.
+    #[command(subcommand)]
+    Features(FeaturesCommand),
     /// Throughput benchmarks (JSON), side by side with PyTorch when it is installed.
     Bench(BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum FeaturesCommand {
+    /// Print the name, shape and dtype of every tensor in FILE.
+    Inspect {
+        /// A .safetensors, .npy or .npz file.
+        file: PathBuf,
+    },
+    /// Scale a feature table by 1/std and project it to the latent dimension (SPEC section 2); write .npy.
+    Project(ProjectArgs),
+}
+
+#[derive(Args)]
+struct ProjectArgs {
+    /// The table: FILE or FILE:TENSOR (.safetensors, .npy or .npz; f32, f16, bf16 or f64).
+    #[arg(long, value_name = "FILE[:TENSOR]")]
+    features: String,
+    /// The latent dimension d1.
+    #[arg(long, default_value_t = 32)]
+    latent_dim: usize,
+    #[arg(long, value_enum, default_value_t = ProjectionKind::Random)]
+    projection: ProjectionKind,
+    /// Seed of the random projection (the paper's is 42).
+    #[arg(long, default_value_t = flowalign::features::projection::PAPER_SEED)]
+    projection_seed: u64,
+    /// Multiply the features by this instead of 1/std.
+    #[arg(long)]
+    scale: Option<f64>,
+    /// Drop rows holding NaN or infinity instead of refusing the file.
+    #[arg(long)]
+    drop_nonfinite: bool,
+    /// Output .npy (f32, [rows, latent_dim]).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn project(args: ProjectArgs) -> Result<()> {
+    use flowalign::features::{NonFinite, load, parse_spec, projection::Projection};
+    use npyz::WriterBuilder as _;
+    let start = std::time::Instant::now();
+    let (path, tensor) = parse_spec(&args.features);
+    let non_finite = if args.drop_nonfinite {
+        NonFinite::Drop
+    } else {
+        NonFinite::Refuse
+    };
+    let mut table = load(&path, tensor.as_deref(), non_finite)?;
+    let loaded = start.elapsed().as_secs_f64();
+    let std = table.std();
+    let scale = match args.scale {
+        Some(s) if s.is_finite() && s > 0.0 => s,
+        Some(s) => bail!("--scale must be a positive number, got {s}"),
+        None if std > 0.0 => 1.0 / std,
+        None => bail!(
+            "{}: every feature value is the same (std 0); pass --scale",
+            path.display()
+        ),
+    };
+    table.scale(scale as f32);
+    let device = burn::prelude::Device::flex();
+    let proj = Projection::fit(
+        args.projection,
+        &table,
+        args.latent_dim,
+        args.projection_seed,
+        &device,
+    )?;
+    let out = proj.apply(&table, &device)?;
+    let mut bytes = Vec::new();
+    {
+        let mut w = npyz::WriteOptions::new()
+            .default_dtype()
+            .shape(&[out.rows as u64, out.cols as u64])
+            .writer(&mut bytes)
+            .begin_nd()
+            .context("encoding .npy")?;
+        w.extend(out.data.iter().copied())
+            .context("encoding .npy")?;
+        w.finish().context("encoding .npy")?;
+    }
+    flowalign::report::write_atomic(&args.out, &bytes)?;
+    tracing::info!(
+        "{} rows x {} -> {}: std {std:.6} (scale {scale:.4}), {:?}; loaded in {loaded:.2}s, total {:.2}s -> {}",
+        table.rows,
+        table.cols,
+        out.cols,
+        args.projection,
+        start.elapsed().as_secs_f64(),
+        args.out.display()
+    );
+    Ok(())
+}
+
+fn features(cmd: FeaturesCommand) -> Result<()> {
+    match cmd {
+        FeaturesCommand::Inspect { file } => {
+            let infos = flowalign::features::inspect(&file)?;
+            let width = infos.iter().map(|t| t.name.len()).max().unwrap_or(4).max(4);
+            let mut out = format!("{:width$}  {:>20}  dtype\n", "name", "shape");
+            for t in &infos {
+                let usable = if t.shape.len() == 2
+                    && ["f32", "f16", "bf16", "f64", "<f4", "<f2", "<f8"]
+                        .contains(&t.dtype.as_str())
+                {
+                    ""
+                } else {
+                    "  (not a 2-D float table)"
+                };
+                out.push_str(&format!(
+                    "{:width$}  {:>20}  {}{usable}\n",
+                    t.name,
+                    format!("{:?}", t.shape),
+                    t.dtype
+                ));
+            }
+            // The listing is the command's output: stdout, not the log.
+            use std::io::Write;
+            std::io::stdout()
+                .write_all(out.as_bytes())
+                .context("writing to stdout")?;
+            Ok(())
+        }
+        FeaturesCommand::Project(args) => project(args),
+    }
 }
 
 /// `--target` accepts a built-in name or `all`.
@@ -422,6 +551,7 @@ fn main() -> ExitCode {
         None => gui(GuiArgs::default()),
         Some(Command::Gui(args)) => gui(*args),
         Some(Command::Toy(args)) => toy(*args),
+        Some(Command::Features(cmd)) => features(cmd),
         Some(Command::Bench(args)) => flowalign::bench::run(args).map_err(anyhow::Error::from),
     };
     match result {

@@ -24,6 +24,8 @@ pub enum Stream {
     Eval = 5,
     /// Reference samples (normalisation, KDE, plots).
     Reference = 6,
+    /// The fixed random projection of target features (SPEC section 2).
+    Projection = 7,
 }
 
 /// A generator for `stream` at `step` of the run seeded by `seed`.
