@@ -163,9 +163,14 @@ fn the_prior_runs_to_its_budget_then_aligns_by_itself() {
     h.state_mut().settings.cfg.prior.steps = 40;
     h.state_mut().settings.cfg.align.steps = 20;
     click(&mut h, "Start");
+    // Alignment settings edited after the start apply to the next "Restart alignment", not this run.
+    h.state_mut().settings.cfg.align.steps = 999;
     wait_for(&mut h, "the end", |a| a.state.stage == Stage::Done);
-    assert_eq!(h.state().state.prior_step(), 40);
-    assert_eq!(h.state().state.align_step(), 20);
+    let s = &h.state().state;
+    assert_eq!(s.prior_step(), 40);
+    assert_eq!(s.align_step(), 20);
+    assert_eq!(s.align_total, 20);
+    assert_eq!(s.session_cfg.as_ref().unwrap().align.steps, 20);
 }
 
 #[test]

@@ -657,13 +657,17 @@ impl FlowAlignApp {
                     s.prior_lr = lr;
                     s.prior_rate.record(step);
                 }
-                Update::AlignStart { latents, nll } => {
+                Update::AlignStart {
+                    latents,
+                    nll,
+                    align,
+                } => {
                     s.align_nll.push([0.0, f64::from(nll)]);
                     s.history.push(0, latents);
+                    s.align_total = align.steps;
                     if let Some(cfg) = &mut s.session_cfg {
-                        cfg.align = self.settings.cfg.align.clone();
+                        cfg.align = align;
                     }
-                    s.align_total = self.settings.cfg.align.steps;
                 }
                 Update::AlignStep {
                     step,

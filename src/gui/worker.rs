@@ -145,10 +145,11 @@ pub enum Update {
         loss: f32,
         lr: f64,
     },
-    /// Latents before the first alignment step.
+    /// Latents before the first alignment step, and the alignment settings in use.
     AlignStart {
         latents: Vec<Point>,
         nll: f32,
+        align: AlignConfig,
     },
     AlignStep {
         step: usize,
@@ -472,6 +473,7 @@ impl Trainer {
         // The run is shared with the analysis thread; a new alignment config makes a new run.
         let run = Arc::new(ToyRun::new(cfg, self.device.clone(), "gui")?);
         let aligner = run.aligner();
+        let align = run.cfg.align.clone();
         let y0 = to_points(&aligner.latents());
         let nll = run.density.mean_nll_fast(&y0) as f32;
         s.run = run;
@@ -485,7 +487,11 @@ impl Trainer {
         s.last_job = None;
         self.send(Update::Stage(Stage::Align));
         self.send(Update::Paused(false));
-        self.send(Update::AlignStart { latents: y0, nll });
+        self.send(Update::AlignStart {
+            latents: y0,
+            nll,
+            align,
+        });
         Ok(())
     }
 
