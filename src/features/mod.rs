@@ -412,6 +412,23 @@ mod tests {
         )
     }
 
+    fn write_npy<T: npyz::AutoSerialize>(
+        path: &Path,
+        shape: &[u64],
+        order: npyz::Order,
+        values: impl IntoIterator<Item = T>,
+    ) {
+        let mut w = npyz::WriteOptions::new()
+            .default_dtype()
+            .shape(shape)
+            .order(order)
+            .writer(File::create(path).unwrap())
+            .begin_nd()
+            .unwrap();
+        w.extend(values).unwrap();
+        w.finish().unwrap();
+    }
+
     fn write_safetensors(path: &Path, tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) {
         let views: HashMap<String, safetensors::tensor::TensorView> = tensors
             .iter()
@@ -495,43 +512,25 @@ mod tests {
         let (v, rows, cols) = table();
         let shape = [rows as u64, cols as u64];
         let p32 = dir.path().join("a.npy");
-        let mut w = npyz::WriteOptions::new()
-            .default_dtype()
-            .shape(&shape)
-            .writer(File::create(&p32).unwrap())
-            .begin_nd()
-            .unwrap();
-        w.extend(v.iter().copied()).unwrap();
-        w.finish().unwrap();
+        write_npy(&p32, &shape, npyz::Order::C, v.iter().copied());
         assert_eq!(load(&p32, None, NonFinite::Refuse).unwrap().data, v);
         assert_eq!(inspect(&p32).unwrap()[0].dtype, "<f4");
 
         let p16 = dir.path().join("h.npy");
-        let mut w = npyz::WriteOptions::new()
-            .default_dtype()
-            .shape(&shape)
-            .writer(File::create(&p16).unwrap())
-            .begin_nd()
-            .unwrap();
-        w.extend(v.iter().map(|&x| f16::from_f32(x))).unwrap();
-        w.finish().unwrap();
+        write_npy(
+            &p16,
+            &shape,
+            npyz::Order::C,
+            v.iter().map(|&x| f16::from_f32(x)),
+        );
         assert_eq!(load(&p16, None, NonFinite::Refuse).unwrap().data, v);
 
         // Column-major on disk: the same table.
         let pf = dir.path().join("f.npy");
-        let mut w = npyz::WriteOptions::new()
-            .default_dtype()
-            .shape(&shape)
-            .order(npyz::Order::Fortran)
-            .writer(File::create(&pf).unwrap())
-            .begin_nd()
-            .unwrap();
-        let colmajor: Vec<f64> = (0..cols)
+        let colmajor = (0..cols)
             .flat_map(|c| (0..rows).map(move |r| (r, c)))
-            .map(|(r, c)| f64::from(v[r * cols + c]))
-            .collect();
-        w.extend(colmajor).unwrap();
-        w.finish().unwrap();
+            .map(|(r, c)| f64::from(v[r * cols + c]));
+        write_npy(&pf, &shape, npyz::Order::Fortran, colmajor);
         assert_eq!(load(&pf, None, NonFinite::Refuse).unwrap().data, v);
 
         let pz = dir.path().join("z.npz");
@@ -573,14 +572,8 @@ mod tests {
         let (mut v, rows, cols) = table();
         v[4] = f32::NAN; // row 1
         v[13] = f32::INFINITY; // row 4
-        let mut w = npyz::WriteOptions::new()
-            .default_dtype()
-            .shape(&[rows as u64, cols as u64])
-            .writer(File::create(&path).unwrap())
-            .begin_nd()
-            .unwrap();
-        w.extend(v.iter().copied()).unwrap();
-        w.finish().unwrap();
+        let shape = [rows as u64, cols as u64];
+        write_npy(&path, &shape, npyz::Order::C, v.iter().copied());
         let e = load(&path, None, NonFinite::Refuse)
             .unwrap_err()
             .to_string();

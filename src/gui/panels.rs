@@ -96,6 +96,20 @@ pub struct PanelResponse {
     pub rect: egui::Rect,
 }
 
+/// A square, equal-aspect plot of `size` points showing at least `range`.
+fn square_plot(id: &str, range: ((f32, f32), (f32, f32)), size: f32) -> Plot<'static> {
+    let ((x0, x1), (y0, y1)) = range;
+    Plot::new(id)
+        .width(size)
+        .height(size)
+        .data_aspect(1.0)
+        .show_grid(false)
+        .include_x(x0)
+        .include_x(x1)
+        .include_y(y0)
+        .include_y(y1)
+}
+
 /// A square 2D plot over `range` with a heatmap image and point overlays.
 pub fn heatmap_plot(
     ui: &mut Ui,
@@ -106,20 +120,11 @@ pub fn heatmap_plot(
     size: f32,
     drawing: bool,
 ) -> PanelResponse {
-    let ((x0, x1), (y0, y1)) = range;
-    let plot = Plot::new(id)
-        .width(size)
-        .height(size)
-        .data_aspect(1.0)
+    let plot = square_plot(id, range, size)
         .allow_drag(!drawing)
         .allow_zoom(!drawing)
         .allow_scroll(false)
-        .allow_boxed_zoom(false)
-        .show_grid(false)
-        .include_x(x0)
-        .include_x(x1)
-        .include_y(y0)
-        .include_y(y1);
+        .allow_boxed_zoom(false);
     let plot = if overlays.is_empty() {
         plot
     } else {
@@ -170,7 +175,7 @@ pub fn velocity_plot(
     grid: usize,
     size: f32,
 ) -> PanelResponse {
-    let ((x0, x1), (y0, y1)) = range;
+    let ((x0, x1), _) = range;
     let vmax = arrows
         .iter()
         .map(|(_, v)| v[0].hypot(v[1]))
@@ -182,15 +187,7 @@ pub fn velocity_plot(
         .iter()
         .map(|(z, v)| [z[0] + scale * v[0], z[1] + scale * v[1]])
         .collect();
-    let response = Plot::new("velocity")
-        .width(size)
-        .height(size)
-        .data_aspect(1.0)
-        .show_grid(false)
-        .include_x(x0)
-        .include_x(x1)
-        .include_y(y0)
-        .include_y(y1)
+    let response = square_plot("velocity", range, size)
         .legend(Legend::default().position(egui_plot::Corner::RightTop))
         .show(ui, |plot_ui| {
             plot_ui.arrows(
@@ -221,16 +218,7 @@ pub fn samples_plot(
     range: ((f32, f32), (f32, f32)),
     size: f32,
 ) -> PanelResponse {
-    let ((x0, x1), (y0, y1)) = range;
-    let response = Plot::new("samples")
-        .width(size)
-        .height(size)
-        .data_aspect(1.0)
-        .show_grid(false)
-        .include_x(x0)
-        .include_x(x1)
-        .include_y(y0)
-        .include_y(y1)
+    let response = square_plot("samples", range, size)
         .legend(Legend::default().position(egui_plot::Corner::RightTop))
         .show(ui, |plot_ui| {
             plot_ui.points(
