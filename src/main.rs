@@ -308,6 +308,7 @@ impl ConfigArgs {
 
 impl ConfigArgs {
     /// Whether no config flag was given at all.
+    #[cfg_attr(not(feature = "gui"), allow(dead_code))]
     fn is_empty(&self) -> bool {
         self.target.is_none()
             && self.target_csv.is_none()
