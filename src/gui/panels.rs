@@ -166,6 +166,15 @@ pub fn heatmap_plot(
     }
 }
 
+/// The response of a panel that is only looked at: where the pointer hovers, no drawing.
+fn view_only(response: egui_plot::PlotResponse<Option<[f64; 2]>>) -> PanelResponse {
+    PanelResponse {
+        hover: response.inner.filter(|_| response.response.hovered()),
+        drag: None,
+        rect: response.response.rect,
+    }
+}
+
 /// The prior's velocity field at one time: arrows scaled so the longest spans about one cell.
 pub fn velocity_plot(
     ui: &mut Ui,
@@ -202,11 +211,7 @@ pub fn velocity_plot(
             );
             plot_ui.pointer_coordinate().map(|p| [p.x, p.y])
         });
-    PanelResponse {
-        hover: response.inner.filter(|_| response.response.hovered()),
-        drag: None,
-        rect: response.response.rect,
-    }
+    view_only(response)
 }
 
 /// ODE samples of the prior over the target's samples, with some sample paths.
@@ -244,11 +249,7 @@ pub fn samples_plot(
             );
             plot_ui.pointer_coordinate().map(|p| [p.x, p.y])
         });
-    PanelResponse {
-        hover: response.inner.filter(|_| response.response.hovered()),
-        drag: None,
-        rect: response.response.rect,
-    }
+    view_only(response)
 }
 
 /// How the curves are drawn.

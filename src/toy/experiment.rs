@@ -298,12 +298,23 @@ impl ToyRun {
         self.target.sample(5000, &mut rng)
     }
 
+    /// `values(points)` on the `n x n` grid over the view of `reference`.
+    fn grid_map(
+        &self,
+        reference: &[Point],
+        n: usize,
+        values: impl FnOnce(&[Point]) -> Vec<f32>,
+    ) -> Heatmap {
+        let (xs, ys) = self.grid_axes(reference, n);
+        let values = values(&Heatmap::points(&xs, &ys));
+        Heatmap { xs, ys, values }
+    }
+
     /// The target's NLL on an `n x n` grid over the view of `reference`.
     pub fn nll_heatmap(&self, reference: &[Point], n: usize) -> Heatmap {
-        let (xs, ys) = self.grid_axes(reference, n);
-        let pts = Heatmap::points(&xs, &ys);
-        let values = self.density.log_prob(&pts).iter().map(|l| -l).collect();
-        Heatmap { xs, ys, values }
+        self.grid_map(reference, n, |pts| {
+            self.density.log_prob(pts).iter().map(|l| -l).collect()
+        })
     }
 
     /// The L_align heatmap of `prior` (plain parameters) on an `n x n` grid, averaged over
@@ -315,12 +326,11 @@ impl ToyRun {
         n: usize,
         t_values: usize,
     ) -> Heatmap {
-        let (xs, ys) = self.grid_axes(reference, n);
-        let pts = Heatmap::points(&xs, &ys);
-        let mut rng = rng_for(self.cfg.seed, Stream::Eval, 1);
-        let ts = linspace(0.1, 0.9, t_values);
-        let values = align_heatmap(prior, pts.as_flattened(), 2, &ts, &mut rng, &self.device);
-        Heatmap { xs, ys, values }
+        self.grid_map(reference, n, |pts| {
+            let mut rng = rng_for(self.cfg.seed, Stream::Eval, 1);
+            let ts = linspace(0.1, 0.9, t_values);
+            align_heatmap(prior, pts.as_flattened(), 2, &ts, &mut rng, &self.device)
+        })
     }
 
     /// The NLL and L_align heatmaps of `prior` (plain parameters) on an `n x n` grid, and the
@@ -340,16 +350,15 @@ impl ToyRun {
 
     /// The prior's own NLL (exact likelihood by the ODE, SPEC section 1) on an `n x n` grid.
     pub fn prior_nll_heatmap(&self, prior: &VelocityMlp, reference: &[Point], n: usize) -> Heatmap {
-        let (xs, ys) = self.grid_axes(reference, n);
-        let pts = Heatmap::points(&xs, &ys);
-        let x = rows_to_tensor(pts.as_flattened(), 2, &self.device);
-        let values = log_prob(prior, x, self.cfg.eval.likelihood_steps)
-            .try_into_vec_as::<f32>()
-            .expect("f32 readback")
-            .into_iter()
-            .map(|l| -l)
-            .collect();
-        Heatmap { xs, ys, values }
+        self.grid_map(reference, n, |pts| {
+            let x = rows_to_tensor(pts.as_flattened(), 2, &self.device);
+            log_prob(prior, x, self.cfg.eval.likelihood_steps)
+                .try_into_vec_as::<f32>()
+                .expect("f32 readback")
+                .into_iter()
+                .map(|l| -l)
+                .collect()
+        })
     }
 
     /// The bound `C(y) - L_align(y)` of SPEC section 3 on an `n x n` grid, `draws` draws per cell.
@@ -360,12 +369,11 @@ impl ToyRun {
         n: usize,
         draws: usize,
     ) -> Heatmap {
-        let (xs, ys) = self.grid_axes(reference, n);
-        let pts = Heatmap::points(&xs, &ys);
-        let mut rng = rng_for(self.cfg.seed, Stream::Eval, 6);
-        let est = bound(prior, pts.as_flattened(), 2, draws, &mut rng, &self.device);
-        let values = est.elbo.iter().map(|&e| e as f32).collect();
-        Heatmap { xs, ys, values }
+        self.grid_map(reference, n, |pts| {
+            let mut rng = rng_for(self.cfg.seed, Stream::Eval, 6);
+            let est = bound(prior, pts.as_flattened(), 2, draws, &mut rng, &self.device);
+            est.elbo.iter().map(|&e| e as f32).collect()
+        })
     }
 
     /// Velocity arrows `(z, v(z, t))` on an `n x n` grid at time `t`.
