@@ -14,6 +14,7 @@ pub mod features;
 pub mod flow;
 #[cfg(feature = "gui")]
 pub mod gui;
+pub mod prior;
 pub mod report;
 pub mod rng;
 pub mod stats;

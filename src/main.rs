@@ -8,6 +8,8 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
+mod cli;
+
 use flowalign::backend::{DeviceChoice, select};
 use flowalign::bench::BenchArgs;
 use flowalign::config::{LatentInit, Preset, Reduction, ToyConfig, View};
@@ -38,6 +40,9 @@ enum Command {
     /// Target feature files: list the tensors of a .safetensors, .npy or .npz file.
     #[command(subcommand)]
     Features(FeaturesCommand),
+    /// Stage 1 of the ImageNet recipe: train, evaluate and sample a flow prior on target features.
+    #[command(subcommand)]
+    Prior(cli::prior::PriorCommand),
     /// Throughput benchmarks (JSON), side by side with PyTorch when it is installed.
     Bench(BenchArgs),
 }
@@ -79,7 +84,6 @@ struct ProjectArgs {
 
 fn project(args: ProjectArgs) -> Result<()> {
     use flowalign::features::{NonFinite, load, parse_spec, projection::Projection};
-    use npyz::WriterBuilder as _;
     let start = std::time::Instant::now();
     let (path, tensor) = parse_spec(&args.features);
     let non_finite = if args.drop_nonfinite {
@@ -109,19 +113,7 @@ fn project(args: ProjectArgs) -> Result<()> {
         &device,
     )?;
     let out = proj.apply(&table, &device)?;
-    let mut bytes = Vec::new();
-    {
-        let mut w = npyz::WriteOptions::new()
-            .default_dtype()
-            .shape(&[out.rows as u64, out.cols as u64])
-            .writer(&mut bytes)
-            .begin_nd()
-            .context("encoding .npy")?;
-        w.extend(out.data.iter().copied())
-            .context("encoding .npy")?;
-        w.finish().context("encoding .npy")?;
-    }
-    flowalign::report::write_atomic(&args.out, &bytes)?;
+    flowalign::features::write_npy(&args.out, out.rows, out.cols, &out.data)?;
     tracing::info!(
         "{} rows x {} -> {}: std {std:.6} (scale {scale:.4}), {:?}; loaded in {loaded:.2}s, total {:.2}s -> {}",
         table.rows,
@@ -553,6 +545,7 @@ fn main() -> ExitCode {
         Some(Command::Gui(args)) => gui(*args),
         Some(Command::Toy(args)) => toy(*args),
         Some(Command::Features(cmd)) => features(cmd),
+        Some(Command::Prior(cmd)) => cli::prior::run(cmd),
         Some(Command::Bench(args)) => flowalign::bench::run(args).map_err(anyhow::Error::from),
     };
     match result {

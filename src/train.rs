@@ -7,9 +7,9 @@
 use std::path::{Path, PathBuf};
 
 use burn::module::{ModuleMapper, ModuleVisitor, Param};
-use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
+use burn::optim::{AdamConfig, AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
-use burn::store::{ModuleSnapshot, SafetensorsStore};
+use burn::store::{BurnpackStore, ModuleSnapshot, SafetensorsStore};
 use serde::{Deserialize, Serialize};
 
 use crate::align::{align_loss, flow_loss};
@@ -38,13 +38,112 @@ impl Schedule {
     }
 }
 
-/// Adam with the paper's betas (0.9, 0.999) and PyTorch's epsilon 1e-8 (burn's default is 1e-5).
+/// The optimiser of a training run: Adam(W) with optional global gradient-norm clipping.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimSpec {
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// Decoupled weight decay (AdamW); 0 gives plain Adam.
+    pub weight_decay: f32,
+    /// Clip the global L2 norm of all gradients to this value (PyTorch's `clip_grad_norm_`); 0 = off.
+    pub grad_clip: f32,
+}
+
+impl OptimSpec {
+    /// The toy's Adam: betas (0.9, 0.999), PyTorch's epsilon 1e-8 (burn's default is 1e-5), no clipping.
+    pub const ADAM: OptimSpec = OptimSpec {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.0,
+        grad_clip: 0.0,
+    };
+
+    /// SPEC section 6: AdamW (0.9, 0.95), weight decay 1e-4, gradient-norm clip 1.0.
+    pub const PAPER_ADAMW: OptimSpec = OptimSpec {
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 1e-4,
+        grad_clip: 1.0,
+    };
+
+    fn build(&self) -> ModuleOptimizer {
+        if self.weight_decay == 0.0 {
+            AdamConfig::new()
+                .with_beta_1(self.beta1)
+                .with_beta_2(self.beta2)
+                .with_epsilon(self.eps)
+                .init()
+        } else {
+            AdamWConfig::new()
+                .with_beta_1(self.beta1)
+                .with_beta_2(self.beta2)
+                .with_epsilon(self.eps)
+                .with_weight_decay(self.weight_decay)
+                .init()
+        }
+    }
+}
+
 fn adam() -> ModuleOptimizer {
-    AdamConfig::new()
-        .with_beta_1(0.9)
-        .with_beta_2(0.999)
-        .with_epsilon(1e-8)
-        .init()
+    OptimSpec::ADAM.build()
+}
+
+/// Sums the squared gradients of a module's float parameters.
+struct GradSquares<'a> {
+    grads: &'a GradientsParams,
+    sums: Vec<Tensor<1>>,
+}
+
+impl ModuleVisitor for GradSquares<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(g) = self.grads.get::<D>(param.id) {
+            self.sums.push(g.square().sum());
+        }
+    }
+}
+
+/// Multiplies every gradient of a module's float parameters by `factor`.
+struct ScaleGrads<'a> {
+    grads: &'a mut GradientsParams,
+    factor: f32,
+}
+
+impl ModuleVisitor for ScaleGrads<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(g) = self.grads.remove::<D>(param.id) {
+            self.grads.register(param.id, g * self.factor);
+        }
+    }
+}
+
+/// The global L2 norm of `grads` over `module`'s parameters; when above `max_norm` (> 0), every
+/// gradient is scaled by `max_norm / (norm + 1e-6)` as PyTorch's `clip_grad_norm_` does.
+///
+/// Returns the norm before clipping.
+pub fn clip_global_norm<M: Module>(module: &M, grads: &mut GradientsParams, max_norm: f32) -> f32 {
+    let mut squares = GradSquares {
+        grads,
+        sums: Vec::new(),
+    };
+    module.visit(&mut squares);
+    if squares.sums.is_empty() {
+        return 0.0;
+    }
+    let norm = Tensor::cat(squares.sums, 0)
+        .sum()
+        .sqrt()
+        .into_scalar::<f32>();
+    if max_norm > 0.0 && norm > max_norm {
+        module.visit(&mut ScaleGrads {
+            grads,
+            factor: max_norm / (norm + 1e-6),
+        });
+    }
+    norm
 }
 
 /// A loss above this has diverged: flow-matching losses of normalised data are of order the dimension.
@@ -74,6 +173,18 @@ pub struct PriorTrainer {
     total: usize,
     reduction: Reduction,
     ema: Option<Ema<VelocityMlp>>,
+    spec: OptimSpec,
+}
+
+/// What one training step measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    /// The loss before the step.
+    pub loss: f32,
+    /// The global gradient norm before clipping (`None` when clipping is off: it is not computed).
+    pub grad_norm: Option<f32>,
+    /// The learning rate the step used.
+    pub lr: f64,
 }
 
 impl PriorTrainer {
@@ -94,7 +205,15 @@ impl PriorTrainer {
             total,
             reduction,
             ema: None,
+            spec: OptimSpec::ADAM,
         }
+    }
+
+    /// Uses `spec` instead of the toy's Adam (call before the first step).
+    pub fn with_optim(mut self, spec: OptimSpec) -> Self {
+        self.optim = spec.build();
+        self.spec = spec;
+        self
     }
 
     /// Keeps an exponential moving average of the weights with `decay` (0 disables it).
@@ -108,11 +227,11 @@ impl PriorTrainer {
         self.schedule.lr(self.lr, self.step, self.total)
     }
 
-    /// One Adam step on the batch `x` with path draws `draws`; returns the loss before the step.
+    /// One optimiser step on the batch `x` with path draws `draws` (one row of `x` per draw).
     ///
     /// # Shapes
-    /// - `x`: `[batch, d]`
-    pub fn train_step(&mut self, x: Tensor<2>, draws: &PathDraws) -> Result<f32> {
+    /// - `x`: `[batch, d]`; `draws`: `t [batch]`, `eps [batch, d]`
+    pub fn train_step(&mut self, x: Tensor<2>, draws: &PathDraws) -> Result<StepStats> {
         let lr = self.current_lr();
         let loss = flow_loss(&self.model, x, draws, self.reduction);
         let value = finite_or_diverged(
@@ -121,13 +240,65 @@ impl PriorTrainer {
             self.step + 1,
             lr,
         )?;
-        let grads = GradientsParams::from_grads(loss.backward(), &self.model);
+        let mut grads = GradientsParams::from_grads(loss.backward(), &self.model);
+        let clip = self.spec.grad_clip;
+        let grad_norm = (clip > 0.0).then(|| clip_global_norm(&self.model, &mut grads, clip));
         self.model = self.optim.step(lr, self.model.clone(), grads);
         if let Some(ema) = &mut self.ema {
             ema.update(&self.model);
         }
         self.step += 1;
-        Ok(value)
+        Ok(StepStats {
+            loss: value,
+            grad_norm,
+            lr,
+        })
+    }
+
+    /// The training state as bytes: (live weights, EMA weights, optimiser state), each in burn's
+    /// burnpack format with parameter ids, so [`PriorTrainer::restore`] continues exactly.
+    pub fn state_bytes(&self) -> Result<TrainerState> {
+        let optim = self.optim.into_bytes().map_err(|e| Error::Checkpoint {
+            path: PathBuf::from("<optimiser>"),
+            msg: format!("could not serialise the optimiser state: {e}"),
+        })?;
+        Ok(TrainerState {
+            step: self.step,
+            model: module_bytes(&self.model)?,
+            ema: self
+                .ema
+                .as_ref()
+                .map(|e| module_bytes(&e.module))
+                .transpose()?,
+            optim: optim.to_vec(),
+        })
+    }
+
+    /// Continues from `state` (written by [`PriorTrainer::state_bytes`] for the same architecture).
+    pub fn restore(&mut self, state: &TrainerState) -> Result<()> {
+        load_module_bytes(&mut self.model, &state.model, "model")?;
+        match (&mut self.ema, &state.ema) {
+            (Some(ema), Some(bytes)) => {
+                load_module_bytes(&mut ema.module, bytes, "EMA")?;
+                ema.updates = state.step as u64;
+            }
+            (None, None) => {}
+            _ => {
+                return Err(Error::Config(
+                    "the checkpoint and this run disagree on keeping an EMA; keep train.ema as it was".into(),
+                ));
+            }
+        }
+        self.optim = self
+            .spec
+            .build()
+            .from_bytes(burn::tensor::Bytes::from_bytes_vec(state.optim.clone()))
+            .map_err(|e| Error::Checkpoint {
+                path: PathBuf::from("<optimiser>"),
+                msg: format!("unreadable optimiser state: {e}"),
+            })?;
+        self.step = state.step;
+        Ok(())
     }
 
     /// The network being trained (autodiff parameters).
@@ -145,15 +316,78 @@ impl PriorTrainer {
     }
 }
 
-/// An exponential moving average of a module's parameters: `ema = decay * ema + (1 - decay) * live`.
+/// A trainer's complete state, as bytes (see [`PriorTrainer::state_bytes`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainerState {
+    /// Steps taken.
+    pub step: usize,
+    /// Live weights (burnpack).
+    pub model: Vec<u8>,
+    /// EMA weights (burnpack), when an EMA is kept.
+    pub ema: Option<Vec<u8>>,
+    /// Optimiser moments (burnpack).
+    pub optim: Vec<u8>,
+}
+
+fn module_bytes<M: Module>(module: &M) -> Result<Vec<u8>> {
+    let mut store = BurnpackStore::from_bytes(None);
+    let bad = |e: String| Error::Checkpoint {
+        path: PathBuf::from("<weights>"),
+        msg: format!("could not serialise: {e}"),
+    };
+    module
+        .save_into(&mut store)
+        .map_err(|e| bad(e.to_string()))?;
+    Ok(store.get_bytes().map_err(|e| bad(e.to_string()))?.to_vec())
+}
+
+fn load_module_bytes<M: Module>(module: &mut M, bytes: &[u8], what: &str) -> Result<()> {
+    let mut store =
+        BurnpackStore::from_bytes(Some(burn::tensor::Bytes::from_bytes_vec(bytes.to_vec())));
+    let applied = module
+        .load_from(&mut store)
+        .map_err(|e| Error::Checkpoint {
+            path: PathBuf::from(format!("<{what}>")),
+            msg: format!("unreadable ({})", crate::config::one_line(&e.to_string())),
+        })?;
+    if !applied.errors.is_empty() || !applied.missing.is_empty() {
+        return Err(Error::Checkpoint {
+            path: PathBuf::from(format!("<{what}>")),
+            msg: format!(
+                "does not match this network ({} missing, {} mismatched tensors)",
+                applied.missing.len(),
+                applied.errors.len()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// An exponential moving average of a module's parameters: `ema = d * ema + (1 - d) * live`.
 ///
-/// The average lives without autodiff; parameters are matched by their order in the module.
+/// The decay warms up as in diffusers' `EMAModel`: update `n` (from 0) uses
+/// `d = min(decay, (1 + n) / (10 + n))`, so a short run's average is not stuck near the
+/// initial weights. The average lives without autodiff; parameters are matched by their order in
+/// the module.
 #[derive(Debug, Clone)]
 pub struct Ema<M: Module> {
     /// The averaged module (no autodiff).
     pub module: M,
-    /// Weight of the old average per update.
+    /// Weight of the old average per update, once warmed up.
     pub decay: f64,
+    /// Updates so far.
+    pub updates: u64,
+}
+
+/// Every float parameter of `module`, flattened in visiting order (for checksums and comparisons).
+pub fn param_values<M: Module>(module: &M) -> Vec<f32> {
+    let mut collect = CollectParams(Vec::new());
+    module.visit(&mut collect);
+    collect
+        .0
+        .into_iter()
+        .flat_map(|t| t.try_into_vec_as::<f32>().expect("f32 readback"))
+        .collect()
 }
 
 struct CollectParams(Vec<Tensor<1>>);
@@ -189,6 +423,7 @@ impl<M: Module> Ema<M> {
         Ema {
             module: live.valid(),
             decay,
+            updates: 0,
         }
     }
 
@@ -196,11 +431,13 @@ impl<M: Module> Ema<M> {
     pub fn update(&mut self, live: &M) {
         let mut collect = CollectParams(Vec::new());
         live.visit(&mut collect);
+        let n = self.updates as f64;
         let mut blend = BlendParams {
             live: collect.0.into_iter(),
-            decay: self.decay,
+            decay: self.decay.min((1.0 + n) / (10.0 + n)),
         };
         self.module = self.module.clone().map(&mut blend);
+        self.updates += 1;
     }
 }
 
@@ -396,12 +633,21 @@ mod tests {
             )),
         };
         let mut ema = Ema::new(&a, 0.75);
+        ema.updates = 100; // past the warm-up: (1 + 100) / (10 + 100) > 0.75
         ema.update(&b);
         let v: Vec<f32> = ema.module.y.val().try_into_vec_as::<f32>().unwrap();
         assert_eq!(v, vec![1.5, 3.0]);
         ema.update(&b);
         let v: Vec<f32> = ema.module.y.val().try_into_vec_as::<f32>().unwrap();
         assert_eq!(v, vec![1.875, 3.75]);
+        // The first update of a fresh average uses decay min(0.75, 1 / 10) = 0.1.
+        let mut fresh = Ema::new(&a, 0.75);
+        fresh.update(&b);
+        let v: Vec<f32> = fresh.module.y.val().try_into_vec_as::<f32>().unwrap();
+        assert!(
+            (v[0] - 2.8).abs() < 1e-6 && (v[1] - 5.6).abs() < 1e-6,
+            "{v:?}"
+        );
     }
 
     #[test]

@@ -55,6 +55,22 @@ impl FeatureTable {
     }
 }
 
+/// Writes flat f32 rows `[rows, cols]` as a `.npy` file, atomically.
+pub fn write_npy(path: &Path, rows: usize, cols: usize, data: &[f32]) -> Result<()> {
+    use npyz::WriterBuilder as _;
+    let mut bytes = Vec::new();
+    let encode = |e: std::io::Error| Error::io(path, "encoding .npy failed", e);
+    let mut w = npyz::WriteOptions::new()
+        .default_dtype()
+        .shape(&[rows as u64, cols as u64])
+        .writer(&mut bytes)
+        .begin_nd()
+        .map_err(encode)?;
+    w.extend(data.iter().copied()).map_err(encode)?;
+    w.finish().map_err(encode)?;
+    crate::report::write_atomic(path, &bytes)
+}
+
 /// What to do with rows holding NaN or infinity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NonFinite {

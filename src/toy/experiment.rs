@@ -229,7 +229,7 @@ impl ToyRun {
         let x = self.target.sample(self.cfg.prior.batch, &mut rng);
         let x = rows_to_tensor(x.as_flattened(), 2, &ad);
         let draws = PathDraws::sample(&mut rng, self.cfg.prior.batch, 2, &ad);
-        trainer.train_step(x, &draws)
+        trainer.train_step(x, &draws).map(|s| s.loss)
     }
 
     /// The initial latents of the alignment stage.

@@ -1,0 +1,355 @@
+//! `flowalign prior train|eval|sample`: stage 1 of the ImageNet recipe (SPEC section 6).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use flowalign::backend::{DeviceChoice, select};
+use flowalign::features::projection::ProjectionKind;
+use flowalign::features::write_npy;
+use flowalign::prior::checkpoint;
+use flowalign::prior::data::PriorData;
+use flowalign::prior::eval::{EvalOptions, evaluate, pca_scatter, sample_prior};
+use flowalign::prior::{FeaturePriorConfig, PriorPreset, PriorRun};
+use flowalign::report::write_json;
+use flowalign::train::load_prior;
+
+#[derive(Subcommand)]
+pub enum PriorCommand {
+    /// Train a flow prior on a feature table (scaled, projected to --latent-dim).
+    Train(Box<TrainArgs>),
+    /// Held-out flow-matching loss, exact NLL, k-NN log r_k of samples, and a PCA scatter PNG.
+    Eval(EvalArgs),
+    /// Draw samples from a trained prior (Euler ODE) into a .npy file.
+    Sample(SampleArgs),
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// The target features: FILE or FILE:TENSOR (.safetensors, .npy or .npz; f32, f16, bf16 or f64).
+    #[arg(long, value_name = "FILE[:TENSOR]")]
+    features: Option<String>,
+    /// The run folder: config, metrics, checkpoints and the frozen prior (prior.safetensors).
+    #[arg(long)]
+    out: PathBuf,
+    /// Continue the checkpoint in --out (only --steps, --checkpoint-every and --log-every may change).
+    #[arg(long)]
+    resume: bool,
+    /// Starting values: `paper` (SPEC section 6, the default) or `small` (a CPU-sized run).
+    #[arg(long, value_enum)]
+    preset: Option<PriorPreset>,
+    /// A TOML config (every run writes one as config.toml); flags override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    latent_dim: Option<usize>,
+    #[arg(long, value_enum)]
+    projection: Option<ProjectionKind>,
+    #[arg(long)]
+    projection_seed: Option<u64>,
+    /// Multiply the features by this instead of 1/std.
+    #[arg(long)]
+    scale: Option<f64>,
+    /// Rows held out for `prior eval` (at most a tenth of the table).
+    #[arg(long)]
+    holdout: Option<usize>,
+    /// Drop rows holding NaN or infinity instead of refusing the table.
+    #[arg(long)]
+    drop_nonfinite: bool,
+    #[arg(long)]
+    width: Option<usize>,
+    #[arg(long)]
+    depth: Option<usize>,
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Feature vectors per step.
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// (t, eps) draws per vector per step.
+    #[arg(long)]
+    mc: Option<usize>,
+    #[arg(long)]
+    warmup: Option<usize>,
+    /// EMA decay of the weights that become the frozen prior (0 = off).
+    #[arg(long)]
+    ema: Option<f64>,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    checkpoint_every: Option<usize>,
+    #[arg(long)]
+    log_every: Option<usize>,
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    device: DeviceChoice,
+}
+
+impl TrainArgs {
+    /// The requested config: the run's own when resuming, else a file or preset; then the flags.
+    fn config(&self) -> Result<FeaturePriorConfig> {
+        let saved = self.out.join(checkpoint::CONFIG);
+        let mut cfg = if let Some(path) = &self.config {
+            FeaturePriorConfig::from_toml_file(path)?
+        } else if self.resume && saved.is_file() {
+            checkpoint::read_config(&self.out)?
+        } else {
+            let Some(features) = &self.features else {
+                bail!("--features FILE[:TENSOR] is required (or --config F.toml, or --resume)");
+            };
+            FeaturePriorConfig::preset(self.preset.unwrap_or(PriorPreset::Paper), features)
+        };
+        if let (Some(p), true) = (self.preset, self.config.is_some() || self.resume) {
+            let base = FeaturePriorConfig::preset(p, &cfg.data.features);
+            (cfg.model, cfg.train, cfg.preset) = (base.model, base.train, p);
+        }
+        if let Some(f) = &self.features {
+            cfg.data.features = f.clone();
+        }
+        macro_rules! set {
+            ($flag:ident => $($field:tt)+) => {
+                if let Some(v) = self.$flag { cfg.$($field)+ = v; }
+            };
+        }
+        set!(latent_dim => data.latent_dim);
+        set!(projection => data.projection);
+        set!(projection_seed => data.projection_seed);
+        set!(holdout => data.holdout);
+        set!(width => model.width);
+        set!(depth => model.depth);
+        set!(steps => train.steps);
+        set!(batch => train.batch);
+        set!(lr => train.lr);
+        set!(mc => train.mc);
+        set!(warmup => train.warmup);
+        set!(ema => train.ema);
+        set!(seed => train.seed);
+        set!(checkpoint_every => train.checkpoint_every);
+        set!(log_every => train.log_every);
+        if self.scale.is_some() {
+            cfg.data.scale = self.scale;
+        }
+        cfg.data.drop_nonfinite |= self.drop_nonfinite;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+fn train_bar(total: usize, from: usize) -> ProgressBar {
+    let pb = ProgressBar::new(total as u64);
+    pb.set_style(
+        ProgressStyle::with_template("prior [{bar:30}] {pos}/{len} {msg} eta {eta} ({elapsed})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb.set_position(from as u64);
+    pb.reset_eta();
+    pb
+}
+
+fn train(args: TrainArgs) -> Result<()> {
+    let cfg = args.config()?;
+    let (device, device_name) = select(args.device)?;
+    let start = std::time::Instant::now();
+    let mut run = PriorRun::open(cfg.clone(), &args.out, args.resume, &device)?;
+    let data = run.data();
+    tracing::info!(
+        device = %device_name,
+        "{} rows x {} (std {:.5}, scale {:.4}) -> {} dims by {:?} projection; {} training rows, {} held out; prepared in {:.1}s",
+        data.info.rows,
+        data.info.cols,
+        data.info.std,
+        data.info.scale,
+        data.dim(),
+        cfg.data.projection,
+        data.train.rows,
+        data.holdout.rows,
+        start.elapsed().as_secs_f64()
+    );
+    if run.step() > 0 {
+        tracing::info!("resuming {} at step {}", args.out.display(), run.step());
+    }
+    // First Ctrl-C: checkpoint and stop. A second one exits at once.
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in signal_hook::consts::TERM_SIGNALS {
+        signal_hook::flag::register_conditional_shutdown(*sig, 130, Arc::clone(&stop))
+            .context("installing the signal handler")?;
+        signal_hook::flag::register(*sig, Arc::clone(&stop))
+            .context("installing the signal handler")?;
+    }
+    let pb = train_bar(cfg.train.steps, run.step());
+    let batch = cfg.train.batch;
+    let summary = run.run(
+        || stop.load(Ordering::Relaxed),
+        |m| {
+            pb.set_position(m.step as u64);
+            let val = m
+                .val_loss
+                .map(|v| format!(" val {v:.4}"))
+                .unwrap_or_default();
+            pb.set_message(format!(
+                "loss {:.4}{val} lr {:.2e} {:.0} vec/s ({:.2} steps/s)",
+                m.loss,
+                m.lr,
+                m.vectors_per_s,
+                m.vectors_per_s / batch as f64
+            ));
+            if pb.is_hidden() {
+                tracing::info!(
+                    step = m.step,
+                    loss = m.loss,
+                    lr = m.lr,
+                    vectors_per_s = m.vectors_per_s as u64,
+                    val_loss = m.val_loss
+                );
+            }
+        },
+    );
+    pb.finish_and_clear();
+    let summary = summary?;
+    if summary.interrupted {
+        tracing::info!(
+            "stopped at step {}: checkpoint written; continue with --resume",
+            summary.step
+        );
+        std::process::exit(130);
+    }
+    tracing::info!(
+        "trained steps {}..{} in {:.1}s; held-out flow-matching loss {:.4}; prior in {}",
+        summary.resumed_from,
+        summary.step,
+        start.elapsed().as_secs_f64(),
+        summary.val_loss,
+        args.out.join("prior.safetensors").display()
+    );
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// A `prior train` run folder.
+    #[arg(long)]
+    prior: PathBuf,
+    /// The feature table (default: the one the run trained on).
+    #[arg(long, value_name = "FILE[:TENSOR]")]
+    features: Option<String>,
+    #[command(flatten)]
+    opts: EvalOptions,
+    /// Where to write eval.json and pca.png (default: the run folder).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    device: DeviceChoice,
+}
+
+/// The run's config and its prepared data, checked against the frozen prior.
+fn open_run(
+    dir: &Path,
+    features: Option<&String>,
+    device: &burn::prelude::Device,
+) -> Result<(FeaturePriorConfig, PriorData)> {
+    let mut cfg = checkpoint::read_config(dir)?;
+    if let Some(f) = features {
+        cfg.data.features = f.clone();
+    }
+    let data = PriorData::prepare(&cfg.data, cfg.train.seed, device)?;
+    Ok((cfg, data))
+}
+
+fn eval(args: EvalArgs) -> Result<()> {
+    let (device, device_name) = select(args.device)?;
+    let (prior, meta) = load_prior(&args.prior, &device)?;
+    let (_, data) = open_run(&args.prior, args.features.as_ref(), &device)?;
+    if data.dim() != meta.dim {
+        bail!(
+            "the prior models {}-dim vectors but the features project to {}; pass the table it was trained on",
+            meta.dim,
+            data.dim()
+        );
+    }
+    if args.opts.k == 0 || args.opts.ode_steps == 0 || args.opts.sample_steps == 0 {
+        bail!("--k, --ode-steps and --sample-steps must be at least 1");
+    }
+    let start = std::time::Instant::now();
+    tracing::info!(device = %device_name, "evaluating the prior of {} (step {})", args.prior.display(), meta.steps);
+    let (report, samples) = evaluate(&prior, &data, &args.opts, &device);
+    let out = args.out.unwrap_or_else(|| args.prior.clone());
+    std::fs::create_dir_all(&out)
+        .with_context(|| format!("cannot create {}; choose another --out", out.display()))?;
+    write_json(&out.join("eval.json"), &report)?;
+    let held = if data.holdout.rows > 0 {
+        &data.holdout
+    } else {
+        &data.train
+    };
+    pca_scatter(&out.join("pca.png"), held, &samples, &device)?;
+    tracing::info!(
+        "held-out FM loss {:.4} ({} rows); exact NLL held-out {:.3} +- {:.3} nats ({:.4}/dim), samples {:.3}; \
+         log r_{} samples {:.3} vs held-out {:.3}; {:.1}s -> {}",
+        report.fm_loss,
+        report.fm_rows,
+        report.nll_holdout,
+        report.nll_holdout_sem,
+        report.nll_holdout_per_dim,
+        report.nll_samples,
+        report.k,
+        report.log_rk_samples,
+        report.log_rk_holdout,
+        start.elapsed().as_secs_f64(),
+        out.join("eval.json").display()
+    );
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct SampleArgs {
+    /// A `prior train` run folder (or its prior.safetensors).
+    #[arg(long)]
+    prior: PathBuf,
+    /// Number of samples.
+    #[arg(short = 'n', long, default_value_t = 10_000)]
+    n: usize,
+    /// Euler steps (the paper's 100).
+    #[arg(long, default_value_t = 100)]
+    steps: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output .npy (f32, [n, latent_dim]), in the prior's scaled, projected space.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    device: DeviceChoice,
+}
+
+fn sample(args: SampleArgs) -> Result<()> {
+    if args.n == 0 || args.steps == 0 {
+        bail!("-n and --steps must be at least 1");
+    }
+    let (device, _) = select(args.device)?;
+    let (prior, meta) = load_prior(&args.prior, &device)?;
+    let start = std::time::Instant::now();
+    let rows = sample_prior(&prior, args.n, meta.dim, args.steps, args.seed, &device);
+    write_npy(&args.out, args.n, meta.dim, &rows)?;
+    tracing::info!(
+        "{} samples x {} in {:.1}s -> {}",
+        args.n,
+        meta.dim,
+        start.elapsed().as_secs_f64(),
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// Runs one `prior` subcommand.
+pub fn run(cmd: PriorCommand) -> Result<()> {
+    match cmd {
+        PriorCommand::Train(args) => train(*args),
+        PriorCommand::Eval(args) => eval(args),
+        PriorCommand::Sample(args) => sample(args),
+    }
+}

@@ -1,0 +1,167 @@
+//! The run folder of a feature prior: config, atomic checkpoints and the exported frozen prior.
+//!
+//! A checkpoint is three burnpack files named by their step (live weights, EMA, optimiser) and a
+//! manifest, `checkpoint.toml`, written last and atomically. A run killed at any moment therefore
+//! leaves a manifest that names complete files; older files are removed only after the new
+//! manifest is in place.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::config::FeaturePriorConfig;
+use super::data::TableInfo;
+use crate::config::one_line;
+use crate::error::{Error, Result};
+use crate::report::write_atomic;
+use crate::train::TrainerState;
+
+/// The manifest file of a run folder.
+pub const MANIFEST: &str = "checkpoint.toml";
+/// The resolved config of a run folder.
+pub const CONFIG: &str = "config.toml";
+
+/// What `checkpoint.toml` records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Steps taken when the checkpoint was written.
+    pub step: usize,
+    /// The table the run trains on.
+    pub data: TableInfo,
+    /// File names (in the run folder) of the state.
+    pub model: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ema: Option<String>,
+    pub optim: String,
+}
+
+fn bad(path: &Path, msg: impl Into<String>) -> Error {
+    Error::Checkpoint {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    }
+}
+
+/// Writes the resolved config of a new run.
+pub fn write_config(dir: &Path, cfg: &FeaturePriorConfig) -> Result<()> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::io(dir, "choose an --out folder you can write to", e))?;
+    write_atomic(&dir.join(CONFIG), cfg.to_toml().as_bytes())
+}
+
+/// Reads a run folder's config.
+pub fn read_config(dir: &Path) -> Result<FeaturePriorConfig> {
+    let path = dir.join(CONFIG);
+    if !path.is_file() {
+        return Err(bad(
+            &path,
+            "not found; pass the --out folder of a `flowalign prior train` run",
+        ));
+    }
+    FeaturePriorConfig::from_toml_file(&path)
+}
+
+/// Saves `state` as the run's latest checkpoint.
+pub fn save(dir: &Path, data: &TableInfo, state: &TrainerState) -> Result<()> {
+    let name = |what: &str| format!("{what}-{:09}.bpk", state.step);
+    let manifest = Manifest {
+        step: state.step,
+        data: data.clone(),
+        model: name("model"),
+        ema: state.ema.as_ref().map(|_| name("ema")),
+        optim: name("optim"),
+    };
+    write_atomic(&dir.join(&manifest.model), &state.model)?;
+    if let (Some(file), Some(bytes)) = (&manifest.ema, &state.ema) {
+        write_atomic(&dir.join(file), bytes)?;
+    }
+    write_atomic(&dir.join(&manifest.optim), &state.optim)?;
+    let text = toml::to_string_pretty(&manifest).expect("a Manifest serialises");
+    write_atomic(&dir.join(MANIFEST), text.as_bytes())?;
+    // Only now may older state go.
+    let keep = [
+        Some(&manifest.model),
+        manifest.ema.as_ref(),
+        Some(&manifest.optim),
+    ];
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let file = entry.file_name().to_string_lossy().to_string();
+            if file.ends_with(".bpk") && !keep.iter().flatten().any(|k| **k == file) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The run's latest checkpoint, or `None` when the folder holds none.
+pub fn load(dir: &Path) -> Result<Option<(Manifest, TrainerState)>> {
+    let path = dir.join(MANIFEST);
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| bad(&path, e.to_string()))?;
+    let manifest: Manifest = toml::from_str(&text)
+        .map_err(|e| bad(&path, format!("malformed: {}", one_line(&e.to_string()))))?;
+    let read = |file: &str| -> Result<Vec<u8>> {
+        let p: PathBuf = dir.join(file);
+        std::fs::read(&p).map_err(|e| {
+            bad(
+                &p,
+                format!("{e}; the checkpoint is incomplete, restore the file or start a new --out"),
+            )
+        })
+    };
+    let state = TrainerState {
+        step: manifest.step,
+        model: read(&manifest.model)?,
+        ema: manifest.ema.as_deref().map(read).transpose()?,
+        optim: read(&manifest.optim)?,
+    };
+    Ok(Some((manifest, state)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_checkpoint_replaces_the_old_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let info = TableInfo {
+            rows: 10,
+            cols: 4,
+            std: 1.5,
+            scale: 2.0,
+        };
+        let state = |step: usize| TrainerState {
+            step,
+            model: vec![step as u8; 3],
+            ema: Some(vec![7; 2]),
+            optim: vec![1, 2],
+        };
+        assert!(load(dir.path()).unwrap().is_none());
+        save(dir.path(), &info, &state(5)).unwrap();
+        save(dir.path(), &info, &state(10)).unwrap();
+        let (m, s) = load(dir.path()).unwrap().unwrap();
+        assert_eq!((m.step, m.data), (10, info));
+        assert_eq!(s, state(10));
+        let bpk = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".bpk")
+            })
+            .count();
+        assert_eq!(bpk, 3);
+        // A manifest naming a missing file is an error, not a silent restart.
+        std::fs::remove_file(dir.path().join(&m.optim)).unwrap();
+        let err = load(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("incomplete"), "{err}");
+    }
+}

@@ -1,0 +1,296 @@
+//! The configuration of a feature prior run (stage 1 of SPEC section 6), as data.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::one_line;
+use crate::error::{Error, Result};
+use crate::features::projection::{PAPER_SEED, ProjectionKind};
+use crate::train::OptimSpec;
+
+/// Named starting points for a feature prior run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PriorPreset {
+    /// SPEC section 6 exactly: 1024 x 6, 1 M steps of 32,768 vectors, lr 2e-4 (the code's), EMA 0.9999.
+    Paper,
+    /// Sized for a CPU: 256 x 3, 2,000 steps of 1,024 vectors, lr 1e-3, EMA 0.999.
+    Small,
+}
+
+/// How the target features become the prior's training rows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// The feature table, `FILE[:TENSOR]`.
+    pub features: String,
+    /// The latent dimension d1 the features are projected to.
+    pub latent_dim: usize,
+    pub projection: ProjectionKind,
+    /// Seed of the random projection (the paper's is 42).
+    pub projection_seed: u64,
+    /// Multiply the features by this; absent = 1 / std of the table (SPEC section 6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale: Option<f64>,
+    /// Rows held out for `prior eval` (never trained on); at most a tenth of the table.
+    pub holdout: usize,
+    /// Drop rows holding NaN or infinity instead of refusing the table.
+    #[serde(default)]
+    pub drop_nonfinite: bool,
+}
+
+/// The AdaLN MLP (SPEC section 4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub width: usize,
+    pub depth: usize,
+}
+
+/// The optimisation (SPEC section 6).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Optimiser steps.
+    pub steps: usize,
+    /// Feature vectors per step.
+    pub batch: usize,
+    /// (t, eps) draws per vector per step.
+    pub mc: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Linear warm-up steps before the cosine decay.
+    pub warmup: usize,
+    /// The cosine ends at this fraction of the peak rate.
+    pub final_lr_frac: f64,
+    pub optim: OptimSpec,
+    /// EMA decay of the weights that become the frozen prior (0 = none).
+    pub ema: f64,
+    /// Seed of initialisation, batches and (t, eps) draws.
+    pub seed: u64,
+    /// Write a checkpoint every this many steps (and at the end).
+    pub checkpoint_every: usize,
+    /// Log metrics every this many steps.
+    pub log_every: usize,
+}
+
+/// A complete feature prior run: what `--config` reads and every run writes as `config.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeaturePriorConfig {
+    /// The preset the values started from (informational once resolved).
+    pub preset: PriorPreset,
+    pub data: DataConfig,
+    pub model: ModelConfig,
+    pub train: TrainConfig,
+}
+
+impl FeaturePriorConfig {
+    /// The values of `preset` for the table `features`.
+    pub fn preset(preset: PriorPreset, features: &str) -> Self {
+        let data = DataConfig {
+            features: features.to_string(),
+            latent_dim: 32,
+            projection: ProjectionKind::Random,
+            projection_seed: PAPER_SEED,
+            scale: None,
+            holdout: 10_000,
+            drop_nonfinite: false,
+        };
+        let paper = TrainConfig {
+            steps: 1_000_000,
+            batch: 512 * 64,
+            mc: 4,
+            lr: 2e-4,
+            warmup: 2_500,
+            final_lr_frac: 0.1,
+            optim: OptimSpec::PAPER_ADAMW,
+            ema: 0.9999,
+            seed: 0,
+            checkpoint_every: 5_000,
+            log_every: 100,
+        };
+        match preset {
+            PriorPreset::Paper => FeaturePriorConfig {
+                preset,
+                data,
+                model: ModelConfig {
+                    width: 1024,
+                    depth: 6,
+                },
+                train: paper,
+            },
+            PriorPreset::Small => FeaturePriorConfig {
+                preset,
+                data,
+                model: ModelConfig {
+                    width: 256,
+                    depth: 3,
+                },
+                train: TrainConfig {
+                    steps: 2_000,
+                    batch: 1_024,
+                    lr: 1e-3,
+                    warmup: 100,
+                    ema: 0.999,
+                    checkpoint_every: 500,
+                    log_every: 10,
+                    ..paper
+                },
+            },
+        }
+    }
+
+    /// Reads a TOML config; unknown keys and bad values are errors naming the file.
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::io(path, "check the path given to --config", e))?;
+        let cfg: FeaturePriorConfig = toml::from_str(&text).map_err(|e| {
+            Error::input(
+                path,
+                format!("not a valid prior config: {}", one_line(&e.to_string())),
+            )
+        })?;
+        cfg.validate()
+            .map_err(|e| Error::input(path, e.to_string()))?;
+        Ok(cfg)
+    }
+
+    /// The config as TOML text.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a FeaturePriorConfig always serialises")
+    }
+
+    /// Checks every value is usable, naming the offending key.
+    pub fn validate(&self) -> Result<()> {
+        let t = &self.train;
+        for (key, v) in [
+            ("data.latent_dim", self.data.latent_dim),
+            ("model.width", self.model.width),
+            ("model.depth", self.model.depth),
+            ("train.steps", t.steps),
+            ("train.batch", t.batch),
+            ("train.mc", t.mc),
+            ("train.checkpoint_every", t.checkpoint_every),
+            ("train.log_every", t.log_every),
+        ] {
+            if v == 0 {
+                return Err(Error::Config(format!("{key} must be at least 1, got 0")));
+            }
+        }
+        if !(t.lr.is_finite() && t.lr > 0.0) {
+            return Err(Error::Config(format!(
+                "train.lr must be a positive number, got {}",
+                t.lr
+            )));
+        }
+        if !(0.0..=1.0).contains(&t.final_lr_frac) {
+            return Err(Error::Config(format!(
+                "train.final_lr_frac must lie in [0, 1], got {}",
+                t.final_lr_frac
+            )));
+        }
+        if !(0.0..1.0).contains(&t.ema) {
+            return Err(Error::Config(format!(
+                "train.ema must lie in [0, 1), got {}",
+                t.ema
+            )));
+        }
+        let o = &t.optim;
+        if !((0.0..1.0).contains(&o.beta1) && (0.0..1.0).contains(&o.beta2)) {
+            return Err(Error::Config(format!(
+                "train.optim.beta1 and beta2 must lie in [0, 1), got {} and {}",
+                o.beta1, o.beta2
+            )));
+        }
+        if !(o.eps > 0.0 && o.weight_decay >= 0.0 && o.grad_clip >= 0.0) {
+            return Err(Error::Config(
+                "train.optim: eps must be positive, weight_decay and grad_clip at least 0".into(),
+            ));
+        }
+        if let Some(s) = self.data.scale
+            && !(s.is_finite() && s > 0.0)
+        {
+            return Err(Error::Config(format!(
+                "data.scale must be a positive number, got {s}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The fields a resumed run must share with the run it continues, with their values as text.
+    pub fn identity(&self) -> Vec<(&'static str, String)> {
+        let (d, m, t) = (&self.data, &self.model, &self.train);
+        vec![
+            ("data.features", d.features.clone()),
+            ("data.latent_dim", d.latent_dim.to_string()),
+            (
+                "data.projection",
+                format!("{:?}", d.projection).to_lowercase(),
+            ),
+            ("data.projection_seed", d.projection_seed.to_string()),
+            ("data.scale", format!("{:?}", d.scale)),
+            ("data.holdout", d.holdout.to_string()),
+            ("model.width", m.width.to_string()),
+            ("model.depth", m.depth.to_string()),
+            ("train.seed", t.seed.to_string()),
+            ("train.ema", t.ema.to_string()),
+        ]
+    }
+
+    /// Fails with the first identity field where `self` (requested) differs from `saved`.
+    pub fn check_resumable(&self, saved: &FeaturePriorConfig) -> Result<()> {
+        for ((key, want), (_, had)) in self.identity().into_iter().zip(saved.identity()) {
+            if want != had {
+                return Err(Error::Config(format!(
+                    "--resume: {key} is {want} but the checkpoint was trained with {had}; \
+                     drop that flag to continue the run, or start a new one with another --out"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_round_trip_and_paper_is_the_spec() {
+        for preset in [PriorPreset::Paper, PriorPreset::Small] {
+            let cfg = FeaturePriorConfig::preset(preset, "f.safetensors:w");
+            cfg.validate().unwrap();
+            let back: FeaturePriorConfig = toml::from_str(&cfg.to_toml()).unwrap();
+            assert_eq!(back, cfg);
+        }
+        let p = FeaturePriorConfig::preset(PriorPreset::Paper, "f");
+        assert_eq!((p.model.width, p.model.depth), (1024, 6));
+        assert_eq!(
+            (p.train.batch, p.train.mc, p.train.steps),
+            (32_768, 4, 1_000_000)
+        );
+        assert_eq!((p.train.warmup, p.train.final_lr_frac), (2_500, 0.1));
+        assert_eq!(p.train.optim, OptimSpec::PAPER_ADAMW);
+        assert_eq!((p.train.lr, p.train.ema), (2e-4, 0.9999));
+        assert_eq!(
+            (p.data.latent_dim, p.data.projection_seed),
+            (32, PAPER_SEED)
+        );
+    }
+
+    #[test]
+    fn resume_refuses_a_different_projection() {
+        let saved = FeaturePriorConfig::preset(PriorPreset::Small, "f");
+        let mut asked = saved.clone();
+        asked.train.steps += 100; // extending a run is fine
+        asked.check_resumable(&saved).unwrap();
+        asked.data.projection_seed = 7;
+        let err = asked.check_resumable(&saved).unwrap_err().to_string();
+        assert!(
+            err.contains("data.projection_seed is 7") && err.contains("42"),
+            "{err}"
+        );
+    }
+}

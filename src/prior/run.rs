@@ -1,0 +1,350 @@
+//! Training a prior on feature rows (SPEC section 6, stage 1): the loop, its metrics and resume.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::prelude::*;
+use serde::Serialize;
+
+use super::checkpoint::{self, Manifest};
+use super::config::FeaturePriorConfig;
+use super::data::PriorData;
+use crate::align::flow_loss;
+use crate::config::{Reduction, Schedule};
+use crate::error::{Error, Result};
+use crate::flow::path::PathDraws;
+use crate::flow::{VelocityMlp, VelocityMlpConfig, rows_to_tensor};
+use crate::rng::{Stream, rng_for};
+use crate::train::{PriorMeta, PriorTrainer, StepStats, save_prior};
+
+/// Held-out rows scored at each checkpoint (fixed draws, so the numbers compare across steps).
+const VAL_ROWS: usize = 4_096;
+
+/// One line of the metrics log.
+#[derive(Debug, Clone, Serialize)]
+pub struct Metrics {
+    pub step: usize,
+    /// Mean training loss over the steps since the previous line.
+    pub loss: f32,
+    pub lr: f64,
+    /// Global gradient norm of the last step, before clipping.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grad_norm: Option<f32>,
+    /// Feature vectors per second since the previous line.
+    pub vectors_per_s: f64,
+    /// Flow-matching loss of the frozen prior on held-out rows (checkpoint steps only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_loss: Option<f32>,
+}
+
+/// Appends metrics to `metrics.csv` and `metrics.jsonl` in the run folder.
+struct MetricsLog {
+    csv: PathBuf,
+    jsonl: PathBuf,
+}
+
+const CSV_HEADER: &str = "step,loss,lr,grad_norm,vectors_per_s,val_loss";
+
+impl MetricsLog {
+    /// Opens the logs of `dir`, keeping only lines up to `step` (a resumed run rewrites the rest).
+    fn open(dir: &Path, step: usize) -> Result<MetricsLog> {
+        let log = MetricsLog {
+            csv: dir.join("metrics.csv"),
+            jsonl: dir.join("metrics.jsonl"),
+        };
+        let keep = |line: &str, step_of: &dyn Fn(&str) -> Option<usize>| {
+            step_of(line).is_some_and(|s| s <= step)
+        };
+        let csv_step = |l: &str| l.split(',').next()?.parse().ok();
+        let json_step = |l: &str| {
+            serde_json::from_str::<serde_json::Value>(l).ok()?["step"]
+                .as_u64()
+                .map(|s| s as usize)
+        };
+        let old_csv = std::fs::read_to_string(&log.csv).unwrap_or_default();
+        let mut csv = format!("{CSV_HEADER}\n");
+        for line in old_csv.lines().filter(|l| keep(l, &csv_step)) {
+            csv.push_str(line);
+            csv.push('\n');
+        }
+        crate::report::write_atomic(&log.csv, csv.as_bytes())?;
+        let old_json = std::fs::read_to_string(&log.jsonl).unwrap_or_default();
+        let mut json = String::new();
+        for line in old_json.lines().filter(|l| keep(l, &json_step)) {
+            json.push_str(line);
+            json.push('\n');
+        }
+        crate::report::write_atomic(&log.jsonl, json.as_bytes())?;
+        Ok(log)
+    }
+
+    fn append(&self, m: &Metrics) -> Result<()> {
+        let opt = |v: Option<f32>| v.map(|v| v.to_string()).unwrap_or_default();
+        let csv = format!(
+            "{},{},{},{},{:.1},{}\n",
+            m.step,
+            m.loss,
+            m.lr,
+            opt(m.grad_norm),
+            m.vectors_per_s,
+            opt(m.val_loss)
+        );
+        let json = format!("{}\n", serde_json::to_string(m).expect("metrics serialise"));
+        for (path, line) in [(&self.csv, csv), (&self.jsonl, json)] {
+            OpenOptions::new()
+                .append(true)
+                .open(path)
+                .and_then(|mut f| f.write_all(line.as_bytes()))
+                .map_err(|e| Error::io(path, "keep the run folder writable", e))?;
+        }
+        Ok(())
+    }
+}
+
+/// How a training run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    /// The step the run started from (0 for a new run).
+    pub resumed_from: usize,
+    /// Steps taken when it stopped.
+    pub step: usize,
+    /// Whether it stopped early because it was asked to (a checkpoint was written).
+    pub interrupted: bool,
+    /// The last held-out flow-matching loss.
+    pub val_loss: f32,
+}
+
+/// A feature prior run: its data, trainer and folder.
+pub struct PriorRun {
+    cfg: FeaturePriorConfig,
+    dir: PathBuf,
+    data: PriorData,
+    trainer: PriorTrainer,
+    device: Device,
+    resumed_from: usize,
+}
+
+impl PriorRun {
+    /// Opens a new run in `dir`, or continues its checkpoint when `resume` is set.
+    ///
+    /// A new run refuses a folder that already holds a checkpoint; a resumed one refuses a config
+    /// or table that differs from the checkpoint's in anything but its length and logging.
+    pub fn open(
+        cfg: FeaturePriorConfig,
+        dir: &Path,
+        resume: bool,
+        device: &Device,
+    ) -> Result<PriorRun> {
+        cfg.validate()?;
+        let saved = checkpoint::load(dir)?;
+        if resume {
+            if dir.join(checkpoint::CONFIG).is_file() {
+                cfg.check_resumable(&checkpoint::read_config(dir)?)?;
+            } else {
+                return Err(Error::Config(format!(
+                    "--resume: {} holds no run; drop --resume to start one there",
+                    dir.display()
+                )));
+            }
+        } else if let Some((m, _)) = &saved {
+            return Err(Error::Config(format!(
+                "{} already holds a checkpoint at step {}; pass --resume to continue it, or choose a new --out",
+                dir.display(),
+                m.step
+            )));
+        }
+        let data = PriorData::prepare(&cfg.data, cfg.train.seed, device)?;
+        let saved = if resume { saved } else { None };
+        if let Some((m, _)) = &saved {
+            check_same_table(&cfg, m, &data)?;
+        }
+        checkpoint::write_config(dir, &cfg)?;
+        let mut trainer = new_trainer(&cfg, data.dim(), device);
+        let resumed_from = match saved {
+            Some((_, state)) => {
+                trainer.restore(&state)?;
+                state.step
+            }
+            None => 0,
+        };
+        Ok(PriorRun {
+            cfg,
+            dir: dir.to_path_buf(),
+            data,
+            trainer,
+            device: device.clone(),
+            resumed_from,
+        })
+    }
+
+    /// The run's data.
+    pub fn data(&self) -> &PriorData {
+        &self.data
+    }
+
+    /// Steps taken so far.
+    pub fn step(&self) -> usize {
+        self.trainer.step
+    }
+
+    /// One optimiser step: `batch` rows and `batch * mc` (t, eps) draws, all seeded by the step.
+    pub fn train_step(&mut self) -> Result<StepStats> {
+        let t = &self.cfg.train;
+        let d = self.data.dim();
+        let mut rng = rng_for(t.seed, Stream::Prior, self.trainer.step as u64);
+        let ad = self.device.clone().autodiff();
+        let rows = self.data.batch(t.batch, &mut rng);
+        let x = rows_to_tensor(&rows, d, &ad).repeat_dim(0, t.mc); // [mc * batch, d]
+        let draws = PathDraws::sample(&mut rng, t.batch * t.mc, d, &ad);
+        self.trainer.train_step(x, &draws)
+    }
+
+    /// The flow-matching loss of the frozen prior on up to 4,096 held-out rows, with fixed draws.
+    pub fn val_loss(&self) -> f32 {
+        let rows = if self.data.holdout.rows > 0 {
+            &self.data.holdout
+        } else {
+            &self.data.train
+        };
+        let n = rows.rows.min(VAL_ROWS);
+        let d = rows.cols;
+        let prior = self.trainer.frozen();
+        let mut rng = rng_for(self.cfg.train.seed, Stream::Eval, 0);
+        let x = rows_to_tensor(&rows.data[..n * d], d, &self.device);
+        let draws = PathDraws::sample(&mut rng, n, d, &self.device);
+        flow_loss(&prior, x, &draws, Reduction::Mean).into_scalar::<f32>()
+    }
+
+    /// Writes a checkpoint and exports the frozen prior (`prior.safetensors`, `prior.toml`).
+    pub fn checkpoint(&self) -> Result<()> {
+        checkpoint::save(&self.dir, &self.data.info, &self.trainer.state_bytes()?)?;
+        let meta = PriorMeta {
+            dim: self.data.dim(),
+            width: self.cfg.model.width,
+            depth: self.cfg.model.depth,
+            target: self.cfg.data.features.clone(),
+            scale: self.data.info.scale as f32,
+            steps: self.trainer.step,
+            seed: self.cfg.train.seed,
+        };
+        save_prior(&self.dir, &self.trainer.frozen(), &meta)
+    }
+
+    /// Trains to `train.steps`, logging every `log_every` steps and checkpointing every
+    /// `checkpoint_every` steps and at the end. `stop` is polled every step: when it turns true a
+    /// checkpoint is written and the run returns early. `on_log` sees every metrics line.
+    pub fn run(
+        &mut self,
+        stop: impl Fn() -> bool,
+        mut on_log: impl FnMut(&Metrics),
+    ) -> Result<Summary> {
+        let t = self.cfg.train.clone();
+        let log = MetricsLog::open(&self.dir, self.trainer.step)?;
+        let (mut loss_sum, mut loss_n) = (0.0f64, 0usize);
+        let mut window = Instant::now();
+        let mut val_loss = f32::NAN;
+        let mut interrupted = false;
+        while self.trainer.step < t.steps {
+            let stats = self.guarded_step()?;
+            loss_sum += f64::from(stats.loss);
+            loss_n += 1;
+            let step = self.trainer.step;
+            let ckpt = step % t.checkpoint_every == 0 || step == t.steps;
+            interrupted = stop();
+            if step % t.log_every == 0 || ckpt || interrupted {
+                if ckpt || interrupted {
+                    val_loss = self.val_loss();
+                    self.checkpoint()?;
+                }
+                let m = Metrics {
+                    step,
+                    loss: (loss_sum / loss_n as f64) as f32,
+                    lr: stats.lr,
+                    grad_norm: stats.grad_norm,
+                    vectors_per_s: (loss_n * t.batch) as f64 / window.elapsed().as_secs_f64(),
+                    val_loss: (ckpt || interrupted).then_some(val_loss),
+                };
+                log.append(&m)?;
+                on_log(&m);
+                (loss_sum, loss_n, window) = (0.0, 0, Instant::now());
+            }
+            if interrupted {
+                break;
+            }
+        }
+        if self.trainer.step == self.resumed_from {
+            // Nothing to train (resumed at the end): still report the prior.
+            val_loss = self.val_loss();
+        }
+        Ok(Summary {
+            resumed_from: self.resumed_from,
+            step: self.trainer.step,
+            interrupted,
+            val_loss,
+        })
+    }
+
+    /// A training step that turns a backend's out-of-memory panic into an error naming the batch.
+    fn guarded_step(&mut self) -> Result<StepStats> {
+        let batch = self.cfg.train.batch;
+        let mc = self.cfg.train.mc;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.train_step())) {
+            Ok(result) => result,
+            Err(payload) => {
+                let msg = payload
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| payload.downcast_ref::<&str>().copied())
+                    .unwrap_or("");
+                let lower = msg.to_lowercase();
+                if lower.contains("out of memory") || lower.contains("outofmemory") {
+                    Err(Error::Device(format!(
+                        "out of memory at batch {batch} x mc {mc}; try --batch {}",
+                        (batch / 2).max(1)
+                    )))
+                } else {
+                    std::panic::resume_unwind(payload)
+                }
+            }
+        }
+    }
+
+    /// The frozen prior (EMA weights when kept).
+    pub fn frozen(&self) -> VelocityMlp {
+        self.trainer.frozen()
+    }
+}
+
+/// A trainer for `cfg` on latent dimension `dim`, freshly initialised.
+fn new_trainer(cfg: &FeaturePriorConfig, dim: usize, device: &Device) -> PriorTrainer {
+    let t = &cfg.train;
+    let mut rng = rng_for(t.seed, Stream::Init, 0);
+    let model = VelocityMlpConfig::new(dim, cfg.model.width, cfg.model.depth)
+        .init(&mut rng, &device.clone().autodiff());
+    PriorTrainer::new(
+        model,
+        t.lr,
+        Schedule::Cosine {
+            warmup: t.warmup,
+            final_frac: t.final_lr_frac,
+        },
+        t.steps,
+        Reduction::Mean,
+    )
+    .with_optim(t.optim)
+    .with_ema(t.ema)
+}
+
+fn check_same_table(cfg: &FeaturePriorConfig, m: &Manifest, data: &PriorData) -> Result<()> {
+    let (a, b) = (&m.data, &data.info);
+    if (a.rows, a.cols) != (b.rows, b.cols) || (a.std - b.std).abs() > 1e-9 * a.std.abs().max(1.0) {
+        return Err(Error::Config(format!(
+            "--resume: {} now holds {} x {} rows (std {:.6}) but the checkpoint trained on {} x {} (std {:.6}); \
+             pass the same feature table",
+            cfg.data.features, b.rows, b.cols, b.std, a.rows, a.cols, a.std
+        )));
+    }
+    Ok(())
+}
