@@ -23,18 +23,28 @@ pub struct BenchArgs {
     /// What to measure.
     #[arg(value_enum, default_value_t = BenchKind::Toy)]
     pub kind: BenchKind,
-    /// Network width (default: 512 for `toy`, the interactive preset's 96 for `landscape`).
+    /// Network width (default: 512 for `toy`, the interactive preset's 96 for `landscape`, 1024 for `prior`).
     #[arg(long)]
     pub width: Option<usize>,
-    /// Network depth (default: 4 for `toy`, 3 for `landscape`).
+    /// Network depth (default: 4 for `toy`, 3 for `landscape`, 6 for `prior`).
     #[arg(long)]
     pub depth: Option<usize>,
+    /// `prior`: feature vectors per step (default: the paper's 32,768 on a GPU, 1,024 on the CPU).
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// `prior`: (t, eps) draws per vector.
+    #[arg(long, default_value_t = 4)]
+    pub mc: usize,
+    /// Compute device (`prior` only; the toy figures are CPU figures).
+    #[arg(long, value_enum, default_value_t = crate::backend::DeviceChoice::Auto)]
+    pub device: crate::backend::DeviceChoice,
     /// Minimum seconds per figure.
     #[arg(long, default_value_t = 8.0)]
     pub seconds: f64,
-    /// The PyTorch peer script; skipped when absent or when torch is not importable.
-    #[arg(long, default_value = "../shared/bench/torch_toy.py")]
-    pub peer: PathBuf,
+    /// The PyTorch peer script (default: ../shared/bench/torch_toy.py for `toy`,
+    /// benches/torch_prior.py for `prior`); skipped when absent or when torch is not importable.
+    #[arg(long)]
+    pub peer: Option<PathBuf>,
     /// Skip the PyTorch peer.
     #[arg(long)]
     pub no_peer: bool,
@@ -50,6 +60,8 @@ pub enum BenchKind {
     Toy,
     /// The visualizer's landscape refresh: heatmaps, velocity field and ODE samples (milliseconds).
     Landscape,
+    /// Stage-1 prior training (SPEC section 6): vectors/s of the full step (AdamW, clip, EMA, mc 4).
+    Prior,
 }
 
 /// Median milliseconds of `reps` calls of `f` after one warm-up call.
@@ -171,15 +183,20 @@ pub fn measure(width: usize, depth: usize, seconds: f64) -> Result<Value> {
     Ok(Value::Object(out))
 }
 
-/// Runs the PyTorch peer; `None` (with a notice) when it cannot run here.
-fn peer(args: &BenchArgs, width: usize, depth: usize) -> Option<Value> {
+/// Runs the PyTorch peer script with `extra` arguments and parses its `BENCH {json}` line; `None`
+/// (with a notice) when it cannot run here.
+fn peer(args: &BenchArgs, default_script: &str, extra: &[String]) -> Option<Value> {
     if args.no_peer {
         return None;
     }
-    if !args.peer.is_file() {
+    let script = args
+        .peer
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(default_script));
+    if !script.is_file() {
         tracing::info!(
             "peer script {} not found; measuring flowalign alone",
-            args.peer.display()
+            script.display()
         );
         return None;
     }
@@ -194,18 +211,10 @@ fn peer(args: &BenchArgs, width: usize, depth: usize) -> Option<Value> {
         );
         return None;
     }
+    tracing::info!("measuring the PyTorch peer {}", script.display());
     let out = Command::new("python3")
-        .arg(&args.peer)
-        .args([
-            "--bench",
-            "--threads",
-            "2",
-            "--bench-batches",
-            "256",
-            "1024",
-        ])
-        .args(["--width", &width.to_string(), "--depth", &depth.to_string()])
-        .args(["--bench-seconds", &args.seconds.to_string()])
+        .arg(&script)
+        .args(extra)
         .output()
         .ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -218,6 +227,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let name = match args.kind {
         BenchKind::Toy => "toy",
         BenchKind::Landscape => "landscape",
+        BenchKind::Prior => "prior",
     };
     let out = args
         .out
@@ -230,6 +240,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             tracing::info!("measuring the visualizer's landscape refresh (burn flex, {w}x{d})");
             landscape(w, d)?
         }
+        BenchKind::Prior => prior(&args)?,
     };
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
@@ -251,7 +262,23 @@ fn toy(args: &BenchArgs) -> Result<Value> {
     }
     tracing::info!("measuring flowalign (burn flex, {width}x{depth})");
     let ours = measure(width, depth, args.seconds)?;
-    let theirs = peer(args, width, depth);
+    let extra: Vec<String> = [
+        "--bench",
+        "--threads",
+        "2",
+        "--bench-batches",
+        "256",
+        "1024",
+        "--width",
+        &width.to_string(),
+        "--depth",
+        &depth.to_string(),
+        "--bench-seconds",
+        &args.seconds.to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
+    let theirs = peer(args, "../shared/bench/torch_toy.py", &extra);
     let mut ratios = serde_json::Map::new();
     if let Some(p) = &theirs {
         // Both sides name their figures alike.
@@ -267,4 +294,92 @@ fn toy(args: &BenchArgs) -> Result<Value> {
         }
     }
     Ok(json!({ "flowalign": ours, "pytorch": theirs, "ratio_flowalign_over_pytorch": ratios }))
+}
+
+/// Peak resident memory of this process so far, in MiB (Linux; `None` elsewhere).
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+/// `flowalign bench prior`: the stage-1 training step on the chosen device, and the PyTorch peer
+/// (CPU, same threads) when it can run.
+fn prior(args: &BenchArgs) -> Result<Value> {
+    use crate::prior::{FeaturePriorConfig, PriorPreset};
+    let (device, name) = crate::backend::select(args.device)?;
+    let on_cpu = name.starts_with("cpu");
+    let mut cfg = FeaturePriorConfig::preset(PriorPreset::Paper, "-");
+    cfg.model.width = args.width.unwrap_or(cfg.model.width);
+    cfg.model.depth = args.depth.unwrap_or(cfg.model.depth);
+    cfg.train.batch = args
+        .batch
+        .unwrap_or(if on_cpu { 1024 } else { cfg.train.batch });
+    cfg.train.mc = args.mc;
+    cfg.validate()?;
+    let (d, batch, mc) = (cfg.data.latent_dim, cfg.train.batch, cfg.train.mc);
+    tracing::info!(
+        "measuring flowalign ({name}, {}x{}, batch {batch} x mc {mc})",
+        cfg.model.width,
+        cfg.model.depth
+    );
+    let mut trainer = crate::prior::run::new_trainer(&cfg, d, &device);
+    let mut rng = rng_for(0, Stream::Prior, 0);
+    let table = normal_rows(&mut rng, 100_000, d);
+    let mut step = |rng: &mut crate::rng::Rng| -> Result<()> {
+        use rand::RngExt;
+        let mut rows = Vec::with_capacity(batch * d);
+        for _ in 0..batch {
+            let i = rng.random_range(0..100_000);
+            rows.extend_from_slice(&table[i * d..(i + 1) * d]);
+        }
+        crate::prior::run::step_on_rows(&mut trainer, &rows, d, mc, rng, &device).map(|_| ())
+    };
+    let sps = timed(args.seconds, || step(&mut rng))?;
+    let ours = json!({
+        "device": name,
+        "vectors_per_sec": sps * batch as f64,
+        "steps_per_sec": sps,
+        "peak_rss_mib": peak_rss_mib(),
+    });
+    let extra: Vec<String> = vec![
+        "--width".into(),
+        cfg.model.width.to_string(),
+        "--depth".into(),
+        cfg.model.depth.to_string(),
+        "--batch".into(),
+        batch.to_string(),
+        "--mc".into(),
+        mc.to_string(),
+        "--seconds".into(),
+        args.seconds.to_string(),
+        "--threads".into(),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+            .to_string(),
+    ];
+    let theirs = if on_cpu {
+        peer(args, "benches/torch_prior.py", &extra)
+    } else {
+        None
+    };
+    let ratio = theirs
+        .as_ref()
+        .and_then(|p| Some(sps * batch as f64 / p["vectors_per_sec"].as_f64()?));
+    Ok(json!({
+        "model": { "width": cfg.model.width, "depth": cfg.model.depth, "dim": d },
+        "batch": batch,
+        "mc": mc,
+        "flowalign": ours,
+        "pytorch": theirs,
+        "ratio_flowalign_over_pytorch": ratio,
+    }))
 }

@@ -192,13 +192,9 @@ impl PriorRun {
     /// One optimiser step: `batch` rows and `batch * mc` (t, eps) draws, all seeded by the step.
     pub fn train_step(&mut self) -> Result<StepStats> {
         let t = &self.cfg.train;
-        let d = self.data.dim();
         let mut rng = rng_for(t.seed, Stream::Prior, self.trainer.step as u64);
-        let ad = self.device.clone().autodiff();
         let rows = self.data.batch(t.batch, &mut rng);
-        let x = rows_to_tensor(&rows, d, &ad).repeat_dim(0, t.mc); // [mc * batch, d]
-        let draws = PathDraws::sample(&mut rng, t.batch * t.mc, d, &ad);
-        self.trainer.train_step(x, &draws)
+        step_on_rows(&mut self.trainer, &rows, self.data.dim(), t.mc, &mut rng, &self.device)
     }
 
     /// The flow-matching loss of the frozen prior on up to 4,096 held-out rows, with fixed draws.
@@ -317,8 +313,25 @@ impl PriorRun {
     }
 }
 
+/// One step of `trainer` on the flat rows `[batch, d]`, each repeated `mc` times with its own
+/// (t, eps) draw from `rng`. This is the whole training step: data-parallel front-ends wrap it.
+pub fn step_on_rows(
+    trainer: &mut PriorTrainer,
+    rows: &[f32],
+    d: usize,
+    mc: usize,
+    rng: &mut crate::rng::Rng,
+    device: &Device,
+) -> Result<StepStats> {
+    let ad = device.clone().autodiff();
+    let n = rows.len() / d;
+    let x = rows_to_tensor(rows, d, &ad).repeat_dim(0, mc); // [mc * n, d]
+    let draws = PathDraws::sample(rng, n * mc, d, &ad);
+    trainer.train_step(x, &draws)
+}
+
 /// A trainer for `cfg` on latent dimension `dim`, freshly initialised.
-fn new_trainer(cfg: &FeaturePriorConfig, dim: usize, device: &Device) -> PriorTrainer {
+pub fn new_trainer(cfg: &FeaturePriorConfig, dim: usize, device: &Device) -> PriorTrainer {
     let t = &cfg.train;
     let mut rng = rng_for(t.seed, Stream::Init, 0);
     let model = VelocityMlpConfig::new(dim, cfg.model.width, cfg.model.depth)
