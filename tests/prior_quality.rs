@@ -139,7 +139,11 @@ fn prior_matches_a_known_32d_density() {
     let outside: Vec<f32> = mix
         .sample(n, 5)
         .chunks(D)
-        .flat_map(|r| (0..D).map(|j| r[j] + mix.stds[j] * if j % 2 == 0 { 1.0 } else { -1.0 }).collect::<Vec<_>>())
+        .flat_map(|r| {
+            (0..D)
+                .map(|j| r[j] + mix.stds[j] * if j % 2 == 0 { 1.0 } else { -1.0 })
+                .collect::<Vec<_>>()
+        })
         .collect();
     let ts = linspace(0.05, 0.95, 64);
     let mut rng = rng_for(3, Stream::Eval, 0);

@@ -263,8 +263,8 @@ fn open_run(
 
 fn eval(args: EvalArgs) -> Result<()> {
     let (device, device_name) = select(args.device)?;
-    let (prior, meta) = load_prior(&args.prior, &device)?;
     let (_, data) = open_run(&args.prior, args.features.as_ref(), &device)?;
+    let (prior, meta) = load_prior(&args.prior, &device)?;
     if data.dim() != meta.dim {
         bail!(
             "the prior models {}-dim vectors but the features project to {}; pass the table it was trained on",

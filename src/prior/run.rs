@@ -194,7 +194,14 @@ impl PriorRun {
         let t = &self.cfg.train;
         let mut rng = rng_for(t.seed, Stream::Prior, self.trainer.step as u64);
         let rows = self.data.batch(t.batch, &mut rng);
-        step_on_rows(&mut self.trainer, &rows, self.data.dim(), t.mc, &mut rng, &self.device)
+        step_on_rows(
+            &mut self.trainer,
+            &rows,
+            self.data.dim(),
+            t.mc,
+            &mut rng,
+            &self.device,
+        )
     }
 
     /// The flow-matching loss of the frozen prior on up to 4,096 held-out rows, with fixed draws.
@@ -247,9 +254,9 @@ impl PriorRun {
             loss_sum += f64::from(stats.loss);
             loss_n += 1;
             let step = self.trainer.step;
-            let ckpt = step % t.checkpoint_every == 0 || step == t.steps;
+            let ckpt = step.is_multiple_of(t.checkpoint_every) || step == t.steps;
             interrupted = stop();
-            if step % t.log_every == 0 || ckpt || interrupted {
+            if step.is_multiple_of(t.log_every) || ckpt || interrupted {
                 if ckpt || interrupted {
                     val_loss = self.val_loss();
                     self.checkpoint()?;

@@ -1,0 +1,234 @@
+//! `flowalign prior train|eval|sample` end to end on a small bf16 table the test writes: a run,
+//! a killed run resumed to the same weights, evaluation, sampling, and bad input.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use burn::prelude::Device;
+use flowalign::train::{load_prior, param_values};
+
+mod common;
+use common::{flowalign, one_line_error, write_table};
+
+const TENSOR: &str = "model.embed_tokens.weight";
+
+/// The flags of a tiny run on `features` into `out`.
+fn train_args<'a>(features: &'a str, out: &'a str, steps: &'a str) -> Vec<&'a str> {
+    vec![
+        "prior",
+        "train",
+        "--features",
+        features,
+        "--out",
+        out,
+        "--preset",
+        "small",
+        "--latent-dim",
+        "8",
+        "--width",
+        "48",
+        "--depth",
+        "2",
+        "--batch",
+        "128",
+        "--steps",
+        steps,
+        "--warmup",
+        "10",
+        "--checkpoint-every",
+        "20",
+        "--log-every",
+        "10",
+        "--device",
+        "cpu",
+    ]
+}
+
+fn weights(dir: &Path) -> Vec<f32> {
+    let (prior, meta) = load_prior(dir, &Device::flex()).unwrap();
+    assert_eq!(meta.dim, 8);
+    param_values(&prior)
+}
+
+#[test]
+fn train_kill_resume_eval_and_sample() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("model.safetensors");
+    write_table(&file, 4000, 64);
+    let spec = format!("{}:{TENSOR}", file.display());
+    let whole = tmp.path().join("whole");
+    let out = flowalign(&train_args(&spec, whole.to_str().unwrap(), "400"));
+    assert!(out.status.success(), "{out:?}");
+    for f in [
+        "config.toml",
+        "checkpoint.toml",
+        "prior.safetensors",
+        "prior.toml",
+        "metrics.csv",
+        "metrics.jsonl",
+    ] {
+        assert!(whole.join(f).is_file(), "{f} missing");
+    }
+    let csv = std::fs::read_to_string(whole.join("metrics.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 40, "{csv}");
+    let last: Vec<&str> = csv.lines().last().unwrap().split(',').collect();
+    assert_eq!(last[0], "400");
+    assert!(
+        last[5].parse::<f32>().unwrap().is_finite(),
+        "val_loss {last:?}"
+    );
+
+    // The same run killed (SIGKILL) once its first checkpoints exist, then resumed.
+    let parts = tmp.path().join("parts");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flowalign"))
+        .args(train_args(&spec, parts.to_str().unwrap(), "400"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !parts.join("checkpoint.toml").is_file() && start.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let manifest = std::fs::read_to_string(parts.join("checkpoint.toml")).unwrap();
+    let killed_at: usize = manifest
+        .lines()
+        .find_map(|l| l.strip_prefix("step = "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        killed_at < 400,
+        "the run finished before it could be killed"
+    );
+
+    // Starting afresh over it is refused; so is resuming with another projection.
+    let err = one_line_error(&flowalign(&train_args(
+        &spec,
+        parts.to_str().unwrap(),
+        "400",
+    )));
+    assert!(err.contains("--resume"), "{err}");
+    let mut other = train_args(&spec, parts.to_str().unwrap(), "400");
+    other.extend(["--resume", "--projection-seed", "7"]);
+    let err = one_line_error(&flowalign(&other));
+    assert!(err.contains("projection_seed"), "{err}");
+
+    let mut resume = train_args(&spec, parts.to_str().unwrap(), "400");
+    resume.push("--resume");
+    let out = flowalign(&resume);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!("at step {killed_at}")),
+        "{out:?}"
+    );
+    assert!(weights(&whole) == weights(&parts), "resumed weights differ");
+
+    // Evaluation and sampling.
+    let out = flowalign(&[
+        "prior",
+        "eval",
+        "--prior",
+        whole.to_str().unwrap(),
+        "--nll-rows",
+        "16",
+        "--ode-steps",
+        "4",
+        "--samples",
+        "300",
+        "--sample-steps",
+        "20",
+        "--device",
+        "cpu",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(whole.join("eval.json")).unwrap()).unwrap();
+    for key in [
+        "fm_loss",
+        "nll_holdout",
+        "nll_samples",
+        "log_rk_samples",
+        "log_rk_holdout",
+    ] {
+        assert!(report[key].as_f64().unwrap().is_finite(), "{key}: {report}");
+    }
+    assert_eq!(report["k"], 5);
+    assert!(whole.join("pca.png").is_file());
+
+    let samples = tmp.path().join("samples.npy");
+    let out = flowalign(&[
+        "prior",
+        "sample",
+        "--prior",
+        whole.to_str().unwrap(),
+        "-n",
+        "50",
+        "--steps",
+        "10",
+        "--out",
+        samples.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let bytes = std::fs::read(&samples).unwrap();
+    let npy = npyz::NpyFile::new(&bytes[..]).unwrap();
+    assert_eq!(npy.shape(), &[50, 8]);
+    let values: Vec<f32> = npy.into_vec().unwrap();
+    assert!(values.iter().all(|v| v.is_finite()));
+}
+
+#[test]
+fn bad_input_is_one_line_and_leaves_no_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A table with a NaN row.
+    let mut data: Vec<f32> = (0..500 * 16).map(|i| ((i * 37) % 101) as f32).collect();
+    data[16 * 7 + 3] = f32::NAN;
+    let file = tmp.path().join("nan.npy");
+    flowalign::features::write_npy(&file, 500, 16, &data).unwrap();
+    let out_dir = tmp.path().join("run");
+    let err = one_line_error(&flowalign(&train_args(
+        file.to_str().unwrap(),
+        out_dir.to_str().unwrap(),
+        "20",
+    )));
+    assert!(err.contains("--drop-nonfinite"), "{err}");
+    assert!(!out_dir.join("checkpoint.toml").exists());
+
+    // A latent dim above the feature dim, a missing tensor name, a missing file.
+    data[16 * 7 + 3] = 1.0;
+    let clean = tmp.path().join("clean.npy");
+    flowalign::features::write_npy(&clean, 500, 16, &data).unwrap();
+    let mut args = train_args(clean.to_str().unwrap(), out_dir.to_str().unwrap(), "20");
+    let at = args.iter().position(|a| *a == "--latent-dim").unwrap();
+    args[at + 1] = "32";
+    let err = one_line_error(&flowalign(&args));
+    assert!(err.contains("latent"), "{err}");
+    let st = tmp.path().join("t.safetensors");
+    write_table(&st, 100, 16);
+    let spec = format!("{}:nope", st.display());
+    let err = one_line_error(&flowalign(&train_args(
+        &spec,
+        out_dir.to_str().unwrap(),
+        "20",
+    )));
+    assert!(err.contains(TENSOR), "{err}");
+    let err = one_line_error(&flowalign(&train_args(
+        "/no/such/file.npy",
+        out_dir.to_str().unwrap(),
+        "20",
+    )));
+    assert!(err.contains("/no/such/file.npy"), "{err}");
+    let err = one_line_error(&flowalign(&[
+        "prior",
+        "eval",
+        "--prior",
+        tmp.path().join("nothing").to_str().unwrap(),
+    ]));
+    assert!(err.contains("prior train"), "{err}");
+    assert!(!out_dir.join("checkpoint.toml").exists());
+}
