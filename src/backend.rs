@@ -56,6 +56,64 @@ pub fn select(choice: DeviceChoice) -> Result<(Device, String)> {
     }
 }
 
+/// `count` devices of the kind `choice` resolves to, for data-parallel training: CUDA devices
+/// 0..count, the first `count` hardware wgpu adapters, or the one CPU device `count` times (the
+/// replicas then share it: this exercises the data-parallel step, it does not speed it up).
+pub fn select_many(choice: DeviceChoice, count: usize) -> Result<(Vec<Device>, String)> {
+    let (first, name) = select(choice)?;
+    if count <= 1 {
+        return Ok((vec![first], name));
+    }
+    if name.starts_with("cuda") {
+        return Ok((
+            (0..count).map(cuda_index).collect(),
+            format!("cuda:0..{}", count - 1),
+        ));
+    }
+    if name.starts_with("wgpu") {
+        let all = hardware_wgpu_all();
+        if all.len() < count {
+            return Err(Error::Device(format!(
+                "--gpus {count} asks for more hardware wgpu adapters than the {} found",
+                all.len()
+            )));
+        }
+        return Ok((
+            all.into_iter().take(count).collect(),
+            format!("{count} x {name}"),
+        ));
+    }
+    tracing::warn!(
+        "--gpus {count} on the CPU: the replicas share one device (a check of the data-parallel step, not a speed-up)"
+    );
+    Ok((vec![first; count], format!("{count} replicas on {name}")))
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_index(i: usize) -> Device {
+    Device::cuda(i)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_index(_: usize) -> Device {
+    unreachable!("a CUDA device was selected in a build without CUDA")
+}
+
+#[cfg(feature = "wgpu")]
+fn hardware_wgpu_all() -> Vec<Device> {
+    use burn::tensor::DeviceType;
+    Device::enumerate(DeviceType::Wgpu)
+        .iter()
+        .filter(|d| d.identity().is_some_and(|id| id.physical.is_some()))
+        .cloned()
+        .collect()
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn hardware_wgpu_all() -> Vec<Device> {
+    Vec::new()
+}
+
 #[cfg(feature = "wgpu")]
 fn hardware_wgpu() -> Result<Option<(Device, String)>> {
     use burn::tensor::DeviceType;

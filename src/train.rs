@@ -176,6 +176,44 @@ pub struct PriorTrainer {
     spec: OptimSpec,
 }
 
+/// One replica's part of a data-parallel step (see [`PriorTrainer::train_step_sharded`]).
+#[derive(Debug, Clone)]
+pub struct Shard {
+    /// Where the replica runs (without autodiff).
+    pub device: Device,
+    /// `[rows, d]` on `device` with autodiff.
+    pub x: Tensor<2>,
+    /// One (t, eps) per row of `x`, on `device` with autodiff.
+    pub draws: PathDraws,
+    /// The shard's share of the whole batch (its rows / all rows).
+    pub weight: f32,
+}
+
+/// Sums the per-shard gradients of each parameter on the parameter's device.
+struct MergeGrads {
+    parts: Vec<GradientsParams>,
+    out: GradientsParams,
+}
+
+impl ModuleVisitor for MergeGrads {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let device = param.val().device().inner();
+        let mut sum: Option<Tensor<D>> = None;
+        for part in &mut self.parts {
+            if let Some(g) = part.remove::<D>(param.id) {
+                let g = g.to_device(&device);
+                sum = Some(match sum {
+                    Some(acc) => acc + g,
+                    None => g,
+                });
+            }
+        }
+        if let Some(g) = sum {
+            self.out.register(param.id, g);
+        }
+    }
+}
+
 /// What one training step measured.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepStats {
@@ -240,7 +278,52 @@ impl PriorTrainer {
             self.step + 1,
             lr,
         )?;
-        let mut grads = GradientsParams::from_grads(loss.backward(), &self.model);
+        let grads = GradientsParams::from_grads(loss.backward(), &self.model);
+        Ok(self.apply(value, grads, lr))
+    }
+
+    /// One data-parallel optimiser step: each shard's loss and gradient are computed on a replica of
+    /// the model forked to the shard's device (one thread per shard); the gradients, weighted by
+    /// each shard's share of the batch, are summed on the model's device, clipped and applied there.
+    ///
+    /// With shards that partition a batch, this is [`PriorTrainer::train_step`] on the whole batch up
+    /// to float summation order.
+    pub fn train_step_sharded(&mut self, shards: Vec<Shard>) -> Result<StepStats> {
+        let lr = self.current_lr();
+        let reduction = self.reduction;
+        let results: Vec<(f32, GradientsParams)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = shards
+                .into_iter()
+                .map(|shard| {
+                    let replica = self.model.clone().fork(&shard.device.clone().autodiff());
+                    scope.spawn(move || {
+                        let loss =
+                            flow_loss(&replica, shard.x, &shard.draws, reduction) * shard.weight;
+                        let value = loss.clone().into_scalar::<f32>();
+                        (
+                            value,
+                            GradientsParams::from_grads(loss.backward(), &replica),
+                        )
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        });
+        let value: f32 = results.iter().map(|(v, _)| v).sum();
+        let value = finite_or_diverged(value, "prior training", self.step + 1, lr)?;
+        let mut merge = MergeGrads {
+            parts: results.into_iter().map(|(_, g)| g).collect(),
+            out: GradientsParams::new(),
+        };
+        self.model.visit(&mut merge);
+        Ok(self.apply(value, merge.out, lr))
+    }
+
+    /// Clips, steps the optimiser and updates the EMA.
+    fn apply(&mut self, loss: f32, mut grads: GradientsParams, lr: f64) -> StepStats {
         let clip = self.spec.grad_clip;
         let grad_norm = (clip > 0.0).then(|| clip_global_norm(&self.model, &mut grads, clip));
         self.model = self.optim.step(lr, self.model.clone(), grads);
@@ -248,11 +331,11 @@ impl PriorTrainer {
             ema.update(&self.model);
         }
         self.step += 1;
-        Ok(StepStats {
-            loss: value,
+        StepStats {
+            loss,
             grad_norm,
             lr,
-        })
+        }
     }
 
     /// The training state as bytes: (live weights, EMA weights, optimiser state), each in burn's

@@ -127,6 +127,20 @@ fn train_kill_resume_eval_and_sample() {
     );
     assert!(weights(&whole) == weights(&parts), "resumed weights differ");
 
+    // Data-parallel over two replicas (sharing the CPU here): the same run to float tolerance.
+    let dp = tmp.path().join("dp");
+    let mut args = train_args(&spec, dp.to_str().unwrap(), "400");
+    args.extend(["--gpus", "2"]);
+    let out = flowalign(&args);
+    assert!(out.status.success(), "{out:?}");
+    let (a, b) = (weights(&whole), weights(&dp));
+    let diff = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
+    assert!(diff < 1e-3, "two replicas differ from one by {diff}");
+
     // Evaluation and sampling.
     let out = flowalign(&[
         "prior",

@@ -147,3 +147,29 @@ fn resume_refuses_a_changed_table() {
         .to_string();
     assert!(err.contains("same feature table"), "{err}");
 }
+
+#[test]
+fn two_replicas_train_the_same_weights_as_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let features = tmp.path().join("features.npy");
+    table(&features);
+    let mut cfg = config(&features);
+    cfg.train.steps = 20;
+    let dev = Device::flex();
+    let mut one = PriorRun::open(cfg.clone(), &tmp.path().join("one"), false, &dev).unwrap();
+    one.run(|| false, |_| {}).unwrap();
+    // Two replicas (on the one CPU device, each with its own thread and autodiff graph).
+    let mut two = PriorRun::open(cfg, &tmp.path().join("two"), false, &dev)
+        .unwrap()
+        .with_replicas(vec![dev.clone(), dev.clone()]);
+    two.run(|| false, |_| {}).unwrap();
+    let (a, b) = (param_values(&one.frozen()), param_values(&two.frozen()));
+    let scale = a.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
+    let diff = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
+    eprintln!("two replicas vs one: max |diff| {diff:e} (largest weight {scale})");
+    assert!(diff <= 1e-4 * scale, "max |diff| {diff} (scale {scale})");
+}

@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use flowalign::backend::{DeviceChoice, select};
+use flowalign::backend::{DeviceChoice, select, select_many};
 use flowalign::features::projection::ProjectionKind;
 use flowalign::features::write_npy;
 use flowalign::prior::checkpoint;
@@ -88,6 +88,10 @@ pub struct TrainArgs {
     log_every: Option<usize>,
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     device: DeviceChoice,
+    /// Data-parallel over this many devices of --device's kind (CUDA 0..N-1 or hardware wgpu
+    /// adapters); the batch is split between them and the result does not depend on N.
+    #[arg(long, default_value_t = 1)]
+    gpus: usize,
 }
 
 impl TrainArgs {
@@ -154,9 +158,13 @@ fn train_bar(total: usize, from: usize) -> ProgressBar {
 
 fn train(args: TrainArgs) -> Result<()> {
     let cfg = args.config()?;
-    let (device, device_name) = select(args.device)?;
+    if args.gpus == 0 {
+        bail!("--gpus must be at least 1");
+    }
+    let (devices, device_name) = select_many(args.device, args.gpus)?;
     let start = std::time::Instant::now();
-    let mut run = PriorRun::open(cfg.clone(), &args.out, args.resume, &device)?;
+    let mut run =
+        PriorRun::open(cfg.clone(), &args.out, args.resume, &devices[0])?.with_replicas(devices);
     let data = run.data();
     tracing::info!(
         device = %device_name,

@@ -123,6 +123,8 @@ pub struct PriorRun {
     data: PriorData,
     trainer: PriorTrainer,
     device: Device,
+    /// Data-parallel replicas' devices (empty: one replica on `device`).
+    replicas: Vec<Device>,
     resumed_from: usize,
 }
 
@@ -175,8 +177,21 @@ impl PriorRun {
             data,
             trainer,
             device: device.clone(),
+            replicas: Vec::new(),
             resumed_from,
         })
+    }
+
+    /// Trains data-parallel over `devices` (one replica and thread each; the first holds the
+    /// weights). The batch and its draws do not depend on the count, so a run may resume on
+    /// another number of devices.
+    pub fn with_replicas(mut self, devices: Vec<Device>) -> Self {
+        self.replicas = if devices.len() > 1 {
+            devices
+        } else {
+            Vec::new()
+        };
+        self
     }
 
     /// The run's data.
@@ -194,14 +209,12 @@ impl PriorRun {
         let t = &self.cfg.train;
         let mut rng = rng_for(t.seed, Stream::Prior, self.trainer.step as u64);
         let rows = self.data.batch(t.batch, &mut rng);
-        step_on_rows(
-            &mut self.trainer,
-            &rows,
-            self.data.dim(),
-            t.mc,
-            &mut rng,
-            &self.device,
-        )
+        let d = self.data.dim();
+        if self.replicas.is_empty() {
+            step_on_rows(&mut self.trainer, &rows, d, t.mc, &mut rng, &self.device)
+        } else {
+            step_on_rows_sharded(&mut self.trainer, &rows, d, t.mc, &mut rng, &self.replicas)
+        }
     }
 
     /// The flow-matching loss of the frozen prior on up to 4,096 held-out rows, with fixed draws.
@@ -335,6 +348,47 @@ pub fn step_on_rows(
     let x = rows_to_tensor(rows, d, &ad).repeat_dim(0, mc); // [mc * n, d]
     let draws = PathDraws::sample(rng, n * mc, d, &ad);
     trainer.train_step(x, &draws)
+}
+
+/// [`step_on_rows`] split over `devices`: the same rows and draws (drawn in the same order), each
+/// device taking a contiguous share of the rows with their `mc` draws.
+pub fn step_on_rows_sharded(
+    trainer: &mut PriorTrainer,
+    rows: &[f32],
+    d: usize,
+    mc: usize,
+    rng: &mut crate::rng::Rng,
+    devices: &[Device],
+) -> Result<StepStats> {
+    use rand::RngExt;
+    let n = rows.len() / d;
+    let t: Vec<f32> = (0..n * mc).map(|_| rng.random::<f32>()).collect();
+    let eps = crate::flow::path::normal_rows(rng, n * mc, d);
+    let k = devices.len().min(n).max(1);
+    let shards = (0..k)
+        .map(|s| {
+            let (a, b) = (s * n / k, (s + 1) * n / k);
+            let mut x = Vec::with_capacity((b - a) * mc * d);
+            let (mut ts, mut es) = (Vec::new(), Vec::new());
+            for c in 0..mc {
+                x.extend_from_slice(&rows[a * d..b * d]);
+                ts.extend_from_slice(&t[c * n + a..c * n + b]);
+                es.extend_from_slice(&eps[(c * n + a) * d..(c * n + b) * d]);
+            }
+            let m = (b - a) * mc;
+            let ad = devices[s].clone().autodiff();
+            crate::train::Shard {
+                device: devices[s].clone(),
+                x: rows_to_tensor(&x, d, &ad),
+                draws: PathDraws {
+                    t: Tensor::from_data(TensorData::new(ts, [m]), &ad),
+                    eps: Tensor::from_data(TensorData::new(es, [m, d]), &ad),
+                },
+                weight: (b - a) as f32 / n as f32,
+            }
+        })
+        .collect();
+    trainer.train_step_sharded(shards)
 }
 
 /// A trainer for `cfg` on latent dimension `dim`, freshly initialised.
