@@ -544,6 +544,26 @@ fn main() -> ExitCode {
         .with_target(false)
         .without_time()
         .init();
+    // A backend's out-of-memory panic is caught and reported as an error by the trainers; any other
+    // panic is a bug, reported on one line.
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("panic");
+        if !msg.to_lowercase().contains("out of memory") {
+            let place = info
+                .location()
+                .map(|l| format!(" at {}:{}", l.file(), l.line()))
+                .unwrap_or_default();
+            eprintln!(
+                "error: internal error: {}{place}; this is a bug, please report it with the command line",
+                msg.replace('\n', " ")
+            );
+        }
+    }));
     let cli = Cli::parse();
     let result = match cli.command {
         None => gui(GuiArgs::default()),
