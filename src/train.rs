@@ -162,9 +162,11 @@ fn finite_or_diverged(loss: f32, stage: &'static str, step: usize, lr: f64) -> R
     }
 }
 
-/// Trains a velocity network by flow matching (SPEC section 1), one step per call.
-pub struct PriorTrainer {
-    model: VelocityMlp,
+/// Trains a module one optimiser step per call: Adam(W) with a learning-rate schedule, optional
+/// global gradient clipping and an EMA of the weights. What a step's loss is belongs to the caller
+/// (or to a specialised `impl`, like the prior's flow matching below).
+pub struct Trainer<M: Module> {
+    model: M,
     optim: ModuleOptimizer,
     /// Steps taken so far.
     pub step: usize,
@@ -172,9 +174,12 @@ pub struct PriorTrainer {
     schedule: Schedule,
     total: usize,
     reduction: Reduction,
-    ema: Option<Ema<VelocityMlp>>,
+    ema: Option<Ema<M>>,
     spec: OptimSpec,
 }
+
+/// Trains a velocity network by flow matching (SPEC section 1), one step per call.
+pub type PriorTrainer = Trainer<VelocityMlp>;
 
 /// One replica's part of a data-parallel step (see [`PriorTrainer::train_step_sharded`]).
 #[derive(Debug, Clone)]
@@ -225,16 +230,10 @@ pub struct StepStats {
     pub lr: f64,
 }
 
-impl PriorTrainer {
+impl<M: Module> Trainer<M> {
     /// A trainer for `model` (which must live on an autodiff device) over `total` steps.
-    pub fn new(
-        model: VelocityMlp,
-        lr: f64,
-        schedule: Schedule,
-        total: usize,
-        reduction: Reduction,
-    ) -> Self {
-        PriorTrainer {
+    pub fn new(model: M, lr: f64, schedule: Schedule, total: usize, reduction: Reduction) -> Self {
+        Trainer {
             model,
             optim: adam(),
             step: 0,
@@ -265,61 +264,14 @@ impl PriorTrainer {
         self.schedule.lr(self.lr, self.step, self.total)
     }
 
-    /// One optimiser step on the batch `x` with path draws `draws` (one row of `x` per draw).
-    ///
-    /// # Shapes
-    /// - `x`: `[batch, d]`; `draws`: `t [batch]`, `eps [batch, d]`
-    pub fn train_step(&mut self, x: Tensor<2>, draws: &PathDraws) -> Result<StepStats> {
+    /// One optimiser step down `loss` (a scalar computed from [`Trainer::model`]); `stage` names
+    /// the run in a divergence error.
+    pub fn step_loss(&mut self, loss: Tensor<1>, stage: &'static str) -> Result<StepStats> {
         let lr = self.current_lr();
-        let loss = flow_loss(&self.model, x, draws, self.reduction);
-        let value = finite_or_diverged(
-            loss.clone().into_scalar::<f32>(),
-            "prior training",
-            self.step + 1,
-            lr,
-        )?;
+        let value =
+            finite_or_diverged(loss.clone().into_scalar::<f32>(), stage, self.step + 1, lr)?;
         let grads = GradientsParams::from_grads(loss.backward(), &self.model);
         Ok(self.apply(value, grads, lr))
-    }
-
-    /// One data-parallel optimiser step: each shard's loss and gradient are computed on a replica of
-    /// the model forked to the shard's device (one thread per shard); the gradients, weighted by
-    /// each shard's share of the batch, are summed on the model's device, clipped and applied there.
-    ///
-    /// With shards that partition a batch, this is [`PriorTrainer::train_step`] on the whole batch up
-    /// to float summation order.
-    pub fn train_step_sharded(&mut self, shards: Vec<Shard>) -> Result<StepStats> {
-        let lr = self.current_lr();
-        let reduction = self.reduction;
-        let results: Vec<(f32, GradientsParams)> = std::thread::scope(|scope| {
-            let handles: Vec<_> = shards
-                .into_iter()
-                .map(|shard| {
-                    let replica = self.model.clone().fork(&shard.device.clone().autodiff());
-                    scope.spawn(move || {
-                        let loss =
-                            flow_loss(&replica, shard.x, &shard.draws, reduction) * shard.weight;
-                        let value = loss.clone().into_scalar::<f32>();
-                        (
-                            value,
-                            GradientsParams::from_grads(loss.backward(), &replica),
-                        )
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                .collect()
-        });
-        let value: f32 = results.iter().map(|(v, _)| v).sum();
-        let value = finite_or_diverged(value, "prior training", self.step + 1, lr)?;
-        let mut merge = MergeGrads {
-            parts: results.into_iter().map(|(_, g)| g).collect(),
-            out: GradientsParams::new(),
-        };
-        self.model.visit(&mut merge);
-        Ok(self.apply(value, merge.out, lr))
     }
 
     /// Clips, steps the optimiser and updates the EMA.
@@ -384,18 +336,69 @@ impl PriorTrainer {
         Ok(())
     }
 
-    /// The network being trained (autodiff parameters).
-    pub fn model(&self) -> &VelocityMlp {
+    /// The module being trained (autodiff parameters).
+    pub fn model(&self) -> &M {
         &self.model
     }
 
     /// The network to freeze for alignment: the EMA when one is kept, else the live weights,
     /// without autodiff.
-    pub fn frozen(&self) -> VelocityMlp {
+    pub fn frozen(&self) -> M {
         match &self.ema {
             Some(ema) => ema.module.clone(),
             None => self.model.valid(),
         }
+    }
+}
+
+impl Trainer<VelocityMlp> {
+    /// One optimiser step on the batch `x` with path draws `draws` (one row of `x` per draw).
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, d]`; `draws`: `t [batch]`, `eps [batch, d]`
+    pub fn train_step(&mut self, x: Tensor<2>, draws: &PathDraws) -> Result<StepStats> {
+        let loss = flow_loss(&self.model, x, draws, self.reduction);
+        self.step_loss(loss, "prior training")
+    }
+
+    /// One data-parallel optimiser step: each shard's loss and gradient are computed on a replica of
+    /// the model forked to the shard's device (one thread per shard); the gradients, weighted by
+    /// each shard's share of the batch, are summed on the model's device, clipped and applied there.
+    ///
+    /// With shards that partition a batch, this is [`PriorTrainer::train_step`] on the whole batch up
+    /// to float summation order.
+    pub fn train_step_sharded(&mut self, shards: Vec<Shard>) -> Result<StepStats> {
+        let lr = self.current_lr();
+        let reduction = self.reduction;
+        let results: Vec<(f32, GradientsParams)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = shards
+                .into_iter()
+                .map(|shard| {
+                    let replica = self.model.clone().fork(&shard.device.clone().autodiff());
+                    scope.spawn(move || {
+                        let loss =
+                            flow_loss(&replica, shard.x, &shard.draws, reduction) * shard.weight;
+                        let value = loss.clone().into_scalar::<f32>();
+                        (
+                            value,
+                            GradientsParams::from_grads(loss.backward(), &replica),
+                        )
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        });
+        let value: f32 = results.iter().map(|(v, _)| v).sum();
+        let value = finite_or_diverged(value, "prior training", self.step + 1, lr)?;
+        let mut merge = MergeGrads {
+            parts: results.into_iter().map(|(_, g)| g).collect(),
+            out: GradientsParams::new(),
+        };
+        self.model.visit(&mut merge);
+        Ok(self.apply(value, merge.out, lr))
     }
 }
 
