@@ -5,6 +5,7 @@
 //! desktop visualizer ([`gui`], cargo feature `gui`).
 //! `../shared/SPEC.md` in the project tree defines every formula; doc comments cite its sections.
 
+pub mod ae;
 pub mod align;
 pub mod backend;
 pub mod bench;

@@ -26,6 +26,10 @@ pub enum Stream {
     Reference = 6,
     /// The fixed random projection of target features (SPEC section 2).
     Projection = 7,
+    /// Which images make up a training batch.
+    Data = 8,
+    /// Crops and flips of the images.
+    Augment = 9,
 }
 
 /// A generator for `stream` at `step` of the run seeded by `seed`.

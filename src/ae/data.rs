@@ -1,0 +1,321 @@
+//! ImageNet-style image folders (`class/xxx.JPEG`, any depth; JPEG or PNG): scanning, decoding and the
+//! augmentation of SPEC section 6 (resize the shorter side, random crop, horizontal flip), in
+//! parallel and ahead of the training step.
+//!
+//! Every batch is a pure function of (seed, step), so a resumed run sees the same images and crops.
+//! An unreadable image is skipped with one warning naming it, replaced by the next image, and
+//! counted.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use image::imageops::FilterType;
+use rand::RngExt;
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::rng::{Rng, Stream, rng_for};
+
+/// The images under a folder with their class labels.
+#[derive(Debug, Clone)]
+pub struct ImageFolder {
+    pub root: PathBuf,
+    /// Image files, sorted.
+    pub paths: Vec<PathBuf>,
+    /// Class index of each image: its first folder under the root, in sorted order.
+    pub labels: Vec<u32>,
+    /// Class names (the first-level folder names; "" for images directly under the root).
+    pub classes: Vec<String>,
+}
+
+fn is_image(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .map(|e| matches!(e.to_ascii_lowercase().as_str(), "jpg" | "jpeg" | "png"))
+        .unwrap_or(false)
+}
+
+impl ImageFolder {
+    /// Lists every JPEG and PNG file under `root`, at any depth.
+    pub fn scan(root: &Path) -> Result<ImageFolder> {
+        if !root.is_dir() {
+            return Err(Error::input(
+                root,
+                "not a folder; pass --data an ImageNet-style folder (class/xxx.JPEG)",
+            ));
+        }
+        let mut paths: Vec<PathBuf> = walkdir::WalkDir::new(root)
+            .follow_links(true)
+            .into_iter()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type().is_file() && is_image(e.path()))
+            .map(|e| e.into_path())
+            .collect();
+        if paths.is_empty() {
+            return Err(Error::input(
+                root,
+                "holds no .jpg, .jpeg or .png images; pass --data an ImageNet-style folder (class/xxx.JPEG)",
+            ));
+        }
+        paths.sort();
+        let class_of = |p: &Path| -> String {
+            let rel = p.strip_prefix(root).unwrap_or(p);
+            let mut parts = rel.components();
+            match (parts.next(), parts.next()) {
+                (Some(first), Some(_)) => first.as_os_str().to_string_lossy().into_owned(),
+                _ => String::new(),
+            }
+        };
+        let mut classes: Vec<String> = paths.iter().map(|p| class_of(p)).collect();
+        classes.sort();
+        classes.dedup();
+        let labels = paths
+            .iter()
+            .map(|p| classes.binary_search(&class_of(p)).expect("listed class") as u32)
+            .collect();
+        Ok(ImageFolder {
+            root: root.to_path_buf(),
+            paths,
+            labels,
+            classes,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.paths.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.paths.is_empty()
+    }
+}
+
+/// How an image becomes a training or evaluation input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Crop {
+    /// Resize the shorter side to the size, take a random square, flip half of the time.
+    Train,
+    /// Resize the shorter side to the size, take the centre square.
+    Centre,
+}
+
+/// Decodes `path` and returns `[3, size, size]` values in [-1, 1], channel-major, and whether the
+/// image was smaller than `size` (it is then upscaled).
+pub fn load_image(
+    path: &Path,
+    size: usize,
+    crop: Crop,
+    rng: &mut Rng,
+) -> std::result::Result<(Vec<f32>, bool), String> {
+    let img = image::ImageReader::open(path)
+        .map_err(|e| e.to_string())?
+        .with_guessed_format()
+        .map_err(|e| e.to_string())?
+        .decode()
+        .map_err(|e| e.to_string())?
+        .to_rgb8();
+    let (w, h) = img.dimensions();
+    if w == 0 || h == 0 {
+        return Err("empty image".into());
+    }
+    let small = (w.min(h) as usize) < size;
+    let s = size as f64 / w.min(h) as f64;
+    let (nw, nh) = (
+        ((w as f64 * s).round() as u32).max(size as u32),
+        ((h as f64 * s).round() as u32).max(size as u32),
+    );
+    let resized = image::imageops::resize(&img, nw, nh, FilterType::Triangle);
+    let (x0, y0, flip) = match crop {
+        Crop::Train => (
+            rng.random_range(0..=nw - size as u32),
+            rng.random_range(0..=nh - size as u32),
+            rng.random::<bool>(),
+        ),
+        Crop::Centre => ((nw - size as u32) / 2, (nh - size as u32) / 2, false),
+    };
+    let mut out = vec![0.0f32; 3 * size * size];
+    for y in 0..size {
+        for x in 0..size {
+            let sx = if flip { size - 1 - x } else { x };
+            let px = resized.get_pixel(x0 + sx as u32, y0 + y as u32);
+            for c in 0..3 {
+                out[c * size * size + y * size + x] = px[c] as f32 / 127.5 - 1.0;
+            }
+        }
+    }
+    Ok((out, small))
+}
+
+/// A batch of images.
+#[derive(Debug, Clone)]
+pub struct ImageBatch {
+    /// `[batch, 3, size, size]` in [-1, 1], flat.
+    pub pixels: Vec<f32>,
+    pub labels: Vec<u32>,
+    pub size: usize,
+}
+
+impl ImageBatch {
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+}
+
+/// Draws augmented batches from an [`ImageFolder`], decoding in parallel (rayon).
+pub struct ImageLoader {
+    pub folder: ImageFolder,
+    pub size: usize,
+    seed: u64,
+    crop: Crop,
+    /// Images that could not be read, by path (each warned about once).
+    bad: Mutex<HashSet<PathBuf>>,
+    skipped: AtomicUsize,
+    upscaled: AtomicUsize,
+}
+
+impl ImageLoader {
+    pub fn new(folder: ImageFolder, size: usize, seed: u64, crop: Crop) -> ImageLoader {
+        ImageLoader {
+            folder,
+            size,
+            seed,
+            crop,
+            bad: Mutex::new(HashSet::new()),
+            skipped: AtomicUsize::new(0),
+            upscaled: AtomicUsize::new(0),
+        }
+    }
+
+    /// Reads skipped so far (unreadable or corrupt files).
+    pub fn skipped(&self) -> usize {
+        self.skipped.load(Ordering::Relaxed)
+    }
+
+    /// Reads of images smaller than the crop (upscaled).
+    pub fn upscaled(&self) -> usize {
+        self.upscaled.load(Ordering::Relaxed)
+    }
+
+    /// Image `i` augmented with `rng`; an unreadable one is replaced by the next readable image.
+    fn read(&self, mut i: usize, rng: &mut Rng) -> Result<(Vec<f32>, u32)> {
+        let n = self.folder.len();
+        for _ in 0..n.min(64) {
+            let path = &self.folder.paths[i];
+            match load_image(path, self.size, self.crop, rng) {
+                Ok((pixels, small)) => {
+                    if small && self.upscaled.fetch_add(1, Ordering::Relaxed) == 0 {
+                        tracing::warn!(
+                            "{} is smaller than the {}-pixel crop and is upscaled (further ones are counted)",
+                            path.display(),
+                            self.size
+                        );
+                    }
+                    return Ok((pixels, self.folder.labels[i]));
+                }
+                Err(e) => {
+                    self.skipped.fetch_add(1, Ordering::Relaxed);
+                    let mut bad = self.bad.lock().unwrap_or_else(|p| p.into_inner());
+                    if bad.insert(path.clone()) {
+                        tracing::warn!("skipping unreadable image {}: {e}", path.display());
+                    }
+                    i = (i + 1) % n;
+                }
+            }
+        }
+        Err(Error::input(
+            &self.folder.root,
+            "64 images in a row could not be read; check the files under --data",
+        ))
+    }
+
+    /// The batch of `batch` images for `step`: indices and crops are a function of (seed, step).
+    pub fn batch(&self, step: u64, batch: usize) -> Result<ImageBatch> {
+        let mut rng = rng_for(self.seed, Stream::Data, step);
+        let picks: Vec<usize> = (0..batch)
+            .map(|_| rng.random_range(0..self.folder.len()))
+            .collect();
+        self.gather(&picks, step)
+    }
+
+    /// Images `indices` (e.g. for evaluation, in order), augmented as the loader's crop says.
+    pub fn gather(&self, indices: &[usize], step: u64) -> Result<ImageBatch> {
+        let items: Vec<Result<(Vec<f32>, u32)>> = indices
+            .par_iter()
+            .enumerate()
+            .map(|(k, &i)| {
+                let mut rng = rng_for(self.seed ^ (k as u64) << 32, Stream::Augment, step);
+                self.read(i, &mut rng)
+            })
+            .collect();
+        let mut pixels = Vec::with_capacity(indices.len() * 3 * self.size * self.size);
+        let mut labels = Vec::with_capacity(indices.len());
+        for item in items {
+            let (p, l) = item?;
+            pixels.extend(p);
+            labels.push(l);
+        }
+        Ok(ImageBatch {
+            pixels,
+            labels,
+            size: self.size,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_png(path: &Path, w: u32, h: u32, colour: [u8; 3]) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        image::RgbImage::from_pixel(w, h, image::Rgb(colour))
+            .save(path)
+            .unwrap();
+    }
+
+    #[test]
+    fn scans_classes_and_skips_a_corrupt_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        write_png(&root.join("cat/a.png"), 40, 30, [255, 0, 0]);
+        write_png(&root.join("dog/deep/b.PNG"), 20, 50, [0, 0, 255]);
+        image::RgbImage::from_pixel(24, 24, image::Rgb([0, 255, 0]))
+            .save(root.join("dog/c.jpg"))
+            .unwrap();
+        std::fs::write(root.join("cat/broken.jpeg"), b"not a jpeg").unwrap();
+        std::fs::write(root.join("notes.txt"), b"ignored").unwrap();
+        let folder = ImageFolder::scan(root).unwrap();
+        assert_eq!(folder.len(), 4);
+        assert_eq!(folder.classes, vec!["cat", "dog"]);
+        let loader = ImageLoader::new(folder, 16, 0, Crop::Centre);
+        let all = loader.gather(&[0, 1, 2, 3], 0).unwrap();
+        assert_eq!(all.pixels.len(), 4 * 3 * 16 * 16);
+        // a.png is pure red: channel 0 at +1, the others at -1.
+        assert_eq!(all.pixels[0], 1.0);
+        assert_eq!(all.pixels[16 * 16], -1.0);
+        assert_eq!(loader.skipped(), 1, "broken.jpeg is skipped");
+        // Sorted: cat/a, cat/broken (replaced by the next image, dog/c), dog/c, dog/deep/b.
+        assert_eq!(all.labels, vec![0, 1, 1, 1]);
+        assert_eq!(loader.upscaled(), 0);
+        // Training batches are a function of (seed, step).
+        let train = ImageLoader::new(ImageFolder::scan(root).unwrap(), 16, 3, Crop::Train);
+        let a = train.batch(5, 6).unwrap();
+        let b = train.batch(5, 6).unwrap();
+        assert_eq!(a.pixels, b.pixels);
+        assert!(a.pixels.iter().all(|v| (-1.0..=1.0).contains(v)));
+    }
+
+    #[test]
+    fn an_empty_folder_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("x.txt"), b"").unwrap();
+        let err = ImageFolder::scan(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("no .jpg"), "{err}");
+    }
+}
