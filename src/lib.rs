@@ -9,6 +9,7 @@ pub mod ae;
 pub mod align;
 pub mod backend;
 pub mod bench;
+pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod features;

@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use flowalign::backend::{DeviceChoice, select, select_many};
 use flowalign::features::projection::ProjectionKind;
 use flowalign::features::write_npy;
-use flowalign::prior::checkpoint;
+use flowalign::checkpoint;
 use flowalign::prior::data::PriorData;
 use flowalign::prior::eval::{EvalOptions, evaluate, pca_scatter, sample_prior};
 use flowalign::prior::{FeaturePriorConfig, PriorPreset, PriorRun};
@@ -101,7 +101,7 @@ impl TrainArgs {
         let mut cfg = if let Some(path) = &self.config {
             FeaturePriorConfig::from_toml_file(path)?
         } else if self.resume && saved.is_file() {
-            checkpoint::read_config(&self.out)?
+            checkpoint::read_config(&self.out, "prior train")?
         } else {
             let Some(features) = &self.features else {
                 bail!("--features FILE[:TENSOR] is required (or --config F.toml, or --resume)");
@@ -261,7 +261,8 @@ fn open_run(
     features: Option<&String>,
     device: &burn::prelude::Device,
 ) -> Result<(FeaturePriorConfig, PriorData)> {
-    let mut cfg = checkpoint::read_config(dir)?;
+    let mut cfg: FeaturePriorConfig = checkpoint::read_config(dir, "prior train")?;
+    cfg.validate()?;
     if let Some(f) = features {
         cfg.data.features = f.clone();
     }

@@ -1,10 +1,9 @@
 //! Stage 1 of the ImageNet recipe (SPEC section 6): a flow prior trained on target features.
 //!
 //! [`config`] holds the run's settings as data, [`data`] turns a feature table into projected,
-//! scaled rows, [`run`] is the training loop with its metrics and resume, [`checkpoint`] the run
-//! folder, and [`eval`] the checks of a trained prior.
+//! scaled rows, [`run`] is the training loop with its metrics and resume (its folder is
+//! [`crate::checkpoint`]'s), and [`eval`] the checks of a trained prior.
 
-pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod eval;

@@ -8,7 +8,7 @@ use std::time::Instant;
 use burn::prelude::*;
 use serde::Serialize;
 
-use super::checkpoint::{self, Manifest};
+use crate::checkpoint::{self, Manifest};
 use super::config::FeaturePriorConfig;
 use super::data::PriorData;
 use crate::align::flow_loss;
@@ -140,10 +140,11 @@ impl PriorRun {
         device: &Device,
     ) -> Result<PriorRun> {
         cfg.validate()?;
-        let saved = checkpoint::load(dir)?;
+        let saved = checkpoint::load::<super::data::TableInfo>(dir)?;
         if resume {
             if dir.join(checkpoint::CONFIG).is_file() {
-                cfg.check_resumable(&checkpoint::read_config(dir)?)?;
+                let old: FeaturePriorConfig = checkpoint::read_config(dir, "prior train")?;
+                cfg.check_resumable(&old)?;
             } else {
                 return Err(Error::Config(format!(
                     "--resume: {} holds no run; drop --resume to start one there",
@@ -411,7 +412,11 @@ pub fn new_trainer(cfg: &FeaturePriorConfig, dim: usize, device: &Device) -> Pri
     .with_ema(t.ema)
 }
 
-fn check_same_table(cfg: &FeaturePriorConfig, m: &Manifest, data: &PriorData) -> Result<()> {
+fn check_same_table(
+    cfg: &FeaturePriorConfig,
+    m: &Manifest<super::data::TableInfo>,
+    data: &PriorData,
+) -> Result<()> {
     let (a, b) = (&m.data, &data.info);
     if (a.rows, a.cols) != (b.rows, b.cols) || (a.std - b.std).abs() > 1e-9 * a.std.abs().max(1.0) {
         return Err(Error::Config(format!(

@@ -1,4 +1,4 @@
-//! The run folder of a feature prior: config, atomic checkpoints and the exported frozen prior.
+//! Run folders: the resolved config and atomic training checkpoints (feature priors and autoencoders).
 //!
 //! A checkpoint is three burnpack files named by their step (live weights, EMA, optimiser) and a
 //! manifest, `checkpoint.toml`, written last and atomically. A run killed at any moment therefore
@@ -7,10 +7,9 @@
 
 use std::path::{Path, PathBuf};
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::config::FeaturePriorConfig;
-use super::data::TableInfo;
 use crate::config::one_line;
 use crate::error::{Error, Result};
 use crate::report::write_atomic;
@@ -21,14 +20,14 @@ pub const MANIFEST: &str = "checkpoint.toml";
 /// The resolved config of a run folder.
 pub const CONFIG: &str = "config.toml";
 
-/// What `checkpoint.toml` records.
+/// What `checkpoint.toml` records; `D` describes the data the run trains on.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Manifest {
+pub struct Manifest<D> {
     /// Steps taken when the checkpoint was written.
     pub step: usize,
-    /// The table the run trains on.
-    pub data: TableInfo,
+    /// What the run trains on, so a resume can check it sees the same data.
+    pub data: D,
     /// File names (in the run folder) of the state.
     pub model: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -43,27 +42,35 @@ fn bad(path: &Path, msg: impl Into<String>) -> Error {
     }
 }
 
-/// Writes the resolved config of a new run.
-pub fn write_config(dir: &Path, cfg: &FeaturePriorConfig) -> Result<()> {
+/// Writes the resolved config of a run.
+pub fn write_config(dir: &Path, cfg: &impl Serialize) -> Result<()> {
     std::fs::create_dir_all(dir)
         .map_err(|e| Error::io(dir, "choose an --out folder you can write to", e))?;
-    write_atomic(&dir.join(CONFIG), cfg.to_toml().as_bytes())
+    let text = toml::to_string_pretty(cfg).expect("configs serialise");
+    write_atomic(&dir.join(CONFIG), text.as_bytes())
 }
 
-/// Reads a run folder's config.
-pub fn read_config(dir: &Path) -> Result<FeaturePriorConfig> {
+/// Reads a run folder's config; `command` names what writes such folders, for the error.
+pub fn read_config<C: DeserializeOwned>(dir: &Path, command: &str) -> Result<C> {
     let path = dir.join(CONFIG);
     if !path.is_file() {
         return Err(bad(
             &path,
-            "not found; pass the --out folder of a `flowalign prior train` run",
+            format!("not found; pass the --out folder of a `flowalign {command}` run"),
         ));
     }
-    FeaturePriorConfig::from_toml_file(&path)
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| Error::io(&path, "check the run folder", e))?;
+    toml::from_str(&text).map_err(|e| {
+        Error::input(
+            &path,
+            format!("not a valid `{command}` config: {}", one_line(&e.to_string())),
+        )
+    })
 }
 
 /// Saves `state` as the run's latest checkpoint.
-pub fn save(dir: &Path, data: &TableInfo, state: &TrainerState) -> Result<()> {
+pub fn save<D: Serialize + Clone>(dir: &Path, data: &D, state: &TrainerState) -> Result<()> {
     let name = |what: &str| format!("{what}-{:09}.bpk", state.step);
     let manifest = Manifest {
         step: state.step,
@@ -97,13 +104,13 @@ pub fn save(dir: &Path, data: &TableInfo, state: &TrainerState) -> Result<()> {
 }
 
 /// The run's latest checkpoint, or `None` when the folder holds none.
-pub fn load(dir: &Path) -> Result<Option<(Manifest, TrainerState)>> {
+pub fn load<D: DeserializeOwned>(dir: &Path) -> Result<Option<(Manifest<D>, TrainerState)>> {
     let path = dir.join(MANIFEST);
     if !path.is_file() {
         return Ok(None);
     }
     let text = std::fs::read_to_string(&path).map_err(|e| bad(&path, e.to_string()))?;
-    let manifest: Manifest = toml::from_str(&text)
+    let manifest: Manifest<D> = toml::from_str(&text)
         .map_err(|e| bad(&path, format!("malformed: {}", one_line(&e.to_string()))))?;
     let read = |file: &str| -> Result<Vec<u8>> {
         let p: PathBuf = dir.join(file);
@@ -126,6 +133,7 @@ pub fn load(dir: &Path) -> Result<Option<(Manifest, TrainerState)>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::prior::data::TableInfo;
 
     #[test]
     fn a_new_checkpoint_replaces_the_old_files() {
@@ -142,7 +150,7 @@ mod tests {
             ema: Some(vec![7; 2]),
             optim: vec![1, 2],
         };
-        assert!(load(dir.path()).unwrap().is_none());
+        assert!(load::<TableInfo>(dir.path()).unwrap().is_none());
         save(dir.path(), &info, &state(5)).unwrap();
         save(dir.path(), &info, &state(10)).unwrap();
         let (m, s) = load(dir.path()).unwrap().unwrap();
@@ -161,7 +169,7 @@ mod tests {
         assert_eq!(bpk, 3);
         // A manifest naming a missing file is an error, not a silent restart.
         std::fs::remove_file(dir.path().join(&m.optim)).unwrap();
-        let err = load(dir.path()).unwrap_err().to_string();
+        let err = load::<TableInfo>(dir.path()).unwrap_err().to_string();
         assert!(err.contains("incomplete"), "{err}");
     }
 }
