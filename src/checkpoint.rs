@@ -59,12 +59,15 @@ pub fn read_config<C: DeserializeOwned>(dir: &Path, command: &str) -> Result<C> 
             format!("not found; pass the --out folder of a `flowalign {command}` run"),
         ));
     }
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| Error::io(&path, "check the run folder", e))?;
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| Error::io(&path, "check the run folder", e))?;
     toml::from_str(&text).map_err(|e| {
         Error::input(
             &path,
-            format!("not a valid `{command}` config: {}", one_line(&e.to_string())),
+            format!(
+                "not a valid `{command}` config: {}",
+                one_line(&e.to_string())
+            ),
         )
     })
 }
@@ -128,6 +131,74 @@ pub fn load<D: DeserializeOwned>(dir: &Path) -> Result<Option<(Manifest<D>, Trai
         optim: read(&manifest.optim)?,
     };
     Ok(Some((manifest, state)))
+}
+
+/// Appends metrics to `metrics.csv` and `metrics.jsonl` in a run folder.
+pub struct MetricsLog {
+    csv: PathBuf,
+    jsonl: PathBuf,
+    columns: Vec<String>,
+}
+
+impl MetricsLog {
+    /// Opens the logs of `dir` with these CSV `columns` (the first must be `step`), keeping only
+    /// lines up to `step`: a resumed run rewrites what came after its checkpoint.
+    pub fn open(dir: &Path, step: usize, columns: &[&str]) -> Result<MetricsLog> {
+        let log = MetricsLog {
+            csv: dir.join("metrics.csv"),
+            jsonl: dir.join("metrics.jsonl"),
+            columns: columns.iter().map(|c| c.to_string()).collect(),
+        };
+        let keep = |line: &str, step_of: &dyn Fn(&str) -> Option<usize>| {
+            step_of(line).is_some_and(|s| s <= step)
+        };
+        let csv_step = |l: &str| l.split(',').next()?.parse().ok();
+        let json_step = |l: &str| {
+            serde_json::from_str::<serde_json::Value>(l).ok()?["step"]
+                .as_u64()
+                .map(|s| s as usize)
+        };
+        let old_csv = std::fs::read_to_string(&log.csv).unwrap_or_default();
+        let mut csv = format!("{}\n", columns.join(","));
+        for line in old_csv.lines().filter(|l| keep(l, &csv_step)) {
+            csv.push_str(line);
+            csv.push('\n');
+        }
+        write_atomic(&log.csv, csv.as_bytes())?;
+        let old_json = std::fs::read_to_string(&log.jsonl).unwrap_or_default();
+        let mut json = String::new();
+        for line in old_json.lines().filter(|l| keep(l, &json_step)) {
+            json.push_str(line);
+            json.push('\n');
+        }
+        write_atomic(&log.jsonl, json.as_bytes())?;
+        Ok(log)
+    }
+
+    /// Appends one line: the JSON of `row`, and its fields named by the columns as CSV (absent or
+    /// null fields are empty).
+    pub fn append(&self, row: &impl Serialize) -> Result<()> {
+        use std::io::Write;
+        let value = serde_json::to_value(row).expect("metrics serialise");
+        let cell = |c: &String| match &value[c.as_str()] {
+            serde_json::Value::Null => String::new(),
+            serde_json::Value::String(s) => s.clone(),
+            v => v.to_string(),
+        };
+        let csv = format!(
+            "{}\n",
+            self.columns.iter().map(cell).collect::<Vec<_>>().join(",")
+        );
+        let json = format!("{value}\n");
+        for (path, line) in [(&self.csv, csv), (&self.jsonl, json)] {
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(path)
+                .and_then(|mut f| f.write_all(line.as_bytes()))
+                .map_err(|e| Error::io(path, "keep the run folder writable", e))?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

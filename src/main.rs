@@ -48,6 +48,9 @@ enum Command {
     /// Stage 1 of the ImageNet recipe: train, evaluate and sample a flow prior on target features.
     #[command(subcommand)]
     Prior(cli::prior::PriorCommand),
+    /// Stage 2 of the ImageNet recipe: an image autoencoder aligned to a frozen prior.
+    #[command(subcommand)]
+    Ae(cli::ae::AeCommand),
     /// Throughput benchmarks (JSON), side by side with PyTorch when it is installed.
     Bench(BenchArgs),
 }
@@ -571,6 +574,7 @@ fn main() -> ExitCode {
         Some(Command::Toy(args)) => toy(*args),
         Some(Command::Features(cmd)) => features(cmd),
         Some(Command::Prior(cmd)) => cli::prior::run(cmd),
+        Some(Command::Ae(cmd)) => cli::ae::run(cmd),
         Some(Command::Bench(args)) => flowalign::bench::run(args).map_err(anyhow::Error::from),
     };
     match result {

@@ -8,13 +8,20 @@
 
 use burn::module::Param;
 use burn::nn::attention::{MhaInput, MultiHeadAttention, MultiHeadAttentionConfig};
-use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{LayerNorm, LayerNormConfig, Linear};
 use burn::prelude::*;
 use burn::tensor::activation::gelu;
 use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
 
+use crate::flow::model::{Init, linear};
 use crate::rng::Rng;
+
+/// A `Linear` with Xavier-uniform weights drawn from `rng` and a zero bias (MAE's ViT init), so
+/// initialisation is a function of the seed on every backend.
+fn dense(d_in: usize, d_out: usize, rng: &mut Rng, device: &Device) -> Linear {
+    linear(d_in, d_out, Init::XavierUniform, rng, device)
+}
 
 /// The size of a ViT (encoder and decoder alike).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -91,17 +98,23 @@ pub struct Block {
 }
 
 impl Block {
-    fn new(width: usize, heads: usize, device: &Device) -> Block {
+    fn new(width: usize, heads: usize, rng: &mut Rng, device: &Device) -> Block {
         let ln = LayerNormConfig::new(width).with_epsilon(1e-6);
+        let mut attn = MultiHeadAttentionConfig::new(width, heads)
+            .with_dropout(0.0)
+            .init(device);
+        // burn draws these from its own generator; ours makes the init a function of the seed.
+        attn.query = dense(width, width, rng, device);
+        attn.key = dense(width, width, rng, device);
+        attn.value = dense(width, width, rng, device);
+        attn.output = dense(width, width, rng, device);
         Block {
             norm1: ln.init(device),
-            attn: MultiHeadAttentionConfig::new(width, heads)
-                .with_dropout(0.0)
-                .init(device),
+            attn,
             ls1: Param::from_tensor(Tensor::ones([width], device)),
             norm2: ln.init(device),
-            fc1: LinearConfig::new(width, 4 * width).init(device),
-            fc2: LinearConfig::new(4 * width, width).init(device),
+            fc1: dense(width, 4 * width, rng, device),
+            fc2: dense(4 * width, width, rng, device),
             ls2: Param::from_tensor(Tensor::ones([width], device)),
         }
     }
@@ -115,7 +128,9 @@ impl Block {
             .forward(MhaInput::self_attn(self.norm1.forward(x.clone())))
             .context;
         let x = x + a * scale(&self.ls1);
-        let m = self.fc2.forward(gelu(self.fc1.forward(self.norm2.forward(x.clone()))));
+        let m = self
+            .fc2
+            .forward(gelu(self.fc1.forward(self.norm2.forward(x.clone()))));
         x + m * scale(&self.ls2)
     }
 }
@@ -168,34 +183,37 @@ pub struct Autoencoder {
 }
 
 impl AeModelConfig {
-    /// Builds the autoencoder with embeddings drawn from `rng` (linear layers use burn's default
-    /// initialisation).
+    /// Builds the autoencoder, every random value drawn from `rng`.
     pub fn init(&self, rng: &mut Rng, device: &Device) -> Autoencoder {
         let (depth, width, heads) = self.size.dims();
         let n = self.patches();
         let pp = 3 * self.patch * self.patch;
         let ln = LayerNormConfig::new(width).with_epsilon(1e-6);
-        let blocks = || (0..depth).map(|_| Block::new(width, heads, device)).collect();
+        let blocks = |rng: &mut Rng| -> Vec<Block> {
+            (0..depth)
+                .map(|_| Block::new(width, heads, rng, device))
+                .collect()
+        };
         Autoencoder {
             encoder: Encoder {
-                patch_embed: LinearConfig::new(pp, width).init(device),
+                patch_embed: dense(pp, width, rng, device),
                 cls_token: embedding(1, width, rng, device),
                 pos_embed: embedding(1 + n, width, rng, device),
                 latent_tokens: embedding(self.latent_tokens, width, rng, device),
                 latent_pos: embedding(self.latent_tokens, width, rng, device),
-                blocks: blocks(),
+                blocks: blocks(rng),
                 norm: ln.init(device),
-                to_latent: LinearConfig::new(width, self.latent_dim).init(device),
+                to_latent: dense(width, self.latent_dim, rng, device),
                 patch: self.patch,
             },
             decoder: Decoder {
-                from_latent: LinearConfig::new(self.latent_dim, width).init(device),
+                from_latent: dense(self.latent_dim, width, rng, device),
                 latent_pos: embedding(self.latent_tokens, width, rng, device),
                 mask_token: embedding(1, width, rng, device),
                 pos_embed: embedding(n, width, rng, device),
-                blocks: blocks(),
+                blocks: blocks(rng),
                 norm: ln.init(device),
-                to_pixels: LinearConfig::new(width, pp).init(device),
+                to_pixels: dense(width, pp, rng, device),
                 patch: self.patch,
                 image_size: self.image_size,
             },
@@ -253,8 +271,11 @@ impl Decoder {
         let b = latents.dims()[0];
         let z = self.from_latent.forward(latents) + self.latent_pos.val(); // [b, k, C]
         let n = self.pos_embed.dims()[1];
-        let masks = (self.mask_token.val().repeat_dim(1, n) + self.pos_embed.val()).repeat_dim(0, b);
-        let x = self.norm.forward(run_blocks(&self.blocks, Tensor::cat(vec![masks, z], 1)));
+        let masks =
+            (self.mask_token.val().repeat_dim(1, n) + self.pos_embed.val()).repeat_dim(0, b);
+        let x = self
+            .norm
+            .forward(run_blocks(&self.blocks, Tensor::cat(vec![masks, z], 1)));
         let c = x.dims()[2];
         let pixels = self.to_pixels.forward(x.slice([0..b, 0..n, 0..c]));
         unpatchify(pixels, self.patch, self.image_size)
@@ -291,7 +312,9 @@ mod tests {
             latent_dim: 3,
         };
         let ae = cfg.init(&mut rng_for(0, Stream::Init, 0), &dev);
-        let values: Vec<f32> = (0..2 * 3 * 16 * 16).map(|i| (i % 17) as f32 / 17.0).collect();
+        let values: Vec<f32> = (0..2 * 3 * 16 * 16)
+            .map(|i| (i % 17) as f32 / 17.0)
+            .collect();
         let x = Tensor::<4>::from_data(TensorData::new(values.clone(), [2, 3, 16, 16]), &dev);
         let p = patchify(x.clone(), 4);
         assert_eq!(p.dims(), [2, 16, 48]);

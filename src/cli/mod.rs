@@ -1,1 +1,2 @@
+pub mod ae;
 pub mod prior;

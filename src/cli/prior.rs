@@ -9,9 +9,9 @@ use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use flowalign::backend::{DeviceChoice, select, select_many};
+use flowalign::checkpoint;
 use flowalign::features::projection::ProjectionKind;
 use flowalign::features::write_npy;
-use flowalign::checkpoint;
 use flowalign::prior::data::PriorData;
 use flowalign::prior::eval::{EvalOptions, evaluate, pca_scatter, sample_prior};
 use flowalign::prior::{FeaturePriorConfig, PriorPreset, PriorRun};

@@ -56,7 +56,7 @@ pub struct VelocityMlp {
 
 /// How a linear layer's weight is drawn (SPEC section 4, Init).
 #[derive(Clone, Copy)]
-enum Init {
+pub(crate) enum Init {
     XavierUniform,
     Normal(f32),
     Zeros,
@@ -65,7 +65,13 @@ enum Init {
 /// A `Linear(d_in, d_out)` with weights from our seeded generator and a zero bias.
 ///
 /// Drawing on the host keeps initialisation identical on every backend for a given seed.
-fn linear(d_in: usize, d_out: usize, init: Init, rng: &mut Rng, device: &Device) -> Linear {
+pub(crate) fn linear(
+    d_in: usize,
+    d_out: usize,
+    init: Init,
+    rng: &mut Rng,
+    device: &Device,
+) -> Linear {
     let weights: Vec<f32> = match init {
         Init::XavierUniform => {
             let bound = (6.0 / (d_in + d_out) as f32).sqrt();

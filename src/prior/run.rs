@@ -1,23 +1,31 @@
 //! Training a prior on feature rows (SPEC section 6, stage 1): the loop, its metrics and resume.
 
-use std::fs::OpenOptions;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::prelude::*;
 use serde::Serialize;
 
-use crate::checkpoint::{self, Manifest};
 use super::config::FeaturePriorConfig;
 use super::data::PriorData;
 use crate::align::flow_loss;
+use crate::checkpoint::{self, Manifest, MetricsLog};
 use crate::config::{Reduction, Schedule};
 use crate::error::{Error, Result};
 use crate::flow::path::PathDraws;
 use crate::flow::{VelocityMlp, VelocityMlpConfig, rows_to_tensor};
 use crate::rng::{Stream, rng_for};
 use crate::train::{PriorMeta, PriorTrainer, StepStats, save_prior};
+
+/// The columns of `metrics.csv`.
+const METRICS: [&str; 6] = [
+    "step",
+    "loss",
+    "lr",
+    "grad_norm",
+    "vectors_per_s",
+    "val_loss",
+];
 
 /// Held-out rows scored at each checkpoint (fixed draws, so the numbers compare across steps).
 const VAL_ROWS: usize = 4_096;
@@ -37,70 +45,6 @@ pub struct Metrics {
     /// Flow-matching loss of the frozen prior on held-out rows (checkpoint steps only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub val_loss: Option<f32>,
-}
-
-/// Appends metrics to `metrics.csv` and `metrics.jsonl` in the run folder.
-struct MetricsLog {
-    csv: PathBuf,
-    jsonl: PathBuf,
-}
-
-const CSV_HEADER: &str = "step,loss,lr,grad_norm,vectors_per_s,val_loss";
-
-impl MetricsLog {
-    /// Opens the logs of `dir`, keeping only lines up to `step` (a resumed run rewrites the rest).
-    fn open(dir: &Path, step: usize) -> Result<MetricsLog> {
-        let log = MetricsLog {
-            csv: dir.join("metrics.csv"),
-            jsonl: dir.join("metrics.jsonl"),
-        };
-        let keep = |line: &str, step_of: &dyn Fn(&str) -> Option<usize>| {
-            step_of(line).is_some_and(|s| s <= step)
-        };
-        let csv_step = |l: &str| l.split(',').next()?.parse().ok();
-        let json_step = |l: &str| {
-            serde_json::from_str::<serde_json::Value>(l).ok()?["step"]
-                .as_u64()
-                .map(|s| s as usize)
-        };
-        let old_csv = std::fs::read_to_string(&log.csv).unwrap_or_default();
-        let mut csv = format!("{CSV_HEADER}\n");
-        for line in old_csv.lines().filter(|l| keep(l, &csv_step)) {
-            csv.push_str(line);
-            csv.push('\n');
-        }
-        crate::report::write_atomic(&log.csv, csv.as_bytes())?;
-        let old_json = std::fs::read_to_string(&log.jsonl).unwrap_or_default();
-        let mut json = String::new();
-        for line in old_json.lines().filter(|l| keep(l, &json_step)) {
-            json.push_str(line);
-            json.push('\n');
-        }
-        crate::report::write_atomic(&log.jsonl, json.as_bytes())?;
-        Ok(log)
-    }
-
-    fn append(&self, m: &Metrics) -> Result<()> {
-        let opt = |v: Option<f32>| v.map(|v| v.to_string()).unwrap_or_default();
-        let csv = format!(
-            "{},{},{},{},{:.1},{}\n",
-            m.step,
-            m.loss,
-            m.lr,
-            opt(m.grad_norm),
-            m.vectors_per_s,
-            opt(m.val_loss)
-        );
-        let json = format!("{}\n", serde_json::to_string(m).expect("metrics serialise"));
-        for (path, line) in [(&self.csv, csv), (&self.jsonl, json)] {
-            OpenOptions::new()
-                .append(true)
-                .open(path)
-                .and_then(|mut f| f.write_all(line.as_bytes()))
-                .map_err(|e| Error::io(path, "keep the run folder writable", e))?;
-        }
-        Ok(())
-    }
 }
 
 /// How a training run ended.
@@ -258,7 +202,7 @@ impl PriorRun {
         mut on_log: impl FnMut(&Metrics),
     ) -> Result<Summary> {
         let t = self.cfg.train.clone();
-        let log = MetricsLog::open(&self.dir, self.trainer.step)?;
+        let log = MetricsLog::open(&self.dir, self.trainer.step, &METRICS)?;
         let (mut loss_sum, mut loss_n) = (0.0f64, 0usize);
         let mut window = Instant::now();
         let mut val_loss = f32::NAN;

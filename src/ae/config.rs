@@ -1,0 +1,223 @@
+//! The configuration of an autoencoder run (stage 2 of SPEC section 6), as data.
+
+use serde::{Deserialize, Serialize};
+
+use super::model::{AeModelConfig, VitSize};
+use crate::error::{Error, Result};
+use crate::train::OptimSpec;
+
+/// Named starting points for an autoencoder run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AePreset {
+    /// SPEC section 6: ViT-L at 256 px, patch 16, batch 256, 50k steps, lambda 0.01.
+    Paper,
+    /// A CPU smoke run: the tiny ViT at 64 px, patch 8, batch 16, 500 steps.
+    Small,
+}
+
+/// The loss weights (SPEC section 6). LPIPS and the adversarial term are not built yet.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AeLossConfig {
+    /// Weight of the pixel L2 loss.
+    pub l2: f64,
+    /// lambda, the weight of L_align on the latent tokens (0 = a plain autoencoder).
+    pub lambda: f64,
+    /// (t, eps) draws per latent token for L_align.
+    pub mc: usize,
+}
+
+/// The optimisation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AeTrainConfig {
+    pub steps: usize,
+    /// Images per step.
+    pub batch: usize,
+    pub lr: f64,
+    pub warmup: usize,
+    pub final_lr_frac: f64,
+    pub optim: OptimSpec,
+    /// EMA decay of the weights used for evaluation and encoding (0 = none).
+    pub ema: f64,
+    pub seed: u64,
+    pub checkpoint_every: usize,
+    pub log_every: usize,
+    /// Write `recon.png` (8 images and their reconstructions) every this many steps.
+    pub recon_every: usize,
+    /// Log L_align and log r_k of the latent tokens of fixed images every this many steps
+    /// (paper Fig. 4).
+    pub monitor_every: usize,
+    /// Images whose latent tokens the monitor scores.
+    pub monitor_images: usize,
+}
+
+/// A complete autoencoder run: what `--config` reads and every run writes as `config.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AeConfig {
+    pub preset: AePreset,
+    /// The training images (an ImageNet-style folder).
+    pub data: String,
+    /// The `prior train` run whose frozen prior the latents are aligned to.
+    pub prior: String,
+    pub model: AeModelConfig,
+    pub loss: AeLossConfig,
+    pub train: AeTrainConfig,
+}
+
+impl AeConfig {
+    /// The values of `preset` for the images `data` and the prior run `prior`.
+    pub fn preset(preset: AePreset, data: &str, prior: &str) -> AeConfig {
+        let paper = AeConfig {
+            preset,
+            data: data.to_string(),
+            prior: prior.to_string(),
+            model: AeModelConfig {
+                size: VitSize::VitL,
+                image_size: 256,
+                patch: 16,
+                latent_tokens: 64,
+                latent_dim: 32,
+            },
+            loss: AeLossConfig {
+                l2: 1.0,
+                lambda: 0.01,
+                mc: 4,
+            },
+            train: AeTrainConfig {
+                steps: 50_000,
+                batch: 256,
+                lr: 1e-4,
+                warmup: 2_500,
+                final_lr_frac: 0.1,
+                optim: OptimSpec::PAPER_ADAMW,
+                ema: 0.9999,
+                seed: 0,
+                checkpoint_every: 2_000,
+                log_every: 50,
+                recon_every: 1_000,
+                monitor_every: 1_000,
+                monitor_images: 157, // 10,048 latent tokens
+            },
+        };
+        match preset {
+            AePreset::Paper => paper,
+            AePreset::Small => AeConfig {
+                model: AeModelConfig {
+                    size: VitSize::Tiny,
+                    image_size: 64,
+                    patch: 8,
+                    ..paper.model
+                },
+                train: AeTrainConfig {
+                    steps: 500,
+                    batch: 16,
+                    lr: 1e-3,
+                    warmup: 50,
+                    ema: 0.999,
+                    checkpoint_every: 100,
+                    log_every: 10,
+                    recon_every: 100,
+                    monitor_every: 100,
+                    monitor_images: 32,
+                    ..paper.train
+                },
+                ..paper
+            },
+        }
+    }
+
+    /// The config as TOML text.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("an AeConfig always serialises")
+    }
+
+    /// Checks every value is usable, naming the offending key.
+    pub fn validate(&self) -> Result<()> {
+        self.model.validate().map_err(Error::Config)?;
+        let t = &self.train;
+        for (key, v) in [
+            ("train.steps", t.steps),
+            ("train.batch", t.batch),
+            ("loss.mc", self.loss.mc),
+            ("train.checkpoint_every", t.checkpoint_every),
+            ("train.log_every", t.log_every),
+            ("train.recon_every", t.recon_every),
+            ("train.monitor_every", t.monitor_every),
+            ("train.monitor_images", t.monitor_images),
+        ] {
+            if v == 0 {
+                return Err(Error::Config(format!("{key} must be at least 1, got 0")));
+            }
+        }
+        if !(t.lr.is_finite() && t.lr > 0.0) {
+            return Err(Error::Config(format!(
+                "train.lr must be a positive number, got {}",
+                t.lr
+            )));
+        }
+        for (key, v) in [("loss.l2", self.loss.l2), ("loss.lambda", self.loss.lambda)] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(Error::Config(format!("{key} must be at least 0, got {v}")));
+            }
+        }
+        if !(0.0..1.0).contains(&t.ema) || !(0.0..=1.0).contains(&t.final_lr_frac) {
+            return Err(Error::Config(
+                "train.ema must lie in [0, 1) and train.final_lr_frac in [0, 1]".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Fails with the first field a resume may not change.
+    pub fn check_resumable(&self, saved: &AeConfig) -> Result<()> {
+        let fields = |c: &AeConfig| {
+            vec![
+                ("data", c.data.clone()),
+                ("prior", c.prior.clone()),
+                ("model", format!("{:?}", c.model)),
+                ("loss", format!("{:?}", c.loss)),
+                ("train.batch", c.train.batch.to_string()),
+                ("train.seed", c.train.seed.to_string()),
+                ("train.ema", c.train.ema.to_string()),
+            ]
+        };
+        for ((key, want), (_, had)) in fields(self).into_iter().zip(fields(saved)) {
+            if want != had {
+                return Err(Error::Config(format!(
+                    "--resume: {key} is {want} but the checkpoint was trained with {had}; \
+                     drop that flag to continue the run, or start a new one with another --out"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_round_trip_and_paper_is_the_spec() {
+        for preset in [AePreset::Paper, AePreset::Small] {
+            let cfg = AeConfig::preset(preset, "imagenet/train", "runs/prior");
+            cfg.validate().unwrap();
+            let back: AeConfig = toml::from_str(&cfg.to_toml()).unwrap();
+            assert_eq!(back, cfg);
+        }
+        let p = AeConfig::preset(AePreset::Paper, "d", "p");
+        assert_eq!(p.model.size.dims(), (24, 1024, 16));
+        assert_eq!((p.model.latent_tokens, p.model.latent_dim), (64, 32));
+        assert_eq!((p.loss.lambda, p.loss.mc), (0.01, 4));
+        assert_eq!(
+            (p.train.batch, p.train.steps, p.train.lr),
+            (256, 50_000, 1e-4)
+        );
+        let text = p.to_toml().replace("[loss]", "[loss]\nlambdaa = 1");
+        let err = toml::from_str::<AeConfig>(&text).unwrap_err().to_string();
+        assert!(err.contains("lambdaa"), "{err}");
+    }
+}

@@ -1,0 +1,443 @@
+//! Training the autoencoder with the alignment loss (SPEC section 6, stage 2): reconstruction plus
+//! `lambda * L_align` of every latent token under the frozen prior, with checkpoints, resume, the
+//! alignment monitor of paper Fig. 4 and reconstruction grids.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use burn::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::config::AeConfig;
+use super::data::{Crop, ImageBatch, ImageFolder, ImageLoader};
+use super::model::Autoencoder;
+use crate::align::align_loss;
+use crate::checkpoint::{self, MetricsLog};
+use crate::config::{Reduction, Schedule};
+use crate::error::{Error, Result};
+use crate::flow::VelocityMlp;
+use crate::prior::FeaturePriorConfig;
+use crate::prior::data::PriorData;
+use crate::prior::eval::knn_log_r;
+use crate::rng::{Stream, rng_for};
+use crate::train::{StepStats, Trainer, load_prior};
+
+/// What an autoencoder checkpoint records about its images.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageInfo {
+    pub images: usize,
+    pub classes: usize,
+}
+
+/// One line of the metrics log.
+#[derive(Debug, Clone, Serialize)]
+pub struct AeMetrics {
+    pub step: usize,
+    /// Mean total loss since the previous line.
+    pub loss: f32,
+    /// Mean pixel MSE (images in [-1, 1]) since the previous line.
+    pub l2: f32,
+    /// PSNR of that MSE, in dB for images in [0, 1].
+    pub psnr: f32,
+    /// Mean L_align of the batches' latent tokens since the previous line.
+    pub l_align: f32,
+    pub lr: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grad_norm: Option<f32>,
+    pub images_per_s: f64,
+    /// The monitor (every `monitor_every` steps): L_align of fixed images' latent tokens.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub monitor_l_align: Option<f32>,
+    /// The monitor: mean log r_k (k = 5) of those tokens among the prior's target rows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub monitor_log_rk: Option<f32>,
+    /// Unreadable image files met so far (each skipped and replaced by the next image).
+    pub skipped_images: usize,
+}
+
+const METRICS: [&str; 11] = [
+    "step",
+    "loss",
+    "l2",
+    "psnr",
+    "l_align",
+    "lr",
+    "grad_norm",
+    "images_per_s",
+    "monitor_l_align",
+    "monitor_log_rk",
+    "skipped_images",
+];
+
+/// PSNR in dB of a mean squared error measured on [-1, 1] images.
+pub fn psnr(mse: f64) -> f64 {
+    10.0 * (4.0 / mse.max(1e-12)).log10()
+}
+
+/// What one step measured.
+#[derive(Debug, Clone, Copy)]
+pub struct AeStepStats {
+    pub step: StepStats,
+    pub l2: f32,
+    pub l_align: f32,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AeSummary {
+    pub resumed_from: usize,
+    pub step: usize,
+    pub interrupted: bool,
+    /// The last monitor values (L_align, log r_k).
+    pub monitor: Option<(f32, Option<f32>)>,
+}
+
+/// An autoencoder run: images, frozen prior, trainer and folder.
+pub struct AeRun {
+    cfg: AeConfig,
+    dir: PathBuf,
+    loader: Arc<ImageLoader>,
+    prior: VelocityMlp,
+    trainer: Trainer<Autoencoder>,
+    device: Device,
+    /// Fixed images for the monitor and the reconstruction grid (centre crops).
+    fixed: ImageBatch,
+    /// The prior's target rows, for log r_k (absent when its features cannot be read).
+    reference: Option<(Vec<f32>, usize)>,
+    resumed_from: usize,
+}
+
+impl AeRun {
+    /// Opens a new run in `dir`, or continues its checkpoint when `resume` is set.
+    pub fn open(cfg: AeConfig, dir: &Path, resume: bool, device: &Device) -> Result<AeRun> {
+        cfg.validate()?;
+        let saved = checkpoint::load::<ImageInfo>(dir)?;
+        if resume {
+            if !dir.join(checkpoint::CONFIG).is_file() {
+                return Err(Error::Config(format!(
+                    "--resume: {} holds no run; drop --resume to start one there",
+                    dir.display()
+                )));
+            }
+            let old: AeConfig = checkpoint::read_config(dir, "ae train")?;
+            cfg.check_resumable(&old)?;
+        } else if let Some((m, _)) = &saved {
+            return Err(Error::Config(format!(
+                "{} already holds a checkpoint at step {}; pass --resume to continue it, or choose a new --out",
+                dir.display(),
+                m.step
+            )));
+        }
+        let prior_dir = Path::new(&cfg.prior);
+        let (prior, meta) = load_prior(prior_dir, device)?;
+        if meta.dim != cfg.model.latent_dim {
+            return Err(Error::Config(format!(
+                "the prior in {} models {}-dim vectors but the autoencoder's latent tokens have {} (model.latent_dim); \
+                 train the prior with --latent-dim {} or pass --latent-dim {}",
+                cfg.prior, meta.dim, cfg.model.latent_dim, cfg.model.latent_dim, meta.dim
+            )));
+        }
+        let folder = ImageFolder::scan(Path::new(&cfg.data))?;
+        let info = ImageInfo {
+            images: folder.len(),
+            classes: folder.classes.len(),
+        };
+        let saved = if resume { saved } else { None };
+        if let Some((m, _)) = &saved
+            && m.data != info
+        {
+            return Err(Error::Config(format!(
+                "--resume: {} now holds {} images in {} classes but the checkpoint trained on {} in {}; pass the same --data",
+                cfg.data, info.images, info.classes, m.data.images, m.data.classes
+            )));
+        }
+        let fixed_n = cfg.train.monitor_images.max(8).min(folder.len());
+        let centre = ImageLoader::new(
+            folder.clone(),
+            cfg.model.image_size,
+            cfg.train.seed,
+            Crop::Centre,
+        );
+        let fixed = centre.gather(&(0..fixed_n).collect::<Vec<_>>(), 0)?;
+        let reference = target_rows(prior_dir, device);
+        checkpoint::write_config(dir, &cfg)?;
+        let mut rng = rng_for(cfg.train.seed, Stream::Init, 0);
+        let model = cfg.model.init(&mut rng, &device.clone().autodiff());
+        let t = &cfg.train;
+        let mut trainer = Trainer::new(
+            model,
+            t.lr,
+            Schedule::Cosine {
+                warmup: t.warmup,
+                final_frac: t.final_lr_frac,
+            },
+            t.steps,
+            Reduction::Mean,
+        )
+        .with_optim(t.optim)
+        .with_ema(t.ema);
+        let resumed_from = match saved {
+            Some((_, state)) => {
+                trainer.restore(&state)?;
+                state.step
+            }
+            None => 0,
+        };
+        let loader = ImageLoader::new(folder, cfg.model.image_size, cfg.train.seed, Crop::Train);
+        Ok(AeRun {
+            cfg,
+            dir: dir.to_path_buf(),
+            loader: Arc::new(loader),
+            prior,
+            trainer,
+            device: device.clone(),
+            fixed,
+            reference,
+            resumed_from,
+        })
+    }
+
+    /// Steps taken so far.
+    pub fn step(&self) -> usize {
+        self.trainer.step
+    }
+
+    /// Images in the training folder.
+    pub fn images(&self) -> usize {
+        self.loader.folder.len()
+    }
+
+    /// The weights used for evaluation (EMA when kept), without autodiff.
+    pub fn frozen(&self) -> Autoencoder {
+        self.trainer.frozen()
+    }
+
+    fn images_tensor(&self, batch: &ImageBatch, device: &Device) -> Tensor<4> {
+        let s = batch.size;
+        Tensor::from_data(
+            TensorData::new(batch.pixels.clone(), [batch.len(), 3, s, s]),
+            device,
+        )
+    }
+
+    /// One optimiser step on `batch`: `l2 * MSE + lambda * L_align(latent tokens)`.
+    pub fn train_step(&mut self, batch: &ImageBatch) -> Result<AeStepStats> {
+        let ad = self.device.clone().autodiff();
+        let x = self.images_tensor(batch, &ad);
+        let model = self.trainer.model();
+        let z = model.encode(x.clone()); // [b, k, dz]
+        let rec = model.decode(z.clone());
+        let diff = rec - x;
+        let l2 = (diff.clone() * diff).mean();
+        let [b, k, dz] = z.dims();
+        let mut rng = rng_for(self.cfg.train.seed, Stream::Align, self.trainer.step as u64);
+        let lambda = self.cfg.loss.lambda;
+        let tokens = if lambda > 0.0 {
+            z.reshape([b * k, dz])
+        } else {
+            z.inner().reshape([b * k, dz]) // scored, not trained on
+        };
+        let la = align_loss(
+            &self.prior,
+            tokens,
+            self.cfg.loss.mc,
+            Reduction::Mean,
+            &mut rng,
+        );
+        let (l2_v, la_v) = (
+            l2.clone().into_scalar::<f32>(),
+            la.clone().into_scalar::<f32>(),
+        );
+        let loss = if lambda > 0.0 {
+            l2 * self.cfg.loss.l2 + la * lambda
+        } else {
+            l2 * self.cfg.loss.l2
+        };
+        let step = self.trainer.step_loss(loss, "autoencoder training")?;
+        Ok(AeStepStats {
+            step,
+            l2: l2_v,
+            l_align: la_v,
+        })
+    }
+
+    /// L_align (mc draws, fixed seed) and mean log r_k of the fixed images' latent tokens.
+    pub fn monitor(&self) -> (f32, Option<f32>) {
+        let model = self.frozen();
+        let n = self.cfg.train.monitor_images.min(self.fixed.len());
+        let s = self.fixed.size;
+        let x = Tensor::<4>::from_data(
+            TensorData::new(self.fixed.pixels[..n * 3 * s * s].to_vec(), [n, 3, s, s]),
+            &self.device,
+        );
+        let z = model.encode(x);
+        let [b, k, dz] = z.dims();
+        let tokens = z.reshape([b * k, dz]);
+        let mut rng = rng_for(self.cfg.train.seed, Stream::Eval, 0);
+        let la = align_loss(
+            &self.prior,
+            tokens.clone(),
+            self.cfg.loss.mc,
+            Reduction::Mean,
+            &mut rng,
+        )
+        .into_scalar::<f32>();
+        let log_rk = self.reference.as_ref().map(|(rows, d)| {
+            let q: Vec<f32> = tokens.try_into_vec_as::<f32>().expect("f32 readback");
+            let r = knn_log_r(&q, rows, *d, 5.min(rows.len() / d), &self.device);
+            r.iter().sum::<f32>() / r.len() as f32
+        });
+        (la, log_rk)
+    }
+
+    /// Writes `recon.png`: 8 fixed images over their reconstructions by the frozen weights.
+    pub fn recon_grid(&self) -> Result<()> {
+        let n = 8.min(self.fixed.len());
+        let s = self.fixed.size;
+        let x = Tensor::<4>::from_data(
+            TensorData::new(self.fixed.pixels[..n * 3 * s * s].to_vec(), [n, 3, s, s]),
+            &self.device,
+        );
+        let model = self.frozen();
+        let rec: Vec<f32> = model
+            .decode(model.encode(x))
+            .try_into_vec_as::<f32>()
+            .expect("f32 readback");
+        let (w, h) = (n * s, 2 * s);
+        let mut rgb = vec![0u8; w * h * 3];
+        for (row, src) in [&self.fixed.pixels[..n * 3 * s * s], &rec[..]]
+            .iter()
+            .enumerate()
+        {
+            for i in 0..n {
+                for y in 0..s {
+                    for x in 0..s {
+                        for c in 0..3 {
+                            let v = src[((i * 3 + c) * s + y) * s + x];
+                            let byte = ((v + 1.0) * 127.5).round().clamp(0.0, 255.0) as u8;
+                            rgb[((row * s + y) * w + i * s + x) * 3 + c] = byte;
+                        }
+                    }
+                }
+            }
+        }
+        crate::report::write_png_rgb(&self.dir.join("recon.png"), &rgb, (w as u32, h as u32))
+    }
+
+    /// Writes a checkpoint (weights, EMA, optimiser, step).
+    pub fn checkpoint(&self) -> Result<()> {
+        let info = ImageInfo {
+            images: self.loader.folder.len(),
+            classes: self.loader.folder.classes.len(),
+        };
+        checkpoint::save(&self.dir, &info, &self.trainer.state_bytes()?)
+    }
+
+    /// Trains to `train.steps` with batches decoded ahead on a background thread. `stop` is
+    /// polled every step: when it turns true a checkpoint is written and the run returns early.
+    pub fn run(
+        &mut self,
+        stop: impl Fn() -> bool,
+        mut on_log: impl FnMut(&AeMetrics),
+    ) -> Result<AeSummary> {
+        let t = self.cfg.train.clone();
+        let log = MetricsLog::open(&self.dir, self.trainer.step, &METRICS)?;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<ImageBatch>>(2);
+        let loader = Arc::clone(&self.loader);
+        let (from, to, batch) = (self.trainer.step, t.steps, t.batch);
+        let producer = std::thread::spawn(move || {
+            for s in from..to {
+                if tx.send(loader.batch(s as u64, batch)).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut sums = (0.0f64, 0.0f64, 0.0f64, 0usize);
+        let mut window = Instant::now();
+        let mut interrupted = false;
+        let mut monitor = None;
+        let result = (|| -> Result<()> {
+            while self.trainer.step < t.steps {
+                let batch = rx
+                    .recv()
+                    .map_err(|_| Error::Config("the image loader stopped unexpectedly".into()))??;
+                let stats = self.train_step(&batch)?;
+                sums.0 += f64::from(stats.step.loss);
+                sums.1 += f64::from(stats.l2);
+                sums.2 += f64::from(stats.l_align);
+                sums.3 += 1;
+                let step = self.trainer.step;
+                let ckpt = step.is_multiple_of(t.checkpoint_every) || step == t.steps;
+                interrupted = stop();
+                let mon = step.is_multiple_of(t.monitor_every) || step == t.steps;
+                if step.is_multiple_of(t.recon_every) || step == t.steps {
+                    self.recon_grid()?;
+                }
+                if mon {
+                    monitor = Some(self.monitor());
+                }
+                if ckpt || interrupted {
+                    self.checkpoint()?;
+                }
+                if step.is_multiple_of(t.log_every) || ckpt || mon || interrupted {
+                    let n = sums.3 as f64;
+                    let m = AeMetrics {
+                        step,
+                        loss: (sums.0 / n) as f32,
+                        l2: (sums.1 / n) as f32,
+                        psnr: psnr(sums.1 / n) as f32,
+                        l_align: (sums.2 / n) as f32,
+                        lr: stats.step.lr,
+                        grad_norm: stats.step.grad_norm,
+                        images_per_s: (sums.3 * t.batch) as f64 / window.elapsed().as_secs_f64(),
+                        monitor_l_align: mon.then(|| monitor.map(|m| m.0)).flatten(),
+                        monitor_log_rk: mon.then(|| monitor.and_then(|m| m.1)).flatten(),
+                        skipped_images: self.loader.skipped(),
+                    };
+                    log.append(&m)?;
+                    on_log(&m);
+                    sums = (0.0, 0.0, 0.0, 0);
+                    window = Instant::now();
+                }
+                if interrupted {
+                    break;
+                }
+            }
+            Ok(())
+        })();
+        drop(rx);
+        let _ = producer.join();
+        result?;
+        let skipped = self.loader.skipped();
+        if skipped > 0 {
+            tracing::warn!(
+                "{skipped} image reads were skipped (unreadable files; each named once above)"
+            );
+        }
+        Ok(AeSummary {
+            resumed_from: self.resumed_from,
+            step: self.trainer.step,
+            interrupted,
+            monitor,
+        })
+    }
+}
+
+/// The training rows of the prior run in `prior_dir` (scaled, projected), for log r_k; `None`
+/// with a warning when its feature table cannot be read.
+fn target_rows(prior_dir: &Path, device: &Device) -> Option<(Vec<f32>, usize)> {
+    let cfg: FeaturePriorConfig = checkpoint::read_config(prior_dir, "prior train").ok()?;
+    match PriorData::prepare(&cfg.data, cfg.train.seed, device) {
+        Ok(data) => {
+            let d = data.dim();
+            let n = data.train.rows.min(100_000);
+            Some((data.train.data[..n * d].to_vec(), d))
+        }
+        Err(e) => {
+            tracing::warn!("the alignment monitor reports L_align only: {e}");
+            None
+        }
+    }
+}

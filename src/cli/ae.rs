@@ -1,0 +1,224 @@
+//! `flowalign ae train`: stage 2 of the ImageNet recipe (SPEC section 6).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use flowalign::ae::config::{AeConfig, AePreset};
+use flowalign::ae::model::VitSize;
+use flowalign::ae::train::AeRun;
+use flowalign::backend::{DeviceChoice, select};
+use flowalign::checkpoint;
+
+#[derive(Subcommand)]
+pub enum AeCommand {
+    /// Train an image autoencoder whose 64 x 32 latent tokens are aligned to a frozen flow prior.
+    Train(Box<TrainArgs>),
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// An ImageNet-style folder of JPEG/PNG images (class/xxx.JPEG, any depth).
+    #[arg(long)]
+    data: Option<String>,
+    /// A `flowalign prior train` run folder: its frozen prior aligns the latents.
+    #[arg(long)]
+    prior: Option<String>,
+    /// The run folder: config, metrics, checkpoints, recon.png.
+    #[arg(long)]
+    out: PathBuf,
+    /// Continue the checkpoint in --out.
+    #[arg(long)]
+    resume: bool,
+    /// Starting values: `paper` (ViT-L, SPEC section 6; the default) or `small` (a CPU smoke run).
+    #[arg(long, value_enum)]
+    preset: Option<AePreset>,
+    /// A TOML config (every run writes one as config.toml); flags override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The ViT size of encoder and decoder.
+    #[arg(long, value_enum)]
+    model: Option<VitSize>,
+    #[arg(long)]
+    image_size: Option<usize>,
+    #[arg(long)]
+    patch: Option<usize>,
+    #[arg(long)]
+    latent_tokens: Option<usize>,
+    #[arg(long)]
+    latent_dim: Option<usize>,
+    /// Images per step.
+    #[arg(long)]
+    batch: Option<usize>,
+    #[arg(long)]
+    steps: Option<usize>,
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    warmup: Option<usize>,
+    /// The weight of L_align (0 = a plain autoencoder).
+    #[arg(long)]
+    lambda: Option<f64>,
+    /// (t, eps) draws per latent token for L_align.
+    #[arg(long)]
+    mc: Option<usize>,
+    #[arg(long)]
+    ema: Option<f64>,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    checkpoint_every: Option<usize>,
+    #[arg(long)]
+    log_every: Option<usize>,
+    #[arg(long)]
+    monitor_every: Option<usize>,
+    #[arg(long)]
+    recon_every: Option<usize>,
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    device: DeviceChoice,
+}
+
+impl TrainArgs {
+    fn config(&self) -> Result<AeConfig> {
+        let mut cfg = if let Some(path) = &self.config {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}; check --config", path.display()))?;
+            toml::from_str::<AeConfig>(&text).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: not a valid ae config: {}",
+                    path.display(),
+                    flowalign::config::one_line(&e.to_string())
+                )
+            })?
+        } else if self.resume && self.out.join(checkpoint::CONFIG).is_file() {
+            checkpoint::read_config(&self.out, "ae train")?
+        } else {
+            let (Some(data), Some(prior)) = (&self.data, &self.prior) else {
+                bail!("--data DIR and --prior RUN are required (or --config F.toml, or --resume)");
+            };
+            AeConfig::preset(self.preset.unwrap_or(AePreset::Paper), data, prior)
+        };
+        if let (Some(p), true) = (self.preset, self.config.is_some() || self.resume) {
+            let base = AeConfig::preset(p, &cfg.data, &cfg.prior);
+            (cfg.model, cfg.loss, cfg.train, cfg.preset) = (base.model, base.loss, base.train, p);
+        }
+        if let Some(d) = &self.data {
+            cfg.data = d.clone();
+        }
+        if let Some(p) = &self.prior {
+            cfg.prior = p.clone();
+        }
+        macro_rules! set {
+            ($flag:ident => $($field:tt)+) => {
+                if let Some(v) = self.$flag { cfg.$($field)+ = v; }
+            };
+        }
+        set!(model => model.size);
+        set!(image_size => model.image_size);
+        set!(patch => model.patch);
+        set!(latent_tokens => model.latent_tokens);
+        set!(latent_dim => model.latent_dim);
+        set!(batch => train.batch);
+        set!(steps => train.steps);
+        set!(lr => train.lr);
+        set!(warmup => train.warmup);
+        set!(lambda => loss.lambda);
+        set!(mc => loss.mc);
+        set!(ema => train.ema);
+        set!(seed => train.seed);
+        set!(checkpoint_every => train.checkpoint_every);
+        set!(log_every => train.log_every);
+        set!(monitor_every => train.monitor_every);
+        set!(recon_every => train.recon_every);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+fn train(args: TrainArgs) -> Result<()> {
+    let cfg = args.config()?;
+    let (device, device_name) = select(args.device)?;
+    let mut run = AeRun::open(cfg.clone(), &args.out, args.resume, &device)?;
+    let (depth, width, heads) = cfg.model.size.dims();
+    tracing::info!(
+        device = %device_name,
+        "{} images; ViT {depth} x {width} ({heads} heads) at {} px, patch {}, {} latent tokens x {}; lambda {}",
+        run.images(),
+        cfg.model.image_size,
+        cfg.model.patch,
+        cfg.model.latent_tokens,
+        cfg.model.latent_dim,
+        cfg.loss.lambda
+    );
+    if run.step() > 0 {
+        tracing::info!("resuming {} at step {}", args.out.display(), run.step());
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in signal_hook::consts::TERM_SIGNALS {
+        signal_hook::flag::register_conditional_shutdown(*sig, 130, Arc::clone(&stop))
+            .context("installing the signal handler")?;
+        signal_hook::flag::register(*sig, Arc::clone(&stop))
+            .context("installing the signal handler")?;
+    }
+    let pb = ProgressBar::new(cfg.train.steps as u64);
+    pb.set_style(
+        ProgressStyle::with_template("ae [{bar:30}] {pos}/{len} {msg} eta {eta} ({elapsed})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb.set_position(run.step() as u64);
+    pb.reset_eta();
+    let summary = run.run(
+        || stop.load(Ordering::Relaxed),
+        |m| {
+            pb.set_position(m.step as u64);
+            let mon = match (m.monitor_l_align, m.monitor_log_rk) {
+                (Some(a), Some(r)) => format!(" | monitor L_align {a:.4} log r_5 {r:.3}"),
+                (Some(a), None) => format!(" | monitor L_align {a:.4}"),
+                _ => String::new(),
+            };
+            pb.set_message(format!(
+                "loss {:.4} psnr {:.2} L_align {:.4} lr {:.2e} {:.1} img/s{mon}",
+                m.loss, m.psnr, m.l_align, m.lr, m.images_per_s
+            ));
+            if pb.is_hidden() {
+                tracing::info!(
+                    step = m.step,
+                    loss = m.loss,
+                    psnr = m.psnr,
+                    l_align = m.l_align,
+                    images_per_s = m.images_per_s,
+                    monitor_l_align = m.monitor_l_align,
+                    monitor_log_rk = m.monitor_log_rk
+                );
+            }
+        },
+    );
+    pb.finish_and_clear();
+    let summary = summary?;
+    if summary.interrupted {
+        tracing::info!(
+            "stopped at step {}: checkpoint written; continue with --resume",
+            summary.step
+        );
+        std::process::exit(130);
+    }
+    tracing::info!(
+        "trained steps {}..{}; outputs in {}",
+        summary.resumed_from,
+        summary.step,
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// Runs one `ae` subcommand.
+pub fn run(cmd: AeCommand) -> Result<()> {
+    match cmd {
+        AeCommand::Train(args) => train(*args),
+    }
+}

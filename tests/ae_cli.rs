@@ -1,0 +1,277 @@
+//! `flowalign ae train` end to end on images the test draws: the reconstruction improves, the
+//! alignment monitor runs, a killed run resumes to the same weights, a corrupt file is skipped, and
+//! bad input is a one-line error.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use burn::prelude::Device;
+use flowalign::ae::config::AeConfig;
+use flowalign::ae::train::AeRun;
+use flowalign::checkpoint;
+use flowalign::train::param_values;
+
+mod common;
+use common::{flowalign, one_line_error};
+
+/// `n` 40 x 40 PNGs in 3 class folders: a colour gradient per class and a bright square.
+fn draw_images(root: &Path, n: usize) {
+    let colours = [[220u8, 60, 40], [40, 180, 90], [50, 80, 230]];
+    for i in 0..n {
+        let class = i % 3;
+        let dir = root.join(format!("class{class}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (sx, sy) = ((i * 7) % 24, (i * 13) % 24);
+        let img = image::RgbImage::from_fn(40, 40, |x, y| {
+            let c = colours[class];
+            let g = (x + y) as f32 / 80.0;
+            let inside =
+                (sx..sx + 12).contains(&(x as usize)) && (sy..sy + 12).contains(&(y as usize));
+            if inside {
+                image::Rgb([250, 250, 250])
+            } else {
+                image::Rgb(c.map(|v| (v as f32 * (0.4 + 0.6 * g)) as u8))
+            }
+        });
+        img.save(dir.join(format!("img{i:03}.png"))).unwrap();
+    }
+}
+
+/// A 4-dim prior from a small table.
+fn train_prior(dir: &Path, table: &Path) {
+    let data: Vec<f32> = (0..2000 * 16)
+        .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * if i % 16 < 4 { 2.0 } else { 1.0 })
+        .collect();
+    flowalign::features::write_npy(table, 2000, 16, &data).unwrap();
+    let out = flowalign(&[
+        "prior",
+        "train",
+        "--features",
+        table.to_str().unwrap(),
+        "--out",
+        dir.to_str().unwrap(),
+        "--preset",
+        "small",
+        "--latent-dim",
+        "4",
+        "--width",
+        "32",
+        "--depth",
+        "2",
+        "--batch",
+        "256",
+        "--steps",
+        "100",
+        "--device",
+        "cpu",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+}
+
+fn ae_args<'a>(data: &'a str, prior: &'a str, out: &'a str, lambda: &'a str) -> Vec<&'a str> {
+    vec![
+        "ae",
+        "train",
+        "--data",
+        data,
+        "--prior",
+        prior,
+        "--out",
+        out,
+        "--preset",
+        "small",
+        "--image-size",
+        "32",
+        "--patch",
+        "8",
+        "--latent-tokens",
+        "8",
+        "--latent-dim",
+        "4",
+        "--batch",
+        "8",
+        "--steps",
+        "150",
+        "--lambda",
+        lambda,
+        "--checkpoint-every",
+        "50",
+        "--log-every",
+        "10",
+        "--monitor-every",
+        "50",
+        "--recon-every",
+        "50",
+        "--device",
+        "cpu",
+    ]
+}
+
+/// (step, psnr, monitor L_align, monitor log r_k) of every metrics line.
+fn metrics(dir: &Path) -> Vec<(usize, f32, Option<f32>, Option<f32>)> {
+    let text = std::fs::read_to_string(dir.join("metrics.csv")).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    let (s, p, a, r) = (
+        col("step"),
+        col("psnr"),
+        col("monitor_l_align"),
+        col("monitor_log_rk"),
+    );
+    lines
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            (
+                f[s].parse().unwrap(),
+                f[p].parse().unwrap(),
+                f[a].parse().ok(),
+                f[r].parse().ok(),
+            )
+        })
+        .collect()
+}
+
+fn final_weights(dir: &Path) -> Vec<f32> {
+    let cfg: AeConfig = checkpoint::read_config(dir, "ae train").unwrap();
+    param_values(
+        &AeRun::open(cfg, dir, true, &Device::flex())
+            .unwrap()
+            .frozen(),
+    )
+}
+
+#[test]
+fn ae_train_improves_monitors_and_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    draw_images(&images, 48);
+    std::fs::write(images.join("class1/broken.png"), b"not a png").unwrap();
+    let prior = tmp.path().join("prior");
+    train_prior(&prior, &tmp.path().join("table.npy"));
+    let (data, prior) = (images.to_str().unwrap(), prior.to_str().unwrap());
+
+    let whole = tmp.path().join("whole");
+    let start = Instant::now();
+    let out = flowalign(&ae_args(data, prior, whole.to_str().unwrap(), "0.1"));
+    assert!(out.status.success(), "{out:?}");
+    let secs = start.elapsed().as_secs_f64();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("broken.png"),
+        "the corrupt file is named: {stderr}"
+    );
+    let m = metrics(&whole);
+    assert_eq!(m.last().unwrap().0, 150);
+    let (first, last) = (m[0].1, m.last().unwrap().1);
+    eprintln!(
+        "aligned run: PSNR {first:.2} -> {last:.2} dB in {secs:.1}s; monitor {:?}",
+        m.last()
+    );
+    assert!(last > first + 3.0, "PSNR {first} -> {last}");
+    let mon = m.last().unwrap();
+    assert!(
+        mon.2.unwrap().is_finite() && mon.3.unwrap().is_finite(),
+        "{mon:?}"
+    );
+    assert!(whole.join("recon.png").is_file());
+    let csv = std::fs::read_to_string(whole.join("metrics.csv")).unwrap();
+    let skipped: usize = csv
+        .lines()
+        .last()
+        .unwrap()
+        .rsplit(',')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        skipped >= 1,
+        "skipped_images counts the corrupt file: {csv}"
+    );
+
+    // Killed after its first checkpoint, then resumed: the same weights.
+    let parts = tmp.path().join("parts");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flowalign"))
+        .args(ae_args(data, prior, parts.to_str().unwrap(), "0.1"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !parts.join("checkpoint.toml").is_file() && t0.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mut resume = ae_args(data, prior, parts.to_str().unwrap(), "0.1");
+    resume.push("--resume");
+    let out = flowalign(&resume);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("resuming"),
+        "{out:?}"
+    );
+    assert!(
+        final_weights(&whole) == final_weights(&parts),
+        "resumed weights differ"
+    );
+
+    // lambda = 0, same seed: the latents drift from the prior; the reconstruction is comparable.
+    let plain = tmp.path().join("plain");
+    let out = flowalign(&ae_args(data, prior, plain.to_str().unwrap(), "0"));
+    assert!(out.status.success(), "{out:?}");
+    let p = metrics(&plain);
+    let (a, b) = (m.last().unwrap(), p.last().unwrap());
+    eprintln!(
+        "lambda 0.1 vs 0: L_align {:?} vs {:?}, log r_k {:?} vs {:?}, PSNR {} vs {}",
+        a.2, b.2, a.3, b.3, a.1, b.1
+    );
+    assert!(
+        a.2.unwrap() < b.2.unwrap(),
+        "L_align with lambda > 0 must be lower"
+    );
+    assert!(
+        a.3.unwrap() < b.3.unwrap(),
+        "log r_k with lambda > 0 must be lower"
+    );
+    assert!((a.1 - b.1).abs() < 1.0, "PSNR within 1 dB");
+}
+
+#[test]
+fn ae_bad_input_is_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    draw_images(&images, 6);
+    let prior = tmp.path().join("prior");
+    train_prior(&prior, &tmp.path().join("table.npy"));
+    let out_dir = tmp.path().join("run");
+    let (data, p, o) = (
+        images.to_str().unwrap(),
+        prior.to_str().unwrap(),
+        out_dir.to_str().unwrap(),
+    );
+    // A prior of another dimension.
+    let mut args = ae_args(data, p, o, "0.1");
+    let at = args.iter().position(|a| *a == "--latent-dim").unwrap();
+    args[at + 1] = "8";
+    let err = one_line_error(&flowalign(&args));
+    assert!(
+        err.contains("4-dim") && err.contains("--latent-dim"),
+        "{err}"
+    );
+    // No images; a missing prior; a patch that does not divide the image.
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let err = one_line_error(&flowalign(&ae_args(empty.to_str().unwrap(), p, o, "0.1")));
+    assert!(err.contains("no .jpg"), "{err}");
+    let err = one_line_error(&flowalign(&ae_args(data, "/no/prior", o, "0.1")));
+    assert!(err.contains("/no/prior"), "{err}");
+    let mut args = ae_args(data, p, o, "0.1");
+    let at = args.iter().position(|a| *a == "--patch").unwrap();
+    args[at + 1] = "5";
+    let err = one_line_error(&flowalign(&args));
+    assert!(err.contains("patch"), "{err}");
+    assert!(!out_dir.join("checkpoint.toml").exists());
+}
