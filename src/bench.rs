@@ -29,9 +29,13 @@ pub struct BenchArgs {
     /// Network depth (default: 4 for `toy`, 3 for `landscape`, 6 for `prior`).
     #[arg(long)]
     pub depth: Option<usize>,
-    /// `prior`: feature vectors per step (default: the paper's 32,768 on a GPU, 1,024 on the CPU).
+    /// `prior`: feature vectors per step (default: the paper's 32,768 on a GPU, 1,024 on the CPU);
+    /// `ae`: images per step (default 256 on a GPU, 2 on the CPU).
     #[arg(long)]
     pub batch: Option<usize>,
+    /// `ae`: the ViT size of encoder and decoder.
+    #[arg(long, value_enum, default_value_t = crate::ae::model::VitSize::VitL)]
+    pub model: crate::ae::model::VitSize,
     /// `prior`: (t, eps) draws per vector.
     #[arg(long, default_value_t = 4)]
     pub mc: usize,
@@ -62,6 +66,9 @@ pub enum BenchKind {
     Landscape,
     /// Stage-1 prior training (SPEC section 6): vectors/s of the full step (AdamW, clip, EMA, mc 4).
     Prior,
+    /// Stage-2 autoencoder training: images/s of the step (L2 + L_align, AdamW, clip, EMA) and of
+    /// the data loader (JPEG decode + augment) per core.
+    Ae,
 }
 
 /// Median milliseconds of `reps` calls of `f` after one warm-up call.
@@ -228,6 +235,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         BenchKind::Toy => "toy",
         BenchKind::Landscape => "landscape",
         BenchKind::Prior => "prior",
+        BenchKind::Ae => "ae",
     };
     let out = args
         .out
@@ -241,6 +249,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             landscape(w, d)?
         }
         BenchKind::Prior => prior(&args)?,
+        BenchKind::Ae => ae(&args)?,
     };
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
@@ -381,5 +390,81 @@ fn prior(args: &BenchArgs) -> Result<Value> {
         "flowalign": ours,
         "pytorch": theirs,
         "ratio_flowalign_over_pytorch": ratio,
+    }))
+}
+
+/// `flowalign bench ae`: the stage-2 training step on the chosen device, and the image loader.
+fn ae(args: &BenchArgs) -> Result<Value> {
+    use crate::ae::config::{AeConfig, AePreset};
+    use crate::ae::data::{Crop, ImageFolder, ImageLoader};
+    use crate::ae::train::{ae_step, new_trainer};
+    let (device, name) = crate::backend::select(args.device)?;
+    let on_cpu = name.starts_with("cpu");
+    let mut cfg = AeConfig::preset(AePreset::Paper, "-", "-");
+    cfg.model.size = args.model;
+    cfg.train.batch = args.batch.unwrap_or(if on_cpu { 2 } else { 256 });
+    cfg.validate()?;
+    let (b, s) = (cfg.train.batch, cfg.model.image_size);
+    let (depth, width, heads) = cfg.model.size.dims();
+    tracing::info!(
+        "measuring the autoencoder step ({name}, ViT {depth} x {width}, {heads} heads, {s} px, batch {b})"
+    );
+    let mut trainer = new_trainer(&cfg, &device);
+    let mut rng = rng_for(0, Stream::Init, 1);
+    let prior = VelocityMlpConfig::new(cfg.model.latent_dim, 1024, 6).init(&mut rng, &device);
+    let pixels: Vec<f32> = normal_rows(&mut rng, b * 3 * s, s)
+        .into_iter()
+        .map(|v| v.clamp(-1.0, 1.0))
+        .collect();
+    let ad = device.clone().autodiff();
+    let sps = timed(args.seconds, || {
+        let x = Tensor::<4>::from_data(TensorData::new(pixels.clone(), [b, 3, s, s]), &ad);
+        ae_step(&mut trainer, &prior, x, &cfg.loss, &mut rng).map(|_| ())
+    })?;
+    let params = trainer.model().num_params();
+
+    // The loader: JPEGs of ImageNet's typical 500 x 375, decoded, resized, cropped and flipped.
+    let dir =
+        tempfile::tempdir().map_err(|e| Error::io("<tmp>", "a writable temp dir is needed", e))?;
+    for i in 0..32u32 {
+        let class = dir.path().join(format!("c{}", i % 4));
+        std::fs::create_dir_all(&class).map_err(|e| Error::io(&class, "temp dir", e))?;
+        let img = image::RgbImage::from_fn(500, 375, |x, y| {
+            let n = (x.wrapping_mul(7919) ^ y.wrapping_mul(104_729) ^ i.wrapping_mul(31)) % 64;
+            image::Rgb([
+                (x / 2) as u8 ^ n as u8,
+                (y / 2) as u8,
+                (i * 8) as u8 ^ n as u8,
+            ])
+        });
+        let path = class.join(format!("{i}.jpg"));
+        img.save(&path)
+            .map_err(|e| Error::input(&path, format!("could not write a benchmark image: {e}")))?;
+    }
+    let loader = ImageLoader::new(ImageFolder::scan(dir.path())?, s, 0, Crop::Train);
+    let indices: Vec<usize> = (0..32).collect();
+    let per_core = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .map_err(|e| Error::Config(format!("thread pool: {e}")))?
+        .install(|| {
+            timed(args.seconds / 2.0, || {
+                loader.gather(&indices, 0).map(|_| ())
+            })
+        })?;
+    let all = timed(args.seconds / 2.0, || {
+        loader.gather(&indices, 0).map(|_| ())
+    })?;
+    Ok(json!({
+        "model": { "size": cfg.model.size, "depth": depth, "width": width, "heads": heads, "params": params,
+                   "image_size": s, "patch": cfg.model.patch, "latent_tokens": cfg.model.latent_tokens },
+        "batch": b,
+        "device": name,
+        "train_images_per_sec": sps * b as f64,
+        "train_steps_per_sec": sps,
+        "peak_rss_mib": peak_rss_mib(),
+        "loader_images_per_sec_per_core": per_core * 32.0,
+        "loader_images_per_sec_all_cores": all * 32.0,
+        "loader_cores": rayon::current_num_threads(),
     }))
 }

@@ -214,18 +214,46 @@ fn colour_bar(area: &Area, lo: f32, hi: f32) -> Result<()> {
 ///
 /// `loss[i]` belongs to step `i + 1`; `nll` holds `(step, mean NLL)` pairs.
 pub fn curves_panel(area: &Area, title: &str, loss: &[f32], nll: &[(usize, f32)]) -> Result<()> {
-    let n = loss.len().max(2) as f64;
+    let loss: Vec<(f64, f32)> = loss
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| ((i + 1) as f64, v))
+        .collect();
+    let nll: Vec<(f64, f32)> = nll.iter().map(|&(s, v)| (s.max(1) as f64, v)).collect();
+    twin_curves_panel(
+        area,
+        title,
+        ("L_align (smoothed)", "L_align", &loss),
+        ("NLL of y", "NLL of y", &nll),
+    )
+}
+
+/// Two curves over log-scale steps on twin y axes: `(axis label, legend, points)` for each side.
+pub fn twin_curves_panel(
+    area: &Area,
+    title: &str,
+    left: (&str, &str, &[(f64, f32)]),
+    right: (&str, &str, &[(f64, f32)]),
+) -> Result<()> {
+    let n = left
+        .2
+        .iter()
+        .chain(right.2)
+        .map(|p| p.0)
+        .fold(2.0f64, f64::max);
     let finite = |v: &mut dyn Iterator<Item = f32>| {
         v.filter(|x| x.is_finite())
             .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), x| {
                 (a.min(x), b.max(x))
             })
     };
-    let (l0, l1) = finite(&mut loss.iter().copied());
-    let (n0, n1) = finite(&mut nll.iter().map(|p| p.1));
+    let (l0, l1) = finite(&mut left.2.iter().map(|p| p.1));
+    let (n0, n1) = finite(&mut right.2.iter().map(|p| p.1));
     let pad = |(a, b): (f32, f32)| {
         if a.is_finite() && b > a {
             (a - 0.05 * (b - a), b + 0.05 * (b - a))
+        } else if a.is_finite() {
+            (a - 0.5, a + 0.5)
         } else {
             (0.0, 1.0)
         }
@@ -244,13 +272,13 @@ pub fn curves_panel(area: &Area, title: &str, loss: &[f32], nll: &[(usize, f32)]
     chart
         .configure_mesh()
         .x_desc("step")
-        .y_desc("L_align (smoothed)")
+        .y_desc(left.0)
         .label_style(("sans-serif", 12))
         .draw()
         .map_err(plot_err)?;
     chart
         .configure_secondary_axes()
-        .y_desc("NLL of y")
+        .y_desc(right.0)
         .label_style(("sans-serif", 12))
         .draw()
         .map_err(plot_err)?;
@@ -258,19 +286,19 @@ pub fn curves_panel(area: &Area, title: &str, loss: &[f32], nll: &[(usize, f32)]
     let orange = RGBColor(255, 127, 14);
     chart
         .draw_series(LineSeries::new(
-            loss.iter().enumerate().map(|(i, &v)| ((i + 1) as f64, v)),
+            left.2.iter().copied(),
             blue.stroke_width(2),
         ))
         .map_err(plot_err)?
-        .label("L_align")
+        .label(left.1)
         .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], blue.stroke_width(2)));
     chart
         .draw_secondary_series(LineSeries::new(
-            nll.iter().map(|&(s, v)| (s.max(1) as f64, v)),
+            right.2.iter().copied(),
             orange.stroke_width(2),
         ))
         .map_err(plot_err)?
-        .label("NLL of y")
+        .label(right.1)
         .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], orange.stroke_width(2)));
     chart
         .configure_series_labels()

@@ -125,7 +125,7 @@ fn metrics(dir: &Path) -> Vec<(usize, f32, Option<f32>, Option<f32>)> {
             let f: Vec<&str> = l.split(',').collect();
             (
                 f[s].parse().unwrap(),
-                f[p].parse().unwrap(),
+                f[p].parse().unwrap_or(f32::NAN),
                 f[a].parse().ok(),
                 f[r].parse().ok(),
             )
@@ -164,7 +164,8 @@ fn ae_train_improves_monitors_and_resumes() {
     );
     let m = metrics(&whole);
     assert_eq!(m.last().unwrap().0, 150);
-    let (first, last) = (m[0].1, m.last().unwrap().1);
+    assert_eq!(m[0].0, 0, "the monitor scores the initial latents");
+    let (first, last) = (m[1].1, m.last().unwrap().1);
     eprintln!(
         "aligned run: PSNR {first:.2} -> {last:.2} dB in {secs:.1}s; monitor {:?}",
         m.last()
@@ -175,7 +176,7 @@ fn ae_train_improves_monitors_and_resumes() {
         mon.2.unwrap().is_finite() && mon.3.unwrap().is_finite(),
         "{mon:?}"
     );
-    assert!(whole.join("recon.png").is_file());
+    assert!(whole.join("recon.png").is_file() && whole.join("alignment.png").is_file());
     let csv = std::fs::read_to_string(whole.join("metrics.csv")).unwrap();
     let skipped: usize = csv
         .lines()

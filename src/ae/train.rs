@@ -9,7 +9,7 @@ use std::time::Instant;
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::config::AeConfig;
+use super::config::{AeConfig, AeLossConfig};
 use super::data::{Crop, ImageBatch, ImageFolder, ImageLoader};
 use super::model::Autoencoder;
 use crate::align::align_loss;
@@ -94,6 +94,68 @@ pub struct AeSummary {
     pub monitor: Option<(f32, Option<f32>)>,
 }
 
+/// One optimiser step of `trainer` on the images `x` (on the autodiff device):
+/// `l2 * MSE + lambda * L_align` of every latent token under the frozen `prior`, with `mc` draws
+/// per token from `rng`. With lambda 0, L_align is still measured but not trained on.
+///
+/// # Shapes
+/// - `x`: `[batch, 3, S, S]` in [-1, 1]
+pub fn ae_step(
+    trainer: &mut Trainer<Autoencoder>,
+    prior: &VelocityMlp,
+    x: Tensor<4>,
+    loss_cfg: &AeLossConfig,
+    rng: &mut crate::rng::Rng,
+) -> Result<AeStepStats> {
+    let model = trainer.model();
+    let z = model.encode(x.clone()); // [b, k, dz]
+    let rec = model.decode(z.clone());
+    let diff = rec - x;
+    let l2 = (diff.clone() * diff).mean();
+    let [b, k, dz] = z.dims();
+    let lambda = loss_cfg.lambda;
+    let tokens = if lambda > 0.0 {
+        z.reshape([b * k, dz])
+    } else {
+        z.inner().reshape([b * k, dz])
+    };
+    let la = align_loss(prior, tokens, loss_cfg.mc, Reduction::Mean, rng);
+    let (l2_v, la_v) = (
+        l2.clone().into_scalar::<f32>(),
+        la.clone().into_scalar::<f32>(),
+    );
+    let loss = if lambda > 0.0 {
+        l2 * loss_cfg.l2 + la * lambda
+    } else {
+        l2 * loss_cfg.l2
+    };
+    let step = trainer.step_loss(loss, "autoencoder training")?;
+    Ok(AeStepStats {
+        step,
+        l2: l2_v,
+        l_align: la_v,
+    })
+}
+
+/// A fresh trainer for `cfg` (model initialised from `cfg.train.seed`) on `device`.
+pub fn new_trainer(cfg: &AeConfig, device: &Device) -> Trainer<Autoencoder> {
+    let mut rng = rng_for(cfg.train.seed, Stream::Init, 0);
+    let model = cfg.model.init(&mut rng, &device.clone().autodiff());
+    let t = &cfg.train;
+    Trainer::new(
+        model,
+        t.lr,
+        Schedule::Cosine {
+            warmup: t.warmup,
+            final_frac: t.final_lr_frac,
+        },
+        t.steps,
+        Reduction::Mean,
+    )
+    .with_optim(t.optim)
+    .with_ema(t.ema)
+}
+
 /// An autoencoder run: images, frozen prior, trainer and folder.
 pub struct AeRun {
     cfg: AeConfig,
@@ -160,24 +222,12 @@ impl AeRun {
             cfg.train.seed,
             Crop::Centre,
         );
-        let fixed = centre.gather(&(0..fixed_n).collect::<Vec<_>>(), 0)?;
+        // Spread over the sorted folder, so every class shows.
+        let spread: Vec<usize> = (0..fixed_n).map(|i| i * folder.len() / fixed_n).collect();
+        let fixed = centre.gather(&spread, 0)?;
         let reference = target_rows(prior_dir, device);
         checkpoint::write_config(dir, &cfg)?;
-        let mut rng = rng_for(cfg.train.seed, Stream::Init, 0);
-        let model = cfg.model.init(&mut rng, &device.clone().autodiff());
-        let t = &cfg.train;
-        let mut trainer = Trainer::new(
-            model,
-            t.lr,
-            Schedule::Cosine {
-                warmup: t.warmup,
-                final_frac: t.final_lr_frac,
-            },
-            t.steps,
-            Reduction::Mean,
-        )
-        .with_optim(t.optim)
-        .with_ema(t.ema);
+        let mut trainer = new_trainer(&cfg, device);
         let resumed_from = match saved {
             Some((_, state)) => {
                 trainer.restore(&state)?;
@@ -224,43 +274,9 @@ impl AeRun {
 
     /// One optimiser step on `batch`: `l2 * MSE + lambda * L_align(latent tokens)`.
     pub fn train_step(&mut self, batch: &ImageBatch) -> Result<AeStepStats> {
-        let ad = self.device.clone().autodiff();
-        let x = self.images_tensor(batch, &ad);
-        let model = self.trainer.model();
-        let z = model.encode(x.clone()); // [b, k, dz]
-        let rec = model.decode(z.clone());
-        let diff = rec - x;
-        let l2 = (diff.clone() * diff).mean();
-        let [b, k, dz] = z.dims();
+        let x = self.images_tensor(batch, &self.device.clone().autodiff());
         let mut rng = rng_for(self.cfg.train.seed, Stream::Align, self.trainer.step as u64);
-        let lambda = self.cfg.loss.lambda;
-        let tokens = if lambda > 0.0 {
-            z.reshape([b * k, dz])
-        } else {
-            z.inner().reshape([b * k, dz]) // scored, not trained on
-        };
-        let la = align_loss(
-            &self.prior,
-            tokens,
-            self.cfg.loss.mc,
-            Reduction::Mean,
-            &mut rng,
-        );
-        let (l2_v, la_v) = (
-            l2.clone().into_scalar::<f32>(),
-            la.clone().into_scalar::<f32>(),
-        );
-        let loss = if lambda > 0.0 {
-            l2 * self.cfg.loss.l2 + la * lambda
-        } else {
-            l2 * self.cfg.loss.l2
-        };
-        let step = self.trainer.step_loss(loss, "autoencoder training")?;
-        Ok(AeStepStats {
-            step,
-            l2: l2_v,
-            l_align: la_v,
-        })
+        ae_step(&mut self.trainer, &self.prior, x, &self.cfg.loss, &mut rng)
     }
 
     /// L_align (mc draws, fixed seed) and mean log r_k of the fixed images' latent tokens.
@@ -326,6 +342,33 @@ impl AeRun {
         crate::report::write_png_rgb(&self.dir.join("recon.png"), &rgb, (w as u32, h as u32))
     }
 
+    /// Writes `alignment.png` (paper Fig. 4): the monitor's L_align and log r_k over steps, from
+    /// `metrics.jsonl`.
+    pub fn alignment_plot(&self) -> Result<()> {
+        let text = std::fs::read_to_string(self.dir.join("metrics.jsonl")).unwrap_or_default();
+        let (mut la, mut rk) = (Vec::new(), Vec::new());
+        for line in text.lines() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            let step = v["step"].as_f64().unwrap_or(0.0).max(1.0);
+            if let Some(a) = v["monitor_l_align"].as_f64() {
+                la.push((step, a as f32));
+            }
+            if let Some(r) = v["monitor_log_rk"].as_f64() {
+                rk.push((step, r as f32));
+            }
+        }
+        crate::report::save_png(&self.dir.join("alignment.png"), (900, 500), |root| {
+            crate::report::twin_curves_panel(
+                root,
+                "alignment of the latent tokens (paper Fig. 4)",
+                ("L_align", "L_align (monitor)", &la),
+                ("mean log r_5", "log r_5 to target features", &rk),
+            )
+        })
+    }
+
     /// Writes a checkpoint (weights, EMA, optimiser, step).
     pub fn checkpoint(&self) -> Result<()> {
         let info = ImageInfo {
@@ -359,6 +402,23 @@ impl AeRun {
         let mut interrupted = false;
         let mut monitor = None;
         let result = (|| -> Result<()> {
+            if self.trainer.step == 0 {
+                // Where the latents start, for the alignment curve.
+                let (la, rk) = self.monitor();
+                log.append(&AeMetrics {
+                    step: 0,
+                    loss: f32::NAN,
+                    l2: f32::NAN,
+                    psnr: f32::NAN,
+                    l_align: f32::NAN,
+                    lr: 0.0,
+                    grad_norm: None,
+                    images_per_s: 0.0,
+                    monitor_l_align: Some(la),
+                    monitor_log_rk: rk,
+                    skipped_images: 0,
+                })?;
+            }
             while self.trainer.step < t.steps {
                 let batch = rx
                     .recv()
@@ -397,6 +457,9 @@ impl AeRun {
                         skipped_images: self.loader.skipped(),
                     };
                     log.append(&m)?;
+                    if mon {
+                        self.alignment_plot()?;
+                    }
                     on_log(&m);
                     sums = (0.0, 0.0, 0.0, 0);
                     window = Instant::now();
