@@ -427,7 +427,7 @@ fn module_bytes<M: Module>(module: &M) -> Result<Vec<u8>> {
     Ok(store.get_bytes().map_err(|e| bad(e.to_string()))?.to_vec())
 }
 
-fn load_module_bytes<M: Module>(module: &mut M, bytes: &[u8], what: &str) -> Result<()> {
+pub(crate) fn load_module_bytes<M: Module>(module: &mut M, bytes: &[u8], what: &str) -> Result<()> {
     let mut store =
         BurnpackStore::from_bytes(Some(burn::tensor::Bytes::from_bytes_vec(bytes.to_vec())));
     let applied = module

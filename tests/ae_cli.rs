@@ -192,6 +192,65 @@ fn ae_train_improves_monitors_and_resumes() {
         "skipped_images counts the corrupt file: {csv}"
     );
 
+    // Evaluation and latent caching.
+    let out = flowalign(&[
+        "ae",
+        "eval",
+        "--ae",
+        whole.to_str().unwrap(),
+        "--data",
+        data,
+        "--device",
+        "cpu",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(whole.join("eval.json")).unwrap()).unwrap();
+    assert_eq!(report["images"], 48, "{report}");
+    let (p, s) = (
+        report["psnr"].as_f64().unwrap(),
+        report["ssim"].as_f64().unwrap(),
+    );
+    assert!(p > 10.0 && s > 0.0 && s <= 1.0, "{report}");
+    assert!(whole.join("eval-recon.png").is_file());
+    let latents = tmp.path().join("latents");
+    let out = flowalign(&[
+        "ae",
+        "encode",
+        "--ae",
+        whole.to_str().unwrap(),
+        "--data",
+        data,
+        "--out",
+        latents.to_str().unwrap(),
+        "--shard-size",
+        "20",
+        "--device",
+        "cpu",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let mut total = 0;
+    for shard in [
+        "latents-00000.safetensors",
+        "latents-00001.safetensors",
+        "latents-00002.safetensors",
+    ] {
+        let bytes = std::fs::read(latents.join(shard)).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let l = st.tensor("latents").unwrap();
+        assert_eq!(&l.shape()[1..], &[8, 4]);
+        assert_eq!(st.tensor("labels").unwrap().shape(), &[l.shape()[0]]);
+        total += l.shape()[0];
+    }
+    assert_eq!(
+        total, 48,
+        "every readable image once, the corrupt one skipped"
+    );
+    let stats: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(latents.join("stats.json")).unwrap())
+            .unwrap();
+    assert!(stats["std"].as_f64().unwrap() > 0.0, "{stats}");
+
     // Killed after its first checkpoint, then resumed: the same weights.
     let parts = tmp.path().join("parts");
     let mut child = Command::new(env!("CARGO_BIN_EXE_flowalign"))

@@ -3,5 +3,6 @@
 
 pub mod config;
 pub mod data;
+pub mod eval;
 pub mod model;
 pub mod train;

@@ -321,25 +321,12 @@ impl AeRun {
             .decode(model.encode(x))
             .try_into_vec_as::<f32>()
             .expect("f32 readback");
-        let (w, h) = (n * s, 2 * s);
-        let mut rgb = vec![0u8; w * h * 3];
-        for (row, src) in [&self.fixed.pixels[..n * 3 * s * s], &rec[..]]
-            .iter()
-            .enumerate()
-        {
-            for i in 0..n {
-                for y in 0..s {
-                    for x in 0..s {
-                        for c in 0..3 {
-                            let v = src[((i * 3 + c) * s + y) * s + x];
-                            let byte = ((v + 1.0) * 127.5).round().clamp(0.0, 255.0) as u8;
-                            rgb[((row * s + y) * w + i * s + x) * 3 + c] = byte;
-                        }
-                    }
-                }
-            }
-        }
-        crate::report::write_png_rgb(&self.dir.join("recon.png"), &rgb, (w as u32, h as u32))
+        super::eval::write_grid(
+            &self.dir.join("recon.png"),
+            &self.fixed.pixels[..n * 3 * s * s],
+            &rec,
+            s,
+        )
     }
 
     /// Writes `alignment.png` (paper Fig. 4): the monitor's L_align and log r_k over steps, from

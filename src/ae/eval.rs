@@ -1,0 +1,390 @@
+//! Using a trained autoencoder: loading it from its run folder, reconstruction quality (PSNR, SSIM)
+//! and caching latents for a generator.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use burn::prelude::*;
+use serde::Serialize;
+
+use super::config::AeConfig;
+use super::data::{ImageFolder, load_image};
+use super::model::Autoencoder;
+use crate::checkpoint;
+use crate::error::{Error, Result};
+use crate::rng::{Stream, rng_for};
+
+/// The autoencoder of an `ae train` run folder: EMA weights when the run kept them.
+pub fn load_autoencoder(dir: &Path, device: &Device) -> Result<(AeConfig, Autoencoder, usize)> {
+    let cfg: AeConfig = checkpoint::read_config(dir, "ae train")?;
+    cfg.validate()?;
+    let Some((manifest, state)) = checkpoint::load::<super::train::ImageInfo>(dir)? else {
+        return Err(Error::Checkpoint {
+            path: dir.join(checkpoint::MANIFEST),
+            msg: "not found; the run has not written a checkpoint yet".into(),
+        });
+    };
+    let mut model = cfg.model.init(&mut rng_for(0, Stream::Init, 0), device);
+    let bytes = state.ema.as_ref().unwrap_or(&state.model);
+    crate::train::load_module_bytes(&mut model, bytes, "autoencoder")?;
+    Ok((cfg, model, manifest.step))
+}
+
+/// Reads images `indices` of `folder` as centre crops, skipping unreadable files with a warning.
+/// Returns the pixels `[n, 3, size, size]` and the indices that were read.
+pub fn read_centre(folder: &ImageFolder, indices: &[usize], size: usize) -> (Vec<f32>, Vec<usize>) {
+    use rayon::prelude::*;
+    let items: Vec<(usize, std::result::Result<Vec<f32>, String>)> = indices
+        .par_iter()
+        .map(|&i| {
+            // A centre crop draws nothing; the generator only satisfies the signature.
+            let mut rng = rng_for(0, Stream::Eval, i as u64);
+            let r = load_image(&folder.paths[i], size, super::data::Crop::Centre, &mut rng);
+            (i, r.map(|(p, _)| p))
+        })
+        .collect();
+    let mut pixels = Vec::new();
+    let mut kept = Vec::new();
+    for (i, r) in items {
+        match r {
+            Ok(p) => {
+                pixels.extend(p);
+                kept.push(i);
+            }
+            Err(e) => tracing::warn!(
+                "skipping unreadable image {}: {e}",
+                folder.paths[i].display()
+            ),
+        }
+    }
+    (pixels, kept)
+}
+
+/// The structural similarity of two `size x size` single-channel images with values in [0, 1]
+/// (Wang et al. 2004: 11 x 11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03), averaged over the
+/// valid window positions.
+pub fn ssim(a: &[f32], b: &[f32], size: usize) -> f64 {
+    const W: usize = 11;
+    if size < W {
+        // Too small for the window: the global statistics.
+        return ssim_stats(
+            a,
+            b,
+            &vec![1.0 / (size * size) as f64; size * size],
+            size,
+            size,
+            0,
+            0,
+        );
+    }
+    let g: Vec<f64> = (0..W)
+        .map(|i| (-((i as f64 - 5.0).powi(2)) / (2.0 * 1.5f64.powi(2))).exp())
+        .collect();
+    let sum: f64 = g.iter().sum();
+    let g: Vec<f64> = g.iter().map(|v| v / sum).collect();
+    let mut window = vec![0.0; W * W];
+    for y in 0..W {
+        for x in 0..W {
+            window[y * W + x] = g[y] * g[x];
+        }
+    }
+    let n = size - W + 1;
+    let mut total = 0.0;
+    for y0 in 0..n {
+        for x0 in 0..n {
+            total += ssim_stats(a, b, &window, size, W, x0, y0);
+        }
+    }
+    total / (n * n) as f64
+}
+
+fn ssim_stats(
+    a: &[f32],
+    b: &[f32],
+    w: &[f64],
+    size: usize,
+    ws: usize,
+    x0: usize,
+    y0: usize,
+) -> f64 {
+    let (c1, c2) = (0.01f64.powi(2), 0.03f64.powi(2));
+    let (mut ma, mut mb, mut saa, mut sbb, mut sab) = (0.0, 0.0, 0.0, 0.0, 0.0);
+    for y in 0..ws {
+        for x in 0..ws {
+            let k = w[y * ws + x];
+            let (va, vb) = (
+                f64::from(a[(y0 + y) * size + x0 + x]),
+                f64::from(b[(y0 + y) * size + x0 + x]),
+            );
+            ma += k * va;
+            mb += k * vb;
+            saa += k * va * va;
+            sbb += k * vb * vb;
+            sab += k * va * vb;
+        }
+    }
+    let (va, vb, cov) = (saa - ma * ma, sbb - mb * mb, sab - ma * mb);
+    ((2.0 * ma * mb + c1) * (2.0 * cov + c2)) / ((ma * ma + mb * mb + c1) * (va + vb + c2))
+}
+
+/// What `ae eval` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct AeEvalReport {
+    pub images: usize,
+    /// Mean PSNR in dB (images in [0, 1]).
+    pub psnr: f64,
+    /// Mean SSIM over images and RGB channels.
+    pub ssim: f64,
+    /// The checkpoint step evaluated.
+    pub step: usize,
+}
+
+/// Reconstructs up to `max_images` of `folder` (centre crops, in order) and scores them; also
+/// returns the first 8 originals and reconstructions for a grid.
+pub fn evaluate(
+    model: &Autoencoder,
+    folder: &ImageFolder,
+    size: usize,
+    max_images: usize,
+    batch: usize,
+    device: &Device,
+) -> Result<(AeEvalReport, Vec<f32>, Vec<f32>)> {
+    let n = folder.len().min(max_images);
+    let (mut psnr_sum, mut ssim_sum, mut count) = (0.0, 0.0, 0usize);
+    let (mut first, mut first_rec) = (Vec::new(), Vec::new());
+    let px = 3 * size * size;
+    for start in (0..n).step_by(batch.max(1)) {
+        let idx: Vec<usize> = (start..(start + batch).min(n)).collect();
+        let (pixels, kept) = read_centre(folder, &idx, size);
+        if kept.is_empty() {
+            continue;
+        }
+        let x = Tensor::<4>::from_data(
+            TensorData::new(pixels.clone(), [kept.len(), 3, size, size]),
+            device,
+        );
+        let rec: Vec<f32> = model
+            .decode(model.encode(x))
+            .clamp(-1.0, 1.0)
+            .try_into_vec_as::<f32>()
+            .expect("f32 readback");
+        for i in 0..kept.len() {
+            let (a, b) = (&pixels[i * px..(i + 1) * px], &rec[i * px..(i + 1) * px]);
+            let mse = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| f64::from(x - y).powi(2))
+                .sum::<f64>()
+                / px as f64;
+            psnr_sum += super::train::psnr(mse);
+            let to01 = |v: &[f32]| v.iter().map(|x| (x + 1.0) / 2.0).collect::<Vec<f32>>();
+            let (a01, b01) = (to01(a), to01(b));
+            let plane = size * size;
+            ssim_sum += (0..3)
+                .map(|c| {
+                    ssim(
+                        &a01[c * plane..(c + 1) * plane],
+                        &b01[c * plane..(c + 1) * plane],
+                        size,
+                    )
+                })
+                .sum::<f64>()
+                / 3.0;
+            count += 1;
+            if first.len() < 8 * px {
+                first.extend_from_slice(a);
+                first_rec.extend_from_slice(b);
+            }
+        }
+    }
+    if count == 0 {
+        return Err(Error::input(&folder.root, "no readable images to evaluate"));
+    }
+    Ok((
+        AeEvalReport {
+            images: count,
+            psnr: psnr_sum / count as f64,
+            ssim: ssim_sum / count as f64,
+            step: 0,
+        },
+        first,
+        first_rec,
+    ))
+}
+
+/// Writes a grid PNG: originals over reconstructions, `[n, 3, size, size]` each in [-1, 1].
+pub fn write_grid(path: &Path, top: &[f32], bottom: &[f32], size: usize) -> Result<()> {
+    let px = 3 * size * size;
+    let n = (top.len() / px).min(bottom.len() / px).max(1);
+    let (w, h) = (n * size, 2 * size);
+    let mut rgb = vec![0u8; w * h * 3];
+    for (row, src) in [top, bottom].iter().enumerate() {
+        for i in 0..(src.len() / px).min(n) {
+            for y in 0..size {
+                for x in 0..size {
+                    for c in 0..3 {
+                        let v = src[((i * 3 + c) * size + y) * size + x];
+                        let byte = ((v + 1.0) * 127.5).round().clamp(0.0, 255.0) as u8;
+                        rgb[((row * size + y) * w + i * size + x) * 3 + c] = byte;
+                    }
+                }
+            }
+        }
+    }
+    crate::report::write_png_rgb(path, &rgb, (w as u32, h as u32))
+}
+
+/// Statistics of cached latents, for scaling them before a generator (SPEC section 6: 1/std).
+#[derive(Debug, Clone, Serialize)]
+pub struct LatentStats {
+    pub images: usize,
+    pub tokens: usize,
+    pub dim: usize,
+    /// Mean and std over every entry.
+    pub mean: f64,
+    pub std: f64,
+    /// Per latent channel.
+    pub channel_mean: Vec<f64>,
+    pub channel_std: Vec<f64>,
+    pub shards: Vec<String>,
+}
+
+/// Encodes every readable image of `folder` (centre crops) into `out/latents-NNNNN.safetensors`
+/// shards of `shard_size` images (`latents` f32 `[n, tokens, dim]`, `labels` i64 `[n]`), and writes
+/// `stats.json` and `classes.txt`.
+pub fn encode_folder(
+    model: &Autoencoder,
+    folder: &ImageFolder,
+    size: usize,
+    out: &Path,
+    shard_size: usize,
+    batch: usize,
+    device: &Device,
+) -> Result<LatentStats> {
+    std::fs::create_dir_all(out)
+        .map_err(|e| Error::io(out, "choose an --out folder you can write to", e))?;
+    let (mut sum, mut sq, mut entries) = (0.0f64, 0.0f64, 0usize);
+    let (mut csum, mut csq): (Vec<f64>, Vec<f64>) = (Vec::new(), Vec::new());
+    let (mut tokens, mut dim, mut images) = (0, 0, 0);
+    let mut shards = Vec::new();
+    for (s, shard) in (0..folder.len())
+        .collect::<Vec<_>>()
+        .chunks(shard_size.max(1))
+        .enumerate()
+    {
+        let (mut lat, mut labels) = (Vec::<f32>::new(), Vec::<i64>::new());
+        for chunk in shard.chunks(batch.max(1)) {
+            let (pixels, kept) = read_centre(folder, chunk, size);
+            if kept.is_empty() {
+                continue;
+            }
+            let x = Tensor::<4>::from_data(
+                TensorData::new(pixels, [kept.len(), 3, size, size]),
+                device,
+            );
+            let z = model.encode(x);
+            [_, tokens, dim] = z.dims();
+            lat.extend(z.try_into_vec_as::<f32>().expect("f32 readback"));
+            labels.extend(kept.iter().map(|&i| i64::from(folder.labels[i])));
+        }
+        if labels.is_empty() {
+            continue;
+        }
+        if csum.is_empty() {
+            (csum, csq) = (vec![0.0; dim], vec![0.0; dim]);
+        }
+        for (k, &v) in lat.iter().enumerate() {
+            let v = f64::from(v);
+            sum += v;
+            sq += v * v;
+            csum[k % dim] += v;
+            csq[k % dim] += v * v;
+        }
+        entries += lat.len();
+        images += labels.len();
+        let name = format!("latents-{s:05}.safetensors");
+        let lat_bytes: Vec<u8> = lat.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let lab_bytes: Vec<u8> = labels.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let views = HashMap::from([
+            (
+                "latents".to_string(),
+                safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::F32,
+                    vec![labels.len(), tokens, dim],
+                    &lat_bytes,
+                )
+                .expect("consistent shape"),
+            ),
+            (
+                "labels".to_string(),
+                safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::I64,
+                    vec![labels.len()],
+                    &lab_bytes,
+                )
+                .expect("consistent shape"),
+            ),
+        ]);
+        let bytes = safetensors::serialize(views, None)
+            .map_err(|e| Error::input(out.join(&name), format!("could not encode: {e}")))?;
+        crate::report::write_atomic(&out.join(&name), &bytes)?;
+        shards.push(name);
+    }
+    if images == 0 {
+        return Err(Error::input(&folder.root, "no readable images to encode"));
+    }
+    let n = entries as f64;
+    let per = (entries / dim) as f64;
+    let mean = sum / n;
+    let stats = LatentStats {
+        images,
+        tokens,
+        dim,
+        mean,
+        std: (sq / n - mean * mean).max(0.0).sqrt(),
+        channel_mean: csum.iter().map(|s| s / per).collect(),
+        channel_std: csum
+            .iter()
+            .zip(&csq)
+            .map(|(s, q)| (q / per - (s / per).powi(2)).max(0.0).sqrt())
+            .collect(),
+        shards,
+    };
+    crate::report::write_json(&out.join("stats.json"), &stats)?;
+    crate::report::write_atomic(
+        &out.join("classes.txt"),
+        (folder.classes.join("\n") + "\n").as_bytes(),
+    )?;
+    Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ssim_is_one_for_equal_images_and_falls_with_noise() {
+        let size = 24;
+        let a: Vec<f32> = (0..size * size)
+            .map(|i| ((i * 37) % 100) as f32 / 100.0)
+            .collect();
+        assert!((ssim(&a, &a, size) - 1.0).abs() < 1e-12);
+        let small: Vec<f32> = a
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v + if i % 2 == 0 { 0.02 } else { -0.02 })
+            .collect();
+        let large: Vec<f32> = a
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v + if i % 2 == 0 { 0.2 } else { -0.2 })
+            .collect();
+        let (s1, s2) = (ssim(&a, &small, size), ssim(&a, &large, size));
+        assert!(1.0 > s1 && s1 > s2 && s2 > 0.0, "{s1} {s2}");
+        // A constant shift of the mean: the luminance term alone, (2 m1 m2 + c1) / (m1^2 + m2^2 + c1).
+        let flat = vec![0.5f32; size * size];
+        let shifted = vec![0.6f32; size * size];
+        let want = (2.0 * 0.5 * 0.6 + 1e-4) / (0.25 + 0.36 + 1e-4);
+        assert!((ssim(&flat, &shifted, size) - want).abs() < 1e-6);
+    }
+}
