@@ -409,7 +409,7 @@ fn ae(args: &BenchArgs) -> Result<Value> {
     tracing::info!(
         "measuring the autoencoder step ({name}, ViT {depth} x {width}, {heads} heads, {s} px, batch {b})"
     );
-    let mut trainer = new_trainer(&cfg, &device);
+    let mut trainer = new_trainer(&cfg, &device)?;
     let mut rng = rng_for(0, Stream::Init, 1);
     let prior = VelocityMlpConfig::new(cfg.model.latent_dim, 1024, 6).init(&mut rng, &device);
     let pixels: Vec<f32> = normal_rows(&mut rng, b * 3 * s, s)

@@ -333,5 +333,9 @@ fn ae_bad_input_is_one_line() {
     args[at + 1] = "5";
     let err = one_line_error(&flowalign(&args));
     assert!(err.contains("patch"), "{err}");
+    let mut args = ae_args(data, p, o, "0.1");
+    args.extend(["--encoder-init", "/no/dinov2.safetensors"]);
+    let err = one_line_error(&flowalign(&args));
+    assert!(err.contains("/no/dinov2.safetensors"), "{err}");
     assert!(!out_dir.join("checkpoint.toml").exists());
 }

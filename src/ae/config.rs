@@ -62,6 +62,9 @@ pub struct AeConfig {
     pub data: String,
     /// The `prior train` run whose frozen prior the latents are aligned to.
     pub prior: String,
+    /// DINOv2 weights (Hugging Face `Dinov2Model` safetensors) to start the encoder from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoder_init: Option<String>,
     pub model: AeModelConfig,
     pub loss: AeLossConfig,
     pub train: AeTrainConfig,
@@ -74,6 +77,7 @@ impl AeConfig {
             preset,
             data: data.to_string(),
             prior: prior.to_string(),
+            encoder_init: None,
             model: AeModelConfig {
                 size: VitSize::VitL,
                 image_size: 256,

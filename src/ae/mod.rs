@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod data;
+pub mod dinov2;
 pub mod eval;
 pub mod model;
 pub mod train;

@@ -137,12 +137,29 @@ pub fn ae_step(
     })
 }
 
-/// A fresh trainer for `cfg` (model initialised from `cfg.train.seed`) on `device`.
-pub fn new_trainer(cfg: &AeConfig, device: &Device) -> Trainer<Autoencoder> {
+/// A fresh trainer for `cfg` on `device`: the model initialised from `cfg.train.seed`, its encoder
+/// from DINOv2 weights when `cfg.encoder_init` names them.
+pub fn new_trainer(cfg: &AeConfig, device: &Device) -> Result<Trainer<Autoencoder>> {
+    let ad = device.clone().autodiff();
     let mut rng = rng_for(cfg.train.seed, Stream::Init, 0);
-    let model = cfg.model.init(&mut rng, &device.clone().autodiff());
+    let mut model = cfg.model.init(&mut rng, &ad);
+    if let Some(file) = &cfg.encoder_init {
+        let (encoder, report) = super::dinov2::init_encoder(model.encoder, Path::new(file), &ad)?;
+        model.encoder = encoder;
+        tracing::info!(
+            "encoder initialised from {file}: {} tensors loaded (patch embedding resampled {} -> {}, position embeddings interpolated){}",
+            report.loaded.len(),
+            report.source_patch,
+            cfg.model.patch,
+            if report.unused.is_empty() {
+                String::new()
+            } else {
+                format!("; unused: {}", report.unused.join(", "))
+            }
+        );
+    }
     let t = &cfg.train;
-    Trainer::new(
+    Ok(Trainer::new(
         model,
         t.lr,
         Schedule::Cosine {
@@ -153,7 +170,7 @@ pub fn new_trainer(cfg: &AeConfig, device: &Device) -> Trainer<Autoencoder> {
         Reduction::Mean,
     )
     .with_optim(t.optim)
-    .with_ema(t.ema)
+    .with_ema(t.ema))
 }
 
 /// An autoencoder run: images, frozen prior, trainer and folder.
@@ -227,7 +244,7 @@ impl AeRun {
         let fixed = centre.gather(&spread, 0)?;
         let reference = target_rows(prior_dir, device);
         checkpoint::write_config(dir, &cfg)?;
-        let mut trainer = new_trainer(&cfg, device);
+        let mut trainer = new_trainer(&cfg, device)?;
         let resumed_from = match saved {
             Some((_, state)) => {
                 trainer.restore(&state)?;

@@ -140,6 +140,10 @@ pub struct TrainArgs {
     /// A TOML config (every run writes one as config.toml); flags override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Start the encoder from DINOv2 weights (Hugging Face Dinov2Model safetensors of the --model
+    /// size): patch embedding resampled to --patch, position embeddings interpolated.
+    #[arg(long, value_name = "FILE")]
+    encoder_init: Option<String>,
     /// The ViT size of encoder and decoder.
     #[arg(long, value_enum)]
     model: Option<VitSize>,
@@ -211,6 +215,9 @@ impl TrainArgs {
         }
         if let Some(p) = &self.prior {
             cfg.prior = p.clone();
+        }
+        if let Some(f) = &self.encoder_init {
+            cfg.encoder_init = Some(f.clone());
         }
         macro_rules! set {
             ($flag:ident => $($field:tt)+) => {
