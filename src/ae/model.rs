@@ -301,6 +301,49 @@ mod tests {
     use super::*;
     use crate::rng::{Stream, rng_for};
 
+    fn identity(n: usize, dev: &Device) -> Linear {
+        let mut w = vec![0.0f32; n * n];
+        (0..n).for_each(|i| w[i * n + i] = 1.0);
+        Linear {
+            weight: Param::from_tensor(Tensor::from_data(TensorData::new(w, [n, n]), dev)),
+            bias: Some(Param::from_tensor(Tensor::zeros([n], dev))),
+        }
+    }
+
+    #[test]
+    fn attention_matches_a_hand_computed_case() {
+        let dev = Device::flex();
+        let mut block = Block::new(2, 1, &mut rng_for(0, Stream::Init, 0), &dev);
+        for l in [
+            &mut block.attn.query,
+            &mut block.attn.key,
+            &mut block.attn.value,
+            &mut block.attn.output,
+        ] {
+            *l = identity(2, &dev);
+        }
+        // Two tokens, one head of width 2: softmax(Q K^T / sqrt 2) V with Q = K = V = X.
+        let x = Tensor::<3>::from_data(
+            TensorData::new(vec![1.0f32, 0.0, 0.0, 2.0], [1, 2, 2]),
+            &dev,
+        );
+        let out: Vec<f32> = block
+            .attn
+            .forward(MhaInput::self_attn(x))
+            .context
+            .try_into_vec_as::<f32>()
+            .unwrap();
+        let s = 2f32.sqrt();
+        // Row 1 scores: [1, 0] / sqrt 2; row 2 scores: [0, 4] / sqrt 2.
+        let w1 = [(1.0 / s).exp(), 1.0];
+        let w2 = [1.0, (4.0 / s).exp()];
+        let (z1, z2) = (w1[0] + w1[1], w2[0] + w2[1]);
+        let want = [w1[0] / z1, 2.0 * w1[1] / z1, w2[0] / z2, 2.0 * w2[1] / z2];
+        for (g, w) in out.iter().zip(want) {
+            assert!((g - w).abs() < 1e-5, "{out:?} vs {want:?}");
+        }
+    }
+
     #[test]
     fn shapes_and_patch_round_trip() {
         let dev = Device::flex();

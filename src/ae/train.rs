@@ -508,3 +508,52 @@ fn target_rows(prior_dir: &Path, device: &Device) -> Option<(Vec<f32>, usize)> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ae::config::AePreset;
+    use crate::flow::VelocityMlpConfig;
+    use burn::optim::GradientsParams;
+
+    /// Which of (encoder patch embedding, decoder output layer) receive a gradient from `loss`.
+    fn reached(lambda: f64, l2: f64) -> (bool, bool) {
+        let dev = Device::flex();
+        let mut cfg = AeConfig::preset(AePreset::Small, "-", "-");
+        cfg.model.image_size = 16;
+        cfg.model.patch = 8;
+        cfg.model.latent_tokens = 4;
+        cfg.model.latent_dim = 3;
+        let ad = dev.clone().autodiff();
+        let model = cfg.model.init(&mut rng_for(0, Stream::Init, 0), &ad);
+        let mut rng = rng_for(1, Stream::Init, 0);
+        // A frozen prior (plain tensors, no autodiff); at init its velocity is 0, so L_align is
+        // E ||y - eps||^2 and still depends on the latents.
+        let prior = VelocityMlpConfig::new(3, 16, 1).init(&mut rng, &dev);
+        let x = Tensor::<4>::ones([2, 3, 16, 16], &ad) * 0.5;
+        let z = model.encode(x.clone());
+        let rec = model.decode(z.clone());
+        let diff = rec - x;
+        let la = align_loss(&prior, z.reshape([8, 3]), 2, Reduction::Mean, &mut rng);
+        let loss = (diff.clone() * diff).mean() * l2 + la * lambda;
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let norm = |id| {
+            grads
+                .get::<2>(id)
+                .map(|g| g.abs().sum().into_scalar::<f32>())
+                .unwrap_or(0.0)
+        };
+        (
+            norm(model.encoder.patch_embed.weight.id) > 0.0,
+            norm(model.decoder.to_pixels.weight.id) > 0.0,
+        )
+    }
+
+    #[test]
+    fn each_loss_reaches_the_right_parameters() {
+        // L_align depends on the encoder only; the prior is frozen (plain tensors, no gradient).
+        assert_eq!(reached(1.0, 0.0), (true, false));
+        // Reconstruction trains both halves.
+        assert_eq!(reached(0.0, 1.0), (true, true));
+    }
+}
