@@ -419,7 +419,7 @@ fn ae(args: &BenchArgs) -> Result<Value> {
     let ad = device.clone().autodiff();
     let sps = timed(args.seconds, || {
         let x = Tensor::<4>::from_data(TensorData::new(pixels.clone(), [b, 3, s, s]), &ad);
-        ae_step(&mut trainer, &prior, x, &cfg.loss, &mut rng).map(|_| ())
+        ae_step(&mut trainer, &prior, None, x, &cfg.loss, &mut rng).map(|_| ())
     })?;
     let params = trainer.model().num_params();
 

@@ -16,7 +16,7 @@ pub enum AePreset {
     Small,
 }
 
-/// The loss weights (SPEC section 6). LPIPS and the adversarial term are not built yet.
+/// The loss weights (SPEC section 6). The adversarial term is not built yet.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AeLossConfig {
@@ -26,6 +26,11 @@ pub struct AeLossConfig {
     pub lambda: f64,
     /// (t, eps) draws per latent token for L_align.
     pub mc: usize,
+    /// Weight of LPIPS-VGG (needs `lpips_weights`), reached linearly over `lpips_warmup` steps.
+    #[serde(default)]
+    pub lpips: f64,
+    #[serde(default)]
+    pub lpips_warmup: usize,
 }
 
 /// The optimisation.
@@ -65,6 +70,9 @@ pub struct AeConfig {
     /// DINOv2 weights (Hugging Face `Dinov2Model` safetensors) to start the encoder from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encoder_init: Option<String>,
+    /// LPIPS-VGG weights (the `lpips` package's state dict as safetensors); LPIPS is off without.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lpips_weights: Option<String>,
     pub model: AeModelConfig,
     pub loss: AeLossConfig,
     pub train: AeTrainConfig,
@@ -78,6 +86,7 @@ impl AeConfig {
             data: data.to_string(),
             prior: prior.to_string(),
             encoder_init: None,
+            lpips_weights: None,
             model: AeModelConfig {
                 size: VitSize::VitL,
                 image_size: 256,
@@ -89,6 +98,8 @@ impl AeConfig {
                 l2: 1.0,
                 lambda: 0.01,
                 mc: 4,
+                lpips: 1.0,
+                lpips_warmup: 10_000,
             },
             train: AeTrainConfig {
                 steps: 50_000,
@@ -162,7 +173,11 @@ impl AeConfig {
                 t.lr
             )));
         }
-        for (key, v) in [("loss.l2", self.loss.l2), ("loss.lambda", self.loss.lambda)] {
+        for (key, v) in [
+            ("loss.l2", self.loss.l2),
+            ("loss.lambda", self.loss.lambda),
+            ("loss.lpips", self.loss.lpips),
+        ] {
             if !(v.is_finite() && v >= 0.0) {
                 return Err(Error::Config(format!("{key} must be at least 0, got {v}")));
             }

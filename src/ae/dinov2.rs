@@ -18,18 +18,18 @@ use safetensors::{Dtype, SafeTensors};
 use super::model::Encoder;
 use crate::error::{Error, Result};
 
-/// A tensor read from the file as f32.
-struct Loaded {
-    shape: Vec<usize>,
-    data: Vec<f32>,
+/// A tensor read from a weights file as f32.
+pub(crate) struct Loaded {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
 }
 
-fn read_all(path: &Path) -> Result<BTreeMap<String, Loaded>> {
-    let bytes =
-        std::fs::read(path).map_err(|e| Error::io(path, "check the --encoder-init path", e))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| {
-        Error::input(path, format!("not a readable safetensors file ({e}); pass DINOv2 weights in the Hugging Face layout"))
-    })?;
+/// Every tensor of a safetensors weights file (f32, f16 or bf16) as f32, by name.
+pub(crate) fn read_all(path: &Path) -> Result<BTreeMap<String, Loaded>> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| Error::io(path, "check the path of the weights file", e))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| Error::input(path, format!("not a readable safetensors file ({e})")))?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
         let raw = view.data();

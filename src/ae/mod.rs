@@ -5,5 +5,6 @@ pub mod config;
 pub mod data;
 pub mod dinov2;
 pub mod eval;
+pub mod lpips;
 pub mod model;
 pub mod train;

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::config::{AeConfig, AeLossConfig};
 use super::data::{Crop, ImageBatch, ImageFolder, ImageLoader};
+use super::lpips::Lpips;
 use super::model::Autoencoder;
 use crate::align::align_loss;
 use crate::checkpoint::{self, MetricsLog};
@@ -43,6 +44,9 @@ pub struct AeMetrics {
     pub psnr: f32,
     /// Mean L_align of the batches' latent tokens since the previous line.
     pub l_align: f32,
+    /// Mean LPIPS since the previous line, when it is part of the loss.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lpips: Option<f32>,
     pub lr: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grad_norm: Option<f32>,
@@ -57,12 +61,13 @@ pub struct AeMetrics {
     pub skipped_images: usize,
 }
 
-const METRICS: [&str; 11] = [
+const METRICS: [&str; 12] = [
     "step",
     "loss",
     "l2",
     "psnr",
     "l_align",
+    "lpips",
     "lr",
     "grad_norm",
     "images_per_s",
@@ -82,6 +87,8 @@ pub struct AeStepStats {
     pub step: StepStats,
     pub l2: f32,
     pub l_align: f32,
+    /// LPIPS of the batch, when it is part of the loss.
+    pub lpips: Option<f32>,
 }
 
 /// How a run ended.
@@ -103,6 +110,7 @@ pub struct AeSummary {
 pub fn ae_step(
     trainer: &mut Trainer<Autoencoder>,
     prior: &VelocityMlp,
+    lpips: Option<&Lpips>,
     x: Tensor<4>,
     loss_cfg: &AeLossConfig,
     rng: &mut crate::rng::Rng,
@@ -110,6 +118,11 @@ pub fn ae_step(
     let model = trainer.model();
     let z = model.encode(x.clone()); // [b, k, dz]
     let rec = model.decode(z.clone());
+    // LPIPS ramps up linearly over its warm-up (SPEC section 6).
+    let ramp = ((trainer.step + 1) as f64 / loss_cfg.lpips_warmup.max(1) as f64).min(1.0);
+    let perceptual = lpips
+        .filter(|_| loss_cfg.lpips > 0.0)
+        .map(|l| l.distance(rec.clone(), x.clone()).mean());
     let diff = rec - x;
     let l2 = (diff.clone() * diff).mean();
     let [b, k, dz] = z.dims();
@@ -124,16 +137,22 @@ pub fn ae_step(
         l2.clone().into_scalar::<f32>(),
         la.clone().into_scalar::<f32>(),
     );
-    let loss = if lambda > 0.0 {
+    let mut loss = if lambda > 0.0 {
         l2 * loss_cfg.l2 + la * lambda
     } else {
         l2 * loss_cfg.l2
     };
+    let mut lpips_v = None;
+    if let Some(p) = perceptual {
+        lpips_v = Some(p.clone().into_scalar::<f32>());
+        loss = loss + p * (loss_cfg.lpips * ramp);
+    }
     let step = trainer.step_loss(loss, "autoencoder training")?;
     Ok(AeStepStats {
         step,
         l2: l2_v,
         l_align: la_v,
+        lpips: lpips_v,
     })
 }
 
@@ -179,6 +198,7 @@ pub struct AeRun {
     dir: PathBuf,
     loader: Arc<ImageLoader>,
     prior: VelocityMlp,
+    lpips: Option<Lpips>,
     trainer: Trainer<Autoencoder>,
     device: Device,
     /// Fixed images for the monitor and the reconstruction grid (centre crops).
@@ -243,6 +263,7 @@ impl AeRun {
         let spread: Vec<usize> = (0..fixed_n).map(|i| i * folder.len() / fixed_n).collect();
         let fixed = centre.gather(&spread, 0)?;
         let reference = target_rows(prior_dir, device);
+
         checkpoint::write_config(dir, &cfg)?;
         let mut trainer = new_trainer(&cfg, device)?;
         let resumed_from = match saved {
@@ -252,12 +273,23 @@ impl AeRun {
             }
             None => 0,
         };
+        let lpips = match (&cfg.lpips_weights, cfg.loss.lpips > 0.0) {
+            (Some(file), true) => Some(Lpips::load(Path::new(file), device)?),
+            (None, true) => {
+                tracing::info!(
+                    "LPIPS is off: pass --lpips-weights FILE (the lpips package's VGG weights as safetensors) to add it"
+                );
+                None
+            }
+            _ => None,
+        };
         let loader = ImageLoader::new(folder, cfg.model.image_size, cfg.train.seed, Crop::Train);
         Ok(AeRun {
             cfg,
             dir: dir.to_path_buf(),
             loader: Arc::new(loader),
             prior,
+            lpips,
             trainer,
             device: device.clone(),
             fixed,
@@ -293,7 +325,14 @@ impl AeRun {
     pub fn train_step(&mut self, batch: &ImageBatch) -> Result<AeStepStats> {
         let x = self.images_tensor(batch, &self.device.clone().autodiff());
         let mut rng = rng_for(self.cfg.train.seed, Stream::Align, self.trainer.step as u64);
-        ae_step(&mut self.trainer, &self.prior, x, &self.cfg.loss, &mut rng)
+        ae_step(
+            &mut self.trainer,
+            &self.prior,
+            self.lpips.as_ref(),
+            x,
+            &self.cfg.loss,
+            &mut rng,
+        )
     }
 
     /// L_align (mc draws, fixed seed) and mean log r_k of the fixed images' latent tokens.
@@ -402,6 +441,7 @@ impl AeRun {
             }
         });
         let mut sums = (0.0f64, 0.0f64, 0.0f64, 0usize);
+        let mut lpips_sum: Option<f64> = None;
         let mut window = Instant::now();
         let mut interrupted = false;
         let mut monitor = None;
@@ -415,6 +455,7 @@ impl AeRun {
                     l2: f32::NAN,
                     psnr: f32::NAN,
                     l_align: f32::NAN,
+                    lpips: None,
                     lr: 0.0,
                     grad_norm: None,
                     images_per_s: 0.0,
@@ -432,6 +473,9 @@ impl AeRun {
                 sums.1 += f64::from(stats.l2);
                 sums.2 += f64::from(stats.l_align);
                 sums.3 += 1;
+                if let Some(p) = stats.lpips {
+                    *lpips_sum.get_or_insert(0.0) += f64::from(p);
+                }
                 let step = self.trainer.step;
                 let ckpt = step.is_multiple_of(t.checkpoint_every) || step == t.steps;
                 interrupted = stop();
@@ -453,6 +497,7 @@ impl AeRun {
                         l2: (sums.1 / n) as f32,
                         psnr: psnr(sums.1 / n) as f32,
                         l_align: (sums.2 / n) as f32,
+                        lpips: lpips_sum.map(|p| (p / n) as f32),
                         lr: stats.step.lr,
                         grad_norm: stats.step.grad_norm,
                         images_per_s: (sums.3 * t.batch) as f64 / window.elapsed().as_secs_f64(),
@@ -466,6 +511,7 @@ impl AeRun {
                     }
                     on_log(&m);
                     sums = (0.0, 0.0, 0.0, 0);
+                    lpips_sum = None;
                     window = Instant::now();
                 }
                 if interrupted {
@@ -516,8 +562,9 @@ mod tests {
     use crate::flow::VelocityMlpConfig;
     use burn::optim::GradientsParams;
 
-    /// Which of (encoder patch embedding, decoder output layer) receive a gradient from `loss`.
-    fn reached(lambda: f64, l2: f64) -> (bool, bool) {
+    /// Which of (encoder patch embedding, decoder output layer) receive a gradient from
+    /// `l2 * MSE + lambda * L_align (+ LPIPS)`.
+    fn reached(lambda: f64, l2: f64, lpips: Option<&Lpips>) -> (bool, bool) {
         let dev = Device::flex();
         let mut cfg = AeConfig::preset(AePreset::Small, "-", "-");
         cfg.model.image_size = 16;
@@ -533,9 +580,18 @@ mod tests {
         let x = Tensor::<4>::ones([2, 3, 16, 16], &ad) * 0.5;
         let z = model.encode(x.clone());
         let rec = model.decode(z.clone());
+        let rec_for_lpips = rec.clone();
         let diff = rec - x;
         let la = align_loss(&prior, z.reshape([8, 3]), 2, Reduction::Mean, &mut rng);
-        let loss = (diff.clone() * diff).mean() * l2 + la * lambda;
+        let mut loss = (diff.clone() * diff).mean() * l2 + la * lambda;
+        if let Some(p) = lpips {
+            loss = loss
+                + p.distance(
+                    rec_for_lpips.clone(),
+                    Tensor::<4>::ones([2, 3, 16, 16], &ad) * 0.5,
+                )
+                .mean();
+        }
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         let norm = |id| {
             grads
@@ -552,8 +608,13 @@ mod tests {
     #[test]
     fn each_loss_reaches_the_right_parameters() {
         // L_align depends on the encoder only; the prior is frozen (plain tensors, no gradient).
-        assert_eq!(reached(1.0, 0.0), (true, false));
-        // Reconstruction trains both halves.
-        assert_eq!(reached(0.0, 1.0), (true, true));
+        assert_eq!(reached(1.0, 0.0, None), (true, false));
+        // Reconstruction trains both halves, by L2 and by LPIPS (its VGG is frozen).
+        assert_eq!(reached(0.0, 1.0, None), (true, true));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("lpips.safetensors");
+        crate::ae::lpips::tests::write_lpips(&file);
+        let lpips = Lpips::load(&file, &Device::flex()).unwrap();
+        assert_eq!(reached(0.0, 0.0, Some(&lpips)), (true, true));
     }
 }

@@ -144,6 +144,15 @@ pub struct TrainArgs {
     /// size): patch embedding resampled to --patch, position embeddings interpolated.
     #[arg(long, value_name = "FILE")]
     encoder_init: Option<String>,
+    /// LPIPS-VGG weights: the lpips package's `LPIPS(net="vgg").state_dict()` as safetensors.
+    /// Without them LPIPS is off (with a notice).
+    #[arg(long, value_name = "FILE")]
+    lpips_weights: Option<String>,
+    /// The LPIPS weight (paper: 1.0, reached over --lpips-warmup steps).
+    #[arg(long)]
+    lpips: Option<f64>,
+    #[arg(long)]
+    lpips_warmup: Option<usize>,
     /// The ViT size of encoder and decoder.
     #[arg(long, value_enum)]
     model: Option<VitSize>,
@@ -219,6 +228,9 @@ impl TrainArgs {
         if let Some(f) = &self.encoder_init {
             cfg.encoder_init = Some(f.clone());
         }
+        if let Some(f) = &self.lpips_weights {
+            cfg.lpips_weights = Some(f.clone());
+        }
         macro_rules! set {
             ($flag:ident => $($field:tt)+) => {
                 if let Some(v) = self.$flag { cfg.$($field)+ = v; }
@@ -235,6 +247,8 @@ impl TrainArgs {
         set!(warmup => train.warmup);
         set!(lambda => loss.lambda);
         set!(mc => loss.mc);
+        set!(lpips => loss.lpips);
+        set!(lpips_warmup => loss.lpips_warmup);
         set!(ema => train.ema);
         set!(seed => train.seed);
         set!(checkpoint_every => train.checkpoint_every);
