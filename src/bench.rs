@@ -416,10 +416,18 @@ fn ae(args: &BenchArgs) -> Result<Value> {
         .into_iter()
         .map(|v| v.clamp(-1.0, 1.0))
         .collect();
-    let ad = device.clone().autodiff();
+    let replicas = [crate::ae::train::Frozen {
+        device: device.clone(),
+        prior,
+        lpips: None,
+    }];
+    let batch = crate::ae::data::ImageBatch {
+        pixels,
+        labels: vec![0; b],
+        size: s,
+    };
     let sps = timed(args.seconds, || {
-        let x = Tensor::<4>::from_data(TensorData::new(pixels.clone(), [b, 3, s, s]), &ad);
-        ae_step(&mut trainer, &prior, None, x, &cfg.loss, &mut rng).map(|_| ())
+        ae_step(&mut trainer, &replicas, &batch, &cfg.loss, &mut rng).map(|_| ())
     })?;
     let params = trainer.model().num_params();
 

@@ -274,6 +274,56 @@ impl<M: Module> Trainer<M> {
         Ok(self.apply(value, grads, lr))
     }
 
+    /// One data-parallel optimiser step: for each `(device, data)` shard, `loss(replica, data)` runs
+    /// on a replica of the model forked to that device (one thread per shard) and returns the
+    /// shard's loss, already weighted by its share of the batch, and whatever else the caller wants
+    /// back. The gradients are summed on the model's device, clipped and applied there; the step's
+    /// loss is the sum of the shards'.
+    pub fn step_sharded<S: Send, X: Send>(
+        &mut self,
+        shards: Vec<(Device, S)>,
+        stage: &'static str,
+        loss: impl Fn(&M, S) -> (Tensor<1>, X) + Sync,
+    ) -> Result<(StepStats, Vec<X>)>
+    where
+        M: Send,
+    {
+        let lr = self.current_lr();
+        let loss = &loss;
+        let results: Vec<(f32, GradientsParams, X)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = shards
+                .into_iter()
+                .map(|(device, data)| {
+                    let replica = self.model.clone().fork(&device.autodiff());
+                    scope.spawn(move || {
+                        let (l, extra) = loss(&replica, data);
+                        let value = l.clone().into_scalar::<f32>();
+                        let grads = GradientsParams::from_grads(l.backward(), &replica);
+                        (value, grads, extra)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        });
+        let value: f32 = results.iter().map(|r| r.0).sum();
+        let value = finite_or_diverged(value, stage, self.step + 1, lr)?;
+        let mut parts = Vec::with_capacity(results.len());
+        let mut extras = Vec::with_capacity(results.len());
+        for (_, g, x) in results {
+            parts.push(g);
+            extras.push(x);
+        }
+        let mut merge = MergeGrads {
+            parts,
+            out: GradientsParams::new(),
+        };
+        self.model.visit(&mut merge);
+        Ok((self.apply(value, merge.out, lr), extras))
+    }
+
     /// Clips, steps the optimiser and updates the EMA.
     fn apply(&mut self, loss: f32, mut grads: GradientsParams, lr: f64) -> StepStats {
         let clip = self.spec.grad_clip;
@@ -361,44 +411,20 @@ impl Trainer<VelocityMlp> {
         self.step_loss(loss, "prior training")
     }
 
-    /// One data-parallel optimiser step: each shard's loss and gradient are computed on a replica of
-    /// the model forked to the shard's device (one thread per shard); the gradients, weighted by
-    /// each shard's share of the batch, are summed on the model's device, clipped and applied there.
+    /// One data-parallel flow-matching step over `shards` (see [`Trainer::step_sharded`]).
     ///
     /// With shards that partition a batch, this is [`PriorTrainer::train_step`] on the whole batch up
     /// to float summation order.
     pub fn train_step_sharded(&mut self, shards: Vec<Shard>) -> Result<StepStats> {
-        let lr = self.current_lr();
         let reduction = self.reduction;
-        let results: Vec<(f32, GradientsParams)> = std::thread::scope(|scope| {
-            let handles: Vec<_> = shards
-                .into_iter()
-                .map(|shard| {
-                    let replica = self.model.clone().fork(&shard.device.clone().autodiff());
-                    scope.spawn(move || {
-                        let loss =
-                            flow_loss(&replica, shard.x, &shard.draws, reduction) * shard.weight;
-                        let value = loss.clone().into_scalar::<f32>();
-                        (
-                            value,
-                            GradientsParams::from_grads(loss.backward(), &replica),
-                        )
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                .collect()
-        });
-        let value: f32 = results.iter().map(|(v, _)| v).sum();
-        let value = finite_or_diverged(value, "prior training", self.step + 1, lr)?;
-        let mut merge = MergeGrads {
-            parts: results.into_iter().map(|(_, g)| g).collect(),
-            out: GradientsParams::new(),
-        };
-        self.model.visit(&mut merge);
-        Ok(self.apply(value, merge.out, lr))
+        let shards = shards.into_iter().map(|s| (s.device.clone(), s)).collect();
+        let (stats, _) = self.step_sharded(shards, "prior training", |replica, shard: Shard| {
+            (
+                flow_loss(replica, shard.x, &shard.draws, reduction) * shard.weight,
+                (),
+            )
+        })?;
+        Ok(stats)
     }
 }
 

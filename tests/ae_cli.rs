@@ -278,6 +278,40 @@ fn ae_train_improves_monitors_and_resumes() {
         "resumed weights differ"
     );
 
+    // Data-parallel over two replicas (sharing the CPU here): the same run to float tolerance.
+    let dp = tmp.path().join("dp");
+    let mut args = ae_args(data, prior, dp.to_str().unwrap(), "0.1");
+    args.extend(["--gpus", "2"]);
+    let out = flowalign(&args);
+    assert!(out.status.success(), "{out:?}");
+    // Equal up to float summation order: the first logged losses agree closely. Over 150 Adam steps
+    // such rounding differences grow (Adam normalises tiny gradients), so the end is compared
+    // loosely.
+    let loss_at = |dir: &Path| -> Vec<f32> {
+        std::fs::read_to_string(dir.join("metrics.csv"))
+            .unwrap()
+            .lines()
+            .skip(2) // header, step 0
+            .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
+            .collect()
+    };
+    let (l1, l2) = (loss_at(&whole), loss_at(&dp));
+    eprintln!(
+        "two replicas vs one: loss at step 10 {} vs {}, at the end {} vs {}",
+        l1[0],
+        l2[0],
+        l1.last().unwrap(),
+        l2.last().unwrap()
+    );
+    assert!(
+        (l1[0] - l2[0]).abs() <= 1e-4 * l1[0].abs(),
+        "{} vs {}",
+        l1[0],
+        l2[0]
+    );
+    let (e1, e2) = (l1.last().unwrap(), l2.last().unwrap());
+    assert!((e1 - e2).abs() <= 0.02 * e1.abs(), "{e1} vs {e2}");
+
     // lambda = 0, same seed: the latents drift from the prior; the reconstruction is comparable.
     let plain = tmp.path().join("plain");
     let out = flowalign(&ae_args(data, prior, plain.to_str().unwrap(), "0"));

@@ -106,6 +106,29 @@ impl Lpips {
         })
     }
 
+    /// A copy on `device`.
+    pub fn to_device(&self, device: &Device) -> Lpips {
+        Lpips {
+            convs: self
+                .convs
+                .iter()
+                .map(|slice| {
+                    slice
+                        .iter()
+                        .map(|(w, b)| (w.clone().to_device(device), b.clone().to_device(device)))
+                        .collect()
+                })
+                .collect(),
+            lins: self
+                .lins
+                .iter()
+                .map(|l| l.clone().to_device(device))
+                .collect(),
+            shift: self.shift.clone().to_device(device),
+            scale: self.scale.clone().to_device(device),
+        }
+    }
+
     /// The five feature maps of `x` after LPIPS's scaling.
     fn features(&self, x: Tensor<4>) -> Vec<Tensor<4>> {
         let mut h = (x - self.shift.clone()) / self.scale.clone();

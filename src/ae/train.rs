@@ -13,7 +13,7 @@ use super::config::{AeConfig, AeLossConfig};
 use super::data::{Crop, ImageBatch, ImageFolder, ImageLoader};
 use super::lpips::Lpips;
 use super::model::Autoencoder;
-use crate::align::align_loss;
+use crate::align::{align_loss, flow_loss};
 use crate::checkpoint::{self, MetricsLog};
 use crate::config::{Reduction, Schedule};
 use crate::error::{Error, Result};
@@ -101,58 +101,115 @@ pub struct AeSummary {
     pub monitor: Option<(f32, Option<f32>)>,
 }
 
-/// One optimiser step of `trainer` on the images `x` (on the autodiff device):
-/// `l2 * MSE + lambda * L_align` of every latent token under the frozen `prior`, with `mc` draws
-/// per token from `rng`. With lambda 0, L_align is still measured but not trained on.
+/// The frozen networks of the loss (prior, LPIPS), replicated on one data-parallel device.
+#[derive(Debug, Clone)]
+pub struct Frozen {
+    pub device: Device,
+    pub prior: VelocityMlp,
+    pub lpips: Option<Lpips>,
+}
+
+impl Frozen {
+    /// Copies of `self` on each of `devices`.
+    pub fn replicate(&self, devices: &[Device]) -> Vec<Frozen> {
+        devices
+            .iter()
+            .map(|d| Frozen {
+                device: d.clone(),
+                prior: self.prior.clone().to_device(d),
+                lpips: self.lpips.as_ref().map(|l| l.to_device(d)),
+            })
+            .collect()
+    }
+}
+
+/// One optimiser step of `trainer` on `batch`:
+/// `l2 * MSE + lpips * LPIPS + lambda * L_align` of every latent token under the frozen prior, with
+/// `mc` draws per token from `rng`. With lambda 0, L_align is measured but not trained on.
 ///
-/// # Shapes
-/// - `x`: `[batch, 3, S, S]` in [-1, 1]
+/// The batch is split into contiguous shards over `replicas` (one thread and model replica each,
+/// see [`Trainer::step_sharded`]); the draws do not depend on the split, so the result equals a
+/// one-device step up to float summation order.
 pub fn ae_step(
     trainer: &mut Trainer<Autoencoder>,
-    prior: &VelocityMlp,
-    lpips: Option<&Lpips>,
-    x: Tensor<4>,
+    replicas: &[Frozen],
+    batch: &ImageBatch,
     loss_cfg: &AeLossConfig,
     rng: &mut crate::rng::Rng,
 ) -> Result<AeStepStats> {
-    let model = trainer.model();
-    let z = model.encode(x.clone()); // [b, k, dz]
-    let rec = model.decode(z.clone());
+    let (b, s) = (batch.len(), batch.size);
+    let px = 3 * s * s;
+    let k = trainer.model().encoder.latent_tokens.dims()[1];
+    let dz = trainer.model().encoder.to_latent.weight.dims()[1];
+    let draws = crate::flow::path::HostDraws::sample(rng, b * k, dz, loss_cfg.mc);
     // LPIPS ramps up linearly over its warm-up (SPEC section 6).
     let ramp = ((trainer.step + 1) as f64 / loss_cfg.lpips_warmup.max(1) as f64).min(1.0);
-    let perceptual = lpips
-        .filter(|_| loss_cfg.lpips > 0.0)
-        .map(|l| l.distance(rec.clone(), x.clone()).mean());
-    let diff = rec - x;
-    let l2 = (diff.clone() * diff).mean();
-    let [b, k, dz] = z.dims();
     let lambda = loss_cfg.lambda;
-    let tokens = if lambda > 0.0 {
-        z.reshape([b * k, dz])
-    } else {
-        z.inner().reshape([b * k, dz])
-    };
-    let la = align_loss(prior, tokens, loss_cfg.mc, Reduction::Mean, rng);
-    let (l2_v, la_v) = (
-        l2.clone().into_scalar::<f32>(),
-        la.clone().into_scalar::<f32>(),
-    );
-    let mut loss = if lambda > 0.0 {
-        l2 * loss_cfg.l2 + la * lambda
-    } else {
-        l2 * loss_cfg.l2
-    };
-    let mut lpips_v = None;
-    if let Some(p) = perceptual {
-        lpips_v = Some(p.clone().into_scalar::<f32>());
-        loss = loss + p * (loss_cfg.lpips * ramp);
-    }
-    let step = trainer.step_loss(loss, "autoencoder training")?;
+    let n_shards = replicas.len().min(b).max(1);
+    let shards: Vec<(Device, (usize, usize, Frozen))> = (0..n_shards)
+        .map(|i| {
+            let r = replicas[i].clone();
+            (
+                r.device.clone(),
+                (i * b / n_shards, (i + 1) * b / n_shards, r),
+            )
+        })
+        .collect();
+    let draws = &draws;
+    let (step, parts) =
+        trainer.step_sharded(shards, "autoencoder training", |model, (a, e, fr)| {
+            let ad = fr.device.clone().autodiff();
+            let n = e - a;
+            let w = n as f64 / b as f64;
+            let x = Tensor::<4>::from_data(
+                TensorData::new(batch.pixels[a * px..e * px].to_vec(), [n, 3, s, s]),
+                &ad,
+            );
+            let z = model.encode(x.clone()); // [n, k, dz]
+            let rec = model.decode(z.clone());
+            let perceptual = fr
+                .lpips
+                .as_ref()
+                .filter(|_| loss_cfg.lpips > 0.0)
+                .map(|l| l.distance(rec.clone(), x.clone()).mean());
+            let diff = rec - x;
+            let l2 = (diff.clone() * diff).mean();
+            let tokens = z.reshape([n * k, dz]);
+            let la = if lambda > 0.0 {
+                let y = tokens.repeat_dim(0, loss_cfg.mc);
+                flow_loss(
+                    &fr.prior,
+                    y,
+                    &draws.shard(a * k..e * k, &ad),
+                    Reduction::Mean,
+                )
+            } else {
+                let y = tokens.inner().repeat_dim(0, loss_cfg.mc);
+                flow_loss(
+                    &fr.prior,
+                    y,
+                    &draws.shard(a * k..e * k, &fr.device),
+                    Reduction::Mean,
+                )
+            };
+            let l2_v = l2.clone().into_scalar::<f32>();
+            let la_v = la.clone().into_scalar::<f32>();
+            let mut loss = l2 * (loss_cfg.l2 * w);
+            if lambda > 0.0 {
+                loss = loss + la * (lambda * w);
+            }
+            let mut lp_v = None;
+            if let Some(p) = perceptual {
+                lp_v = Some(p.clone().into_scalar::<f32>() * w as f32);
+                loss = loss + p * (loss_cfg.lpips * ramp * w);
+            }
+            (loss, (l2_v * w as f32, la_v * w as f32, lp_v))
+        })?;
     Ok(AeStepStats {
         step,
-        l2: l2_v,
-        l_align: la_v,
-        lpips: lpips_v,
+        l2: parts.iter().map(|p| p.0).sum(),
+        l_align: parts.iter().map(|p| p.1).sum(),
+        lpips: parts.iter().map(|p| p.2).sum(),
     })
 }
 
@@ -197,8 +254,8 @@ pub struct AeRun {
     cfg: AeConfig,
     dir: PathBuf,
     loader: Arc<ImageLoader>,
-    prior: VelocityMlp,
-    lpips: Option<Lpips>,
+    /// The frozen prior and LPIPS on each data-parallel device (the first is the run's device).
+    replicas: Vec<Frozen>,
     trainer: Trainer<Autoencoder>,
     device: Device,
     /// Fixed images for the monitor and the reconstruction grid (centre crops).
@@ -288,8 +345,11 @@ impl AeRun {
             cfg,
             dir: dir.to_path_buf(),
             loader: Arc::new(loader),
-            prior,
-            lpips,
+            replicas: vec![Frozen {
+                device: device.clone(),
+                prior,
+                lpips,
+            }],
             trainer,
             device: device.clone(),
             fixed,
@@ -313,26 +373,25 @@ impl AeRun {
         self.trainer.frozen()
     }
 
-    fn images_tensor(&self, batch: &ImageBatch, device: &Device) -> Tensor<4> {
-        let s = batch.size;
-        Tensor::from_data(
-            TensorData::new(batch.pixels.clone(), [batch.len(), 3, s, s]),
-            device,
-        )
-    }
-
     /// One optimiser step on `batch`: `l2 * MSE + lambda * L_align(latent tokens)`.
     pub fn train_step(&mut self, batch: &ImageBatch) -> Result<AeStepStats> {
-        let x = self.images_tensor(batch, &self.device.clone().autodiff());
         let mut rng = rng_for(self.cfg.train.seed, Stream::Align, self.trainer.step as u64);
         ae_step(
             &mut self.trainer,
-            &self.prior,
-            self.lpips.as_ref(),
-            x,
+            &self.replicas,
+            batch,
             &self.cfg.loss,
             &mut rng,
         )
+    }
+
+    /// Trains data-parallel over `devices` (the first must be the run's device): the batch is
+    /// split between them, and the result does not depend on their number.
+    pub fn with_replicas(mut self, devices: &[Device]) -> Self {
+        if devices.len() > 1 {
+            self.replicas = self.replicas[0].replicate(devices);
+        }
+        self
     }
 
     /// L_align (mc draws, fixed seed) and mean log r_k of the fixed images' latent tokens.
@@ -349,7 +408,7 @@ impl AeRun {
         let tokens = z.reshape([b * k, dz]);
         let mut rng = rng_for(self.cfg.train.seed, Stream::Eval, 0);
         let la = align_loss(
-            &self.prior,
+            &self.replicas[0].prior,
             tokens.clone(),
             self.cfg.loss.mc,
             Reduction::Mean,

@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use flowalign::ae::config::{AeConfig, AePreset};
 use flowalign::ae::model::VitSize;
 use flowalign::ae::train::AeRun;
-use flowalign::backend::{DeviceChoice, select};
+use flowalign::backend::{DeviceChoice, select, select_many};
 use flowalign::checkpoint;
 
 #[derive(Subcommand)]
@@ -193,6 +193,10 @@ pub struct TrainArgs {
     recon_every: Option<usize>,
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     device: DeviceChoice,
+    /// Data-parallel over this many devices of --device's kind (CUDA 0..N-1 or hardware wgpu
+    /// adapters); the batch is split between them and the result does not depend on N.
+    #[arg(long, default_value_t = 1)]
+    gpus: usize,
 }
 
 impl TrainArgs {
@@ -262,8 +266,12 @@ impl TrainArgs {
 
 fn train(args: TrainArgs) -> Result<()> {
     let cfg = args.config()?;
-    let (device, device_name) = select(args.device)?;
-    let mut run = AeRun::open(cfg.clone(), &args.out, args.resume, &device)?;
+    if args.gpus == 0 {
+        bail!("--gpus must be at least 1");
+    }
+    let (devices, device_name) = select_many(args.device, args.gpus)?;
+    let mut run =
+        AeRun::open(cfg.clone(), &args.out, args.resume, &devices[0])?.with_replicas(&devices);
     let (depth, width, heads) = cfg.model.size.dims();
     tracing::info!(
         device = %device_name,

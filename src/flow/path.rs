@@ -33,6 +33,41 @@ impl PathDraws {
     }
 }
 
+/// `mc` (t, eps) draws for each of `n` rows, on the host, in the order [`PathDraws::sample`] draws
+/// them for the rows repeated `mc` times (`repeat_dim(0, mc)`: draw `c * n + r` belongs to copy `c`
+/// of row `r`), so any contiguous range of rows can take its own draws to another device.
+#[derive(Debug, Clone)]
+pub struct HostDraws {
+    pub n: usize,
+    pub d: usize,
+    pub mc: usize,
+    t: Vec<f32>,
+    eps: Vec<f32>,
+}
+
+impl HostDraws {
+    pub fn sample(rng: &mut Rng, n: usize, d: usize, mc: usize) -> HostDraws {
+        let t: Vec<f32> = (0..n * mc).map(|_| rng.random::<f32>()).collect();
+        let eps = normal_rows(rng, n * mc, d);
+        HostDraws { n, d, mc, t, eps }
+    }
+
+    /// The draws of rows `rows` (all `mc` copies, copy-major) on `device`.
+    pub fn shard(&self, rows: std::ops::Range<usize>, device: &Device) -> PathDraws {
+        let (n, d) = (self.n, self.d);
+        let (mut ts, mut es) = (Vec::new(), Vec::new());
+        for c in 0..self.mc {
+            ts.extend_from_slice(&self.t[c * n + rows.start..c * n + rows.end]);
+            es.extend_from_slice(&self.eps[(c * n + rows.start) * d..(c * n + rows.end) * d]);
+        }
+        let m = rows.len() * self.mc;
+        PathDraws {
+            t: Tensor::from_data(TensorData::new(ts, [m]), device),
+            eps: Tensor::from_data(TensorData::new(es, [m, d]), device),
+        }
+    }
+}
+
 /// `n x d` standard normal values, row-major.
 pub fn normal_rows(rng: &mut Rng, n: usize, d: usize) -> Vec<f32> {
     (0..n * d).map(|_| rng.sample(StandardNormal)).collect()

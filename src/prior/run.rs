@@ -305,30 +305,17 @@ pub fn step_on_rows_sharded(
     rng: &mut crate::rng::Rng,
     devices: &[Device],
 ) -> Result<StepStats> {
-    use rand::RngExt;
     let n = rows.len() / d;
-    let t: Vec<f32> = (0..n * mc).map(|_| rng.random::<f32>()).collect();
-    let eps = crate::flow::path::normal_rows(rng, n * mc, d);
+    let draws = crate::flow::path::HostDraws::sample(rng, n, d, mc);
     let k = devices.len().min(n).max(1);
     let shards = (0..k)
         .map(|s| {
             let (a, b) = (s * n / k, (s + 1) * n / k);
-            let mut x = Vec::with_capacity((b - a) * mc * d);
-            let (mut ts, mut es) = (Vec::new(), Vec::new());
-            for c in 0..mc {
-                x.extend_from_slice(&rows[a * d..b * d]);
-                ts.extend_from_slice(&t[c * n + a..c * n + b]);
-                es.extend_from_slice(&eps[(c * n + a) * d..(c * n + b) * d]);
-            }
-            let m = (b - a) * mc;
             let ad = devices[s].clone().autodiff();
             crate::train::Shard {
                 device: devices[s].clone(),
-                x: rows_to_tensor(&x, d, &ad),
-                draws: PathDraws {
-                    t: Tensor::from_data(TensorData::new(ts, [m]), &ad),
-                    eps: Tensor::from_data(TensorData::new(es, [m, d]), &ad),
-                },
+                x: rows_to_tensor(&rows[a * d..b * d], d, &ad).repeat_dim(0, mc),
+                draws: draws.shard(a..b, &ad),
                 weight: (b - a) as f32 / n as f32,
             }
         })
