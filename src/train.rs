@@ -92,6 +92,30 @@ fn adam() -> ModuleOptimizer {
     OptimSpec::ADAM.build()
 }
 
+/// Runs a training step `f`, turning a backend's out-of-memory panic into a one-line error that
+/// names the `what` that did not fit and suggests half of `batch`; other panics propagate.
+pub fn oom_guard<T>(what: &str, batch: usize, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(result) => result,
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| payload.downcast_ref::<&str>().copied())
+                .unwrap_or("");
+            let lower = msg.to_lowercase();
+            if lower.contains("out of memory") || lower.contains("outofmemory") {
+                Err(Error::Device(format!(
+                    "out of memory at {what}; try --batch {}",
+                    (batch / 2).max(1)
+                )))
+            } else {
+                std::panic::resume_unwind(payload)
+            }
+        }
+    }
+}
+
 /// Sums the squared gradients of a module's float parameters.
 struct GradSquares<'a> {
     grads: &'a GradientsParams,
@@ -728,6 +752,23 @@ pub fn load_prior(path: &Path, device: &Device) -> Result<(VelocityMlp, PriorMet
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn out_of_memory_panics_become_errors_and_others_propagate() {
+        let err = oom_guard("batch 64", 64, || -> Result<()> {
+            panic!("CUDA_ERROR_OUT_OF_MEMORY: out of memory")
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("batch 64") && err.contains("--batch 32"),
+            "{err}"
+        );
+        assert_eq!(oom_guard("b", 2, || Ok(7)).unwrap(), 7);
+        let other =
+            std::panic::catch_unwind(|| oom_guard("b", 2, || -> Result<()> { panic!("a bug") }));
+        assert!(other.is_err());
+    }
 
     #[test]
     fn ema_blends_parameters() {

@@ -527,7 +527,10 @@ impl AeRun {
                 let batch = rx
                     .recv()
                     .map_err(|_| Error::Config("the image loader stopped unexpectedly".into()))??;
-                let stats = self.train_step(&batch)?;
+                let images = self.cfg.train.batch;
+                let stats = crate::train::oom_guard(&format!("batch {images}"), images, || {
+                    self.train_step(&batch)
+                })?;
                 sums.0 += f64::from(stats.step.loss);
                 sums.1 += f64::from(stats.l2);
                 sums.2 += f64::from(stats.l_align);

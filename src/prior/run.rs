@@ -249,27 +249,10 @@ impl PriorRun {
 
     /// A training step that turns a backend's out-of-memory panic into an error naming the batch.
     fn guarded_step(&mut self) -> Result<StepStats> {
-        let batch = self.cfg.train.batch;
-        let mc = self.cfg.train.mc;
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.train_step())) {
-            Ok(result) => result,
-            Err(payload) => {
-                let msg = payload
-                    .downcast_ref::<String>()
-                    .map(String::as_str)
-                    .or_else(|| payload.downcast_ref::<&str>().copied())
-                    .unwrap_or("");
-                let lower = msg.to_lowercase();
-                if lower.contains("out of memory") || lower.contains("outofmemory") {
-                    Err(Error::Device(format!(
-                        "out of memory at batch {batch} x mc {mc}; try --batch {}",
-                        (batch / 2).max(1)
-                    )))
-                } else {
-                    std::panic::resume_unwind(payload)
-                }
-            }
-        }
+        let (batch, mc) = (self.cfg.train.batch, self.cfg.train.mc);
+        crate::train::oom_guard(&format!("batch {batch} x mc {mc}"), batch, || {
+            self.train_step()
+        })
     }
 
     /// The frozen prior (EMA weights when kept).
