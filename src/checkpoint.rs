@@ -72,6 +72,37 @@ pub fn read_config<C: DeserializeOwned>(dir: &Path, command: &str) -> Result<C> 
     })
 }
 
+/// A run's latest checkpoint, if it has one.
+pub type Saved<D> = Option<(Manifest<D>, TrainerState)>;
+
+/// What a run opening `dir` starts from: with `resume`, the folder's config and its latest
+/// checkpoint (none when it was killed before the first); without, nothing, and a folder that
+/// already holds a checkpoint is refused rather than overwritten.
+pub fn open<C: DeserializeOwned, D: DeserializeOwned>(
+    dir: &Path,
+    resume: bool,
+    command: &str,
+) -> Result<(Option<C>, Saved<D>)> {
+    let saved = load::<D>(dir)?;
+    if !resume {
+        if let Some((m, _)) = &saved {
+            return Err(Error::Config(format!(
+                "{} already holds a checkpoint at step {}; pass --resume to continue it, or choose a new --out",
+                dir.display(),
+                m.step
+            )));
+        }
+        return Ok((None, None));
+    }
+    if !dir.join(CONFIG).is_file() {
+        return Err(Error::Config(format!(
+            "--resume: {} holds no run; drop --resume to start one there",
+            dir.display()
+        )));
+    }
+    Ok((Some(read_config(dir, command)?), saved))
+}
+
 /// Saves `state` as the run's latest checkpoint.
 pub fn save<D: Serialize + Clone>(dir: &Path, data: &D, state: &TrainerState) -> Result<()> {
     let name = |what: &str| format!("{what}-{:09}.bpk", state.step);
@@ -107,7 +138,7 @@ pub fn save<D: Serialize + Clone>(dir: &Path, data: &D, state: &TrainerState) ->
 }
 
 /// The run's latest checkpoint, or `None` when the folder holds none.
-pub fn load<D: DeserializeOwned>(dir: &Path) -> Result<Option<(Manifest<D>, TrainerState)>> {
+pub fn load<D: DeserializeOwned>(dir: &Path) -> Result<Saved<D>> {
     let path = dir.join(MANIFEST);
     if !path.is_file() {
         return Ok(None);

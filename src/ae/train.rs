@@ -269,22 +269,9 @@ impl AeRun {
     /// Opens a new run in `dir`, or continues its checkpoint when `resume` is set.
     pub fn open(cfg: AeConfig, dir: &Path, resume: bool, device: &Device) -> Result<AeRun> {
         cfg.validate()?;
-        let saved = checkpoint::load::<ImageInfo>(dir)?;
-        if resume {
-            if !dir.join(checkpoint::CONFIG).is_file() {
-                return Err(Error::Config(format!(
-                    "--resume: {} holds no run; drop --resume to start one there",
-                    dir.display()
-                )));
-            }
-            let old: AeConfig = checkpoint::read_config(dir, "ae train")?;
-            cfg.check_resumable(&old)?;
-        } else if let Some((m, _)) = &saved {
-            return Err(Error::Config(format!(
-                "{} already holds a checkpoint at step {}; pass --resume to continue it, or choose a new --out",
-                dir.display(),
-                m.step
-            )));
+        let (old, saved) = checkpoint::open::<AeConfig, ImageInfo>(dir, resume, "ae train")?;
+        if let Some(old) = &old {
+            cfg.check_resumable(old)?;
         }
         let prior_dir = Path::new(&cfg.prior);
         let (prior, meta) = load_prior(prior_dir, device)?;
@@ -300,7 +287,6 @@ impl AeRun {
             images: folder.len(),
             classes: folder.classes.len(),
         };
-        let saved = if resume { saved } else { None };
         if let Some((m, _)) = &saved
             && m.data != info
         {

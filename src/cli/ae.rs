@@ -1,12 +1,10 @@
 //! `flowalign ae train`: stage 2 of the ImageNet recipe (SPEC section 6).
 
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
 
 use flowalign::ae::config::{AeConfig, AePreset};
 use flowalign::ae::model::VitSize;
@@ -286,21 +284,8 @@ fn train(args: TrainArgs) -> Result<()> {
     if run.step() > 0 {
         tracing::info!("resuming {} at step {}", args.out.display(), run.step());
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in signal_hook::consts::TERM_SIGNALS {
-        signal_hook::flag::register_conditional_shutdown(*sig, 130, Arc::clone(&stop))
-            .context("installing the signal handler")?;
-        signal_hook::flag::register(*sig, Arc::clone(&stop))
-            .context("installing the signal handler")?;
-    }
-    let pb = ProgressBar::new(cfg.train.steps as u64);
-    pb.set_style(
-        ProgressStyle::with_template("ae [{bar:30}] {pos}/{len} {msg} eta {eta} ({elapsed})")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    pb.set_position(run.step() as u64);
-    pb.reset_eta();
+    let stop = super::stop_flag()?;
+    let pb = super::train_bar("ae", cfg.train.steps, run.step());
     let summary = run.run(
         || stop.load(Ordering::Relaxed),
         |m| {

@@ -1,12 +1,10 @@
 //! `flowalign prior train|eval|sample`: stage 1 of the ImageNet recipe (SPEC section 6).
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
 
 use flowalign::backend::{DeviceChoice, select, select_many};
 use flowalign::checkpoint;
@@ -144,18 +142,6 @@ impl TrainArgs {
     }
 }
 
-fn train_bar(total: usize, from: usize) -> ProgressBar {
-    let pb = ProgressBar::new(total as u64);
-    pb.set_style(
-        ProgressStyle::with_template("prior [{bar:30}] {pos}/{len} {msg} eta {eta} ({elapsed})")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    pb.set_position(from as u64);
-    pb.reset_eta();
-    pb
-}
-
 fn train(args: TrainArgs) -> Result<()> {
     let cfg = args.config()?;
     if args.gpus == 0 {
@@ -182,15 +168,8 @@ fn train(args: TrainArgs) -> Result<()> {
     if run.step() > 0 {
         tracing::info!("resuming {} at step {}", args.out.display(), run.step());
     }
-    // First Ctrl-C: checkpoint and stop. A second one exits at once.
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in signal_hook::consts::TERM_SIGNALS {
-        signal_hook::flag::register_conditional_shutdown(*sig, 130, Arc::clone(&stop))
-            .context("installing the signal handler")?;
-        signal_hook::flag::register(*sig, Arc::clone(&stop))
-            .context("installing the signal handler")?;
-    }
-    let pb = train_bar(cfg.train.steps, run.step());
+    let stop = super::stop_flag()?;
+    let pb = super::train_bar("prior", cfg.train.steps, run.step());
     let batch = cfg.train.batch;
     let summary = run.run(
         || stop.load(Ordering::Relaxed),

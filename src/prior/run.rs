@@ -84,26 +84,15 @@ impl PriorRun {
         device: &Device,
     ) -> Result<PriorRun> {
         cfg.validate()?;
-        let saved = checkpoint::load::<super::data::TableInfo>(dir)?;
-        if resume {
-            if dir.join(checkpoint::CONFIG).is_file() {
-                let old: FeaturePriorConfig = checkpoint::read_config(dir, "prior train")?;
-                cfg.check_resumable(&old)?;
-            } else {
-                return Err(Error::Config(format!(
-                    "--resume: {} holds no run; drop --resume to start one there",
-                    dir.display()
-                )));
-            }
-        } else if let Some((m, _)) = &saved {
-            return Err(Error::Config(format!(
-                "{} already holds a checkpoint at step {}; pass --resume to continue it, or choose a new --out",
-                dir.display(),
-                m.step
-            )));
+        let (old, saved) = checkpoint::open::<FeaturePriorConfig, super::data::TableInfo>(
+            dir,
+            resume,
+            "prior train",
+        )?;
+        if let Some(old) = &old {
+            cfg.check_resumable(old)?;
         }
         let data = PriorData::prepare(&cfg.data, cfg.train.seed, device)?;
-        let saved = if resume { saved } else { None };
         if let Some((m, _)) = &saved {
             check_same_table(&cfg, m, &data)?;
         }
