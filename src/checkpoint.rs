@@ -72,6 +72,20 @@ pub fn read_config<C: DeserializeOwned>(dir: &Path, command: &str) -> Result<C> 
     })
 }
 
+/// Fails with the first `(field, value)` where a resumed run's config (`now`) differs from the one
+/// its checkpoint was trained with (`saved`); both list the same fields in the same order.
+pub fn check_resumable(now: &[(&str, String)], saved: &[(&str, String)]) -> Result<()> {
+    for ((key, want), (_, had)) in now.iter().zip(saved) {
+        if want != had {
+            return Err(Error::Config(format!(
+                "--resume: {key} is {want} but the checkpoint was trained with {had}; \
+                 drop that flag to continue the run, or start a new one with another --out"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// A run's latest checkpoint, if it has one.
 pub type Saved<D> = Option<(Manifest<D>, TrainerState)>;
 

@@ -203,15 +203,7 @@ impl AeConfig {
                 ("train.ema", c.train.ema.to_string()),
             ]
         };
-        for ((key, want), (_, had)) in fields(self).into_iter().zip(fields(saved)) {
-            if want != had {
-                return Err(Error::Config(format!(
-                    "--resume: {key} is {want} but the checkpoint was trained with {had}; \
-                     drop that flag to continue the run, or start a new one with another --out"
-                )));
-            }
-        }
-        Ok(())
+        crate::checkpoint::check_resumable(&fields(self), &fields(saved))
     }
 }
 

@@ -314,13 +314,7 @@ fn train(args: TrainArgs) -> Result<()> {
     );
     pb.finish_and_clear();
     let summary = summary?;
-    if summary.interrupted {
-        tracing::info!(
-            "stopped at step {}: checkpoint written; continue with --resume",
-            summary.step
-        );
-        std::process::exit(130);
-    }
+    super::exit_if_stopped(summary.interrupted, summary.step);
     tracing::info!(
         "trained steps {}..{}; outputs in {}",
         summary.resumed_from,

@@ -36,3 +36,12 @@ pub fn train_bar(what: &str, total: usize, from: usize) -> ProgressBar {
     pb.reset_eta();
     pb
 }
+
+/// After a training run: when it was stopped by a signal (a checkpoint was written), say how to
+/// continue and exit with code 130.
+pub fn exit_if_stopped(interrupted: bool, step: usize) {
+    if interrupted {
+        tracing::info!("stopped at step {step}: checkpoint written; continue with --resume");
+        std::process::exit(130);
+    }
+}

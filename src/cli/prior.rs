@@ -199,13 +199,7 @@ fn train(args: TrainArgs) -> Result<()> {
     );
     pb.finish_and_clear();
     let summary = summary?;
-    if summary.interrupted {
-        tracing::info!(
-            "stopped at step {}: checkpoint written; continue with --resume",
-            summary.step
-        );
-        std::process::exit(130);
-    }
+    super::exit_if_stopped(summary.interrupted, summary.step);
     tracing::info!(
         "trained steps {}..{} in {:.1}s; held-out flow-matching loss {:.4}; prior in {}",
         summary.resumed_from,

@@ -241,15 +241,7 @@ impl FeaturePriorConfig {
 
     /// Fails with the first identity field where `self` (requested) differs from `saved`.
     pub fn check_resumable(&self, saved: &FeaturePriorConfig) -> Result<()> {
-        for ((key, want), (_, had)) in self.identity().into_iter().zip(saved.identity()) {
-            if want != had {
-                return Err(Error::Config(format!(
-                    "--resume: {key} is {want} but the checkpoint was trained with {had}; \
-                     drop that flag to continue the run, or start a new one with another --out"
-                )));
-            }
-        }
-        Ok(())
+        crate::checkpoint::check_resumable(&self.identity(), &saved.identity())
     }
 }
 
