@@ -367,6 +367,13 @@ fn ae_bad_input_is_one_line() {
     args[at + 1] = "5";
     let err = one_line_error(&flowalign(&args));
     assert!(err.contains("patch"), "{err}");
+    // Images smaller than the crop, when asked to refuse them (40 px drawn, 48 px crop).
+    let mut args = ae_args(data, p, o, "0.1");
+    let at = args.iter().position(|a| *a == "--image-size").unwrap();
+    args[at + 1] = "48";
+    args.extend(["--small-images", "error", "--lpips", "0"]);
+    let err = one_line_error(&flowalign(&args));
+    assert!(err.contains("smaller than the 48-pixel crop"), "{err}");
     let mut args = ae_args(data, p, o, "0.1");
     args.extend(["--encoder-init", "/no/dinov2.safetensors"]);
     let err = one_line_error(&flowalign(&args));

@@ -56,6 +56,9 @@ pub struct AeTrainConfig {
     pub monitor_every: usize,
     /// Images whose latent tokens the monitor scores.
     pub monitor_images: usize,
+    /// Images smaller than the crop: upscale (default), skip or error.
+    #[serde(default)]
+    pub small_images: super::data::SmallImages,
 }
 
 /// A complete autoencoder run: what `--config` reads and every run writes as `config.toml`.
@@ -115,6 +118,7 @@ impl AeConfig {
                 recon_every: 1_000,
                 monitor_every: 1_000,
                 monitor_images: 157, // 10,048 latent tokens
+                small_images: super::data::SmallImages::Upscale,
             },
         };
         match preset {

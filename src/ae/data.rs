@@ -167,12 +167,36 @@ impl ImageBatch {
     }
 }
 
+/// What to do with an image whose shorter side is below the crop.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum SmallImages {
+    /// Upscale it to the crop (one warning, then counted). ImageNet holds a few such images.
+    #[default]
+    Upscale,
+    /// Skip it like an unreadable file (replaced by the next image, counted).
+    Skip,
+    /// Stop with an error naming it.
+    Error,
+}
+
 /// Draws augmented batches from an [`ImageFolder`], decoding in parallel (rayon).
 pub struct ImageLoader {
     pub folder: ImageFolder,
     pub size: usize,
     seed: u64,
     crop: Crop,
+    small: SmallImages,
     /// Images that could not be read, by path (each warned about once).
     bad: Mutex<HashSet<PathBuf>>,
     skipped: AtomicUsize,
@@ -186,13 +210,20 @@ impl ImageLoader {
             size,
             seed,
             crop,
+            small: SmallImages::Upscale,
             bad: Mutex::new(HashSet::new()),
             skipped: AtomicUsize::new(0),
             upscaled: AtomicUsize::new(0),
         }
     }
 
-    /// Reads skipped so far (unreadable or corrupt files).
+    /// Handles images smaller than the crop by `policy` (default: upscale).
+    pub fn with_small_images(mut self, policy: SmallImages) -> Self {
+        self.small = policy;
+        self
+    }
+
+    /// Reads skipped so far (unreadable or corrupt files, and small ones under `SmallImages::Skip`).
     pub fn skipped(&self) -> usize {
         self.skipped.load(Ordering::Relaxed)
     }
@@ -207,8 +238,26 @@ impl ImageLoader {
         let n = self.folder.len();
         for _ in 0..n.min(64) {
             let path = &self.folder.paths[i];
-            match load_image(path, self.size, self.crop, rng) {
+            let read =
+                load_image(path, self.size, self.crop, rng).and_then(|(pixels, small)| {
+                    match (small, self.small) {
+                        (true, SmallImages::Skip) => {
+                            Err(format!("smaller than the {}-pixel crop", self.size))
+                        }
+                        _ => Ok((pixels, small)),
+                    }
+                });
+            match read {
                 Ok((pixels, small)) => {
+                    if small && self.small == SmallImages::Error {
+                        return Err(Error::input(
+                            path,
+                            format!(
+                                "is smaller than the {}-pixel crop; remove it, or pass --small-images upscale or skip",
+                                self.size
+                            ),
+                        ));
+                    }
                     if small && self.upscaled.fetch_add(1, Ordering::Relaxed) == 0 {
                         tracing::warn!(
                             "{} is smaller than the {}-pixel crop and is upscaled (further ones are counted)",
@@ -303,6 +352,22 @@ mod tests {
         // Sorted: cat/a, cat/broken (replaced by the next image, dog/c), dog/c, dog/deep/b.
         assert_eq!(all.labels, vec![0, 1, 1, 1]);
         assert_eq!(loader.upscaled(), 0);
+        // dog/deep/b.PNG is 20 x 50 and c.jpg 24 x 24: below a 22-pixel crop only b.PNG is.
+        let folder = ImageFolder::scan(root).unwrap();
+        let up = ImageLoader::new(folder.clone(), 22, 0, Crop::Centre);
+        up.gather(&[3], 0).unwrap();
+        assert_eq!((up.upscaled(), up.skipped()), (1, 0));
+        let skip = ImageLoader::new(folder.clone(), 22, 0, Crop::Centre)
+            .with_small_images(SmallImages::Skip);
+        let b = skip.gather(&[3], 0).unwrap();
+        assert_eq!((skip.skipped(), b.labels), (1, vec![0])); // replaced by cat/a.png
+        let strict =
+            ImageLoader::new(folder, 22, 0, Crop::Centre).with_small_images(SmallImages::Error);
+        let err = strict.gather(&[3], 0).unwrap_err().to_string();
+        assert!(
+            err.contains("b.PNG") && err.contains("--small-images"),
+            "{err}"
+        );
         // Training batches are a function of (seed, step).
         let train = ImageLoader::new(ImageFolder::scan(root).unwrap(), 16, 3, Crop::Train);
         let a = train.batch(5, 6).unwrap();

@@ -301,7 +301,8 @@ impl AeRun {
             cfg.model.image_size,
             cfg.train.seed,
             Crop::Centre,
-        );
+        )
+        .with_small_images(cfg.train.small_images);
         // Spread over the sorted folder, so every class shows.
         let spread: Vec<usize> = (0..fixed_n).map(|i| i * folder.len() / fixed_n).collect();
         let fixed = centre.gather(&spread, 0)?;
@@ -326,7 +327,8 @@ impl AeRun {
             }
             _ => None,
         };
-        let loader = ImageLoader::new(folder, cfg.model.image_size, cfg.train.seed, Crop::Train);
+        let loader = ImageLoader::new(folder, cfg.model.image_size, cfg.train.seed, Crop::Train)
+            .with_small_images(cfg.train.small_images);
         Ok(AeRun {
             cfg,
             dir: dir.to_path_buf(),

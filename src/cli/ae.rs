@@ -189,6 +189,9 @@ pub struct TrainArgs {
     monitor_every: Option<usize>,
     #[arg(long)]
     recon_every: Option<usize>,
+    /// Images smaller than the crop: upscale them (default), skip them, or stop with an error.
+    #[arg(long, value_enum)]
+    small_images: Option<flowalign::ae::data::SmallImages>,
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     device: DeviceChoice,
     /// Data-parallel over this many devices of --device's kind (CUDA 0..N-1 or hardware wgpu
@@ -257,6 +260,7 @@ impl TrainArgs {
         set!(log_every => train.log_every);
         set!(monitor_every => train.monitor_every);
         set!(recon_every => train.recon_every);
+        set!(small_images => train.small_images);
         cfg.validate()?;
         Ok(cfg)
     }
