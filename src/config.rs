@@ -247,18 +247,8 @@ impl ToyConfig {
             ("eval.bound_points", self.eval.bound_points),
             ("eval.bound_draws", self.eval.bound_draws),
         ];
-        for (key, v) in positive {
-            if v == 0 {
-                return Err(Error::Config(format!("{key} must be at least 1, got 0")));
-            }
-        }
-        for (key, lr) in [("prior.lr", self.prior.lr), ("align.lr", self.align.lr)] {
-            if !(lr.is_finite() && lr > 0.0) {
-                return Err(Error::Config(format!(
-                    "{key} must be a positive number, got {lr}"
-                )));
-            }
-        }
+        require_counts(&positive)?;
+        require_positive(&[("prior.lr", self.prior.lr), ("align.lr", self.align.lr)])?;
         if let Schedule::Cosine { final_frac, .. } = self.prior.schedule
             && !(0.0..=1.0).contains(&final_frac)
         {
@@ -276,6 +266,24 @@ impl ToyConfig {
             return Err(Error::Config("eval.grid must be at least 2".into()));
         }
         Ok(())
+    }
+}
+
+/// Fails naming the first key whose count is 0.
+pub fn require_counts(counts: &[(&str, usize)]) -> Result<()> {
+    match counts.iter().find(|(_, v)| *v == 0) {
+        Some((key, _)) => Err(Error::Config(format!("{key} must be at least 1, got 0"))),
+        None => Ok(()),
+    }
+}
+
+/// Fails naming the first key whose value is not a finite positive number.
+pub fn require_positive(values: &[(&str, f64)]) -> Result<()> {
+    match values.iter().find(|(_, v)| !(v.is_finite() && *v > 0.0)) {
+        Some((key, v)) => Err(Error::Config(format!(
+            "{key} must be a positive number, got {v}"
+        ))),
+        None => Ok(()),
     }
 }
 

@@ -157,7 +157,7 @@ impl AeConfig {
     pub fn validate(&self) -> Result<()> {
         self.model.validate().map_err(Error::Config)?;
         let t = &self.train;
-        for (key, v) in [
+        crate::config::require_counts(&[
             ("train.steps", t.steps),
             ("train.batch", t.batch),
             ("loss.mc", self.loss.mc),
@@ -166,17 +166,8 @@ impl AeConfig {
             ("train.recon_every", t.recon_every),
             ("train.monitor_every", t.monitor_every),
             ("train.monitor_images", t.monitor_images),
-        ] {
-            if v == 0 {
-                return Err(Error::Config(format!("{key} must be at least 1, got 0")));
-            }
-        }
-        if !(t.lr.is_finite() && t.lr > 0.0) {
-            return Err(Error::Config(format!(
-                "train.lr must be a positive number, got {}",
-                t.lr
-            )));
-        }
+        ])?;
+        crate::config::require_positive(&[("train.lr", t.lr)])?;
         for (key, v) in [
             ("loss.l2", self.loss.l2),
             ("loss.lambda", self.loss.lambda),

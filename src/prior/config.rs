@@ -165,7 +165,7 @@ impl FeaturePriorConfig {
     /// Checks every value is usable, naming the offending key.
     pub fn validate(&self) -> Result<()> {
         let t = &self.train;
-        for (key, v) in [
+        crate::config::require_counts(&[
             ("data.latent_dim", self.data.latent_dim),
             ("model.width", self.model.width),
             ("model.depth", self.model.depth),
@@ -174,17 +174,8 @@ impl FeaturePriorConfig {
             ("train.mc", t.mc),
             ("train.checkpoint_every", t.checkpoint_every),
             ("train.log_every", t.log_every),
-        ] {
-            if v == 0 {
-                return Err(Error::Config(format!("{key} must be at least 1, got 0")));
-            }
-        }
-        if !(t.lr.is_finite() && t.lr > 0.0) {
-            return Err(Error::Config(format!(
-                "train.lr must be a positive number, got {}",
-                t.lr
-            )));
-        }
+        ])?;
+        crate::config::require_positive(&[("train.lr", t.lr)])?;
         if !(0.0..=1.0).contains(&t.final_lr_frac) {
             return Err(Error::Config(format!(
                 "train.final_lr_frac must lie in [0, 1], got {}",
@@ -209,14 +200,10 @@ impl FeaturePriorConfig {
                 "train.optim: eps must be positive, weight_decay and grad_clip at least 0".into(),
             ));
         }
-        if let Some(s) = self.data.scale
-            && !(s.is_finite() && s > 0.0)
-        {
-            return Err(Error::Config(format!(
-                "data.scale must be a positive number, got {s}"
-            )));
+        match self.data.scale {
+            Some(s) => crate::config::require_positive(&[("data.scale", s)]),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// The fields a resumed run must share with the run it continues, with their values as text.
