@@ -89,6 +89,28 @@ pub fn select_many(choice: DeviceChoice, count: usize) -> Result<(Vec<Device>, S
     Ok((vec![first; count], format!("{count} replicas on {name}")))
 }
 
+/// The device number `index` of the kind `choice` resolves to (one process per GPU picks its own
+/// by its rank on the machine); on the CPU every index is the one CPU device.
+pub fn select_at(choice: DeviceChoice, index: usize) -> Result<(Device, String)> {
+    let (first, name) = select(choice)?;
+    if index == 0 {
+        return Ok((first, name));
+    }
+    if name.starts_with("cuda") {
+        return Ok((cuda_index(index), format!("cuda:{index}")));
+    }
+    if name.starts_with("wgpu") {
+        let all = hardware_wgpu_all();
+        let found = all.len();
+        return all.into_iter().nth(index).map(|d| (d, format!("{name} #{index}"))).ok_or_else(|| {
+            Error::Device(format!(
+                "this rank wants hardware wgpu adapter #{index} but {found} were found; start at most {found} ranks per machine or use --layout per-machine"
+            ))
+        });
+    }
+    Ok((first, name))
+}
+
 #[cfg(feature = "cuda")]
 fn cuda_index(i: usize) -> Device {
     Device::cuda(i)

@@ -37,6 +37,9 @@ pub enum Error {
     /// The backend could not provide the requested device.
     #[error("device: {0}")]
     Device(String),
+    /// A multi-process (MPI) run could not start or went out of step.
+    #[error("distributed: {0}")]
+    Distributed(String),
     /// The visualizer could not open its window.
     #[error("{0}")]
     Display(String),

@@ -11,6 +11,7 @@ pub mod backend;
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
+pub mod dist;
 pub mod error;
 pub mod features;
 pub mod flow;

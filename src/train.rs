@@ -5,6 +5,7 @@
 //! keep per-step control.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use burn::module::{ModuleMapper, ModuleVisitor, Param};
 use burn::optim::{AdamConfig, AdamWConfig, GradientsParams, ModuleOptimizer};
@@ -14,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::align::{align_loss, flow_loss};
 use crate::config::{Reduction, Schedule};
+use crate::dist::Comm;
 use crate::error::{Error, Result};
 use crate::flow::path::PathDraws;
 use crate::flow::{VelocityMlp, VelocityMlpConfig};
@@ -200,6 +202,8 @@ pub struct Trainer<M: Module> {
     reduction: Reduction,
     ema: Option<Ema<M>>,
     spec: OptimSpec,
+    /// Other processes training the same model: gradients are averaged over them every step.
+    comm: Option<Arc<Comm>>,
 }
 
 /// Trains a velocity network by flow matching (SPEC section 1), one step per call.
@@ -267,6 +271,7 @@ impl<M: Module> Trainer<M> {
             reduction,
             ema: None,
             spec: OptimSpec::ADAM,
+            comm: None,
         }
     }
 
@@ -283,6 +288,18 @@ impl<M: Module> Trainer<M> {
         self
     }
 
+    /// Averages every step's gradients (and loss) over the ranks of `comm` before clipping, so
+    /// each rank's loss must be the mean over its own equal share of the global batch.
+    pub fn with_comm(mut self, comm: Arc<Comm>) -> Self {
+        self.comm = Some(comm);
+        self
+    }
+
+    /// The ranks this trainer averages over, if any.
+    pub fn comm(&self) -> Option<&Arc<Comm>> {
+        self.comm.as_ref()
+    }
+
     /// The learning rate the next step will use.
     pub fn current_lr(&self) -> f64 {
         self.schedule.lr(self.lr, self.step, self.total)
@@ -292,10 +309,9 @@ impl<M: Module> Trainer<M> {
     /// the run in a divergence error.
     pub fn step_loss(&mut self, loss: Tensor<1>, stage: &'static str) -> Result<StepStats> {
         let lr = self.current_lr();
-        let value =
-            finite_or_diverged(loss.clone().into_scalar::<f32>(), stage, self.step + 1, lr)?;
+        let value = loss.clone().into_scalar::<f32>();
         let grads = GradientsParams::from_grads(loss.backward(), &self.model);
-        Ok(self.apply(value, grads, lr))
+        self.apply(value, grads, lr, stage)
     }
 
     /// One data-parallel optimiser step: for each `(device, data)` shard, `loss(replica, data)` runs
@@ -333,7 +349,6 @@ impl<M: Module> Trainer<M> {
                 .collect()
         });
         let value: f32 = results.iter().map(|r| r.0).sum();
-        let value = finite_or_diverged(value, stage, self.step + 1, lr)?;
         let mut parts = Vec::with_capacity(results.len());
         let mut extras = Vec::with_capacity(results.len());
         for (_, g, x) in results {
@@ -345,11 +360,26 @@ impl<M: Module> Trainer<M> {
             out: GradientsParams::new(),
         };
         self.model.visit(&mut merge);
-        Ok((self.apply(value, merge.out, lr), extras))
+        Ok((self.apply(value, merge.out, lr, stage)?, extras))
     }
 
-    /// Clips, steps the optimiser and updates the EMA.
-    fn apply(&mut self, loss: f32, mut grads: GradientsParams, lr: f64) -> StepStats {
+    /// Averages over the ranks (if any), checks the loss, clips, steps the optimiser and updates
+    /// the EMA.
+    fn apply(
+        &mut self,
+        loss: f32,
+        mut grads: GradientsParams,
+        lr: f64,
+        stage: &'static str,
+    ) -> Result<StepStats> {
+        let loss = match &self.comm {
+            Some(comm) => {
+                crate::dist::mean_grads(comm, &self.model, &mut grads, loss, self.step + 1)?
+            }
+            None => loss,
+        };
+        // Every rank sees the same mean loss, so every rank stops here together.
+        let loss = finite_or_diverged(loss, stage, self.step + 1, lr)?;
         let clip = self.spec.grad_clip;
         let grad_norm = (clip > 0.0).then(|| clip_global_norm(&self.model, &mut grads, clip));
         self.model = self.optim.step(lr, self.model.clone(), grads);
@@ -357,11 +387,11 @@ impl<M: Module> Trainer<M> {
             ema.update(&self.model);
         }
         self.step += 1;
-        StepStats {
+        Ok(StepStats {
             loss,
             grad_norm,
             lr,
-        }
+        })
     }
 
     /// The training state as bytes: (live weights, EMA weights, optimiser state), each in burn's

@@ -5,9 +5,17 @@ pub mod prior;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
+use burn::prelude::Device;
+use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use flowalign::backend::{DeviceChoice, select_at, select_many};
+use flowalign::dist::Comm;
 
 /// A flag that the first Ctrl-C or SIGTERM sets (the trainer then checkpoints and stops); a
 /// second one exits at once with code 130.
@@ -43,5 +51,135 @@ pub fn exit_if_stopped(interrupted: bool, step: usize) {
     if interrupted {
         tracing::info!("stopped at step {step}: checkpoint written; continue with --resume");
         std::process::exit(130);
+    }
+}
+
+/// How a training command joins a multi-process (multi-machine) job.
+#[derive(Args, Debug, Clone)]
+pub struct DistArgs {
+    /// Run as one rank of an MPI job: start every rank with `mpirun` or `srun` (see the README).
+    /// Rank 0 reads and writes --out; each rank trains on its share of the global batch.
+    #[arg(long, value_enum)]
+    distributed: Option<Distributed>,
+    /// `per-gpu`: one process per GPU, each on the GPU numbered by its rank on the machine;
+    /// `per-machine`: one process per machine, driving --gpus GPUs.
+    #[arg(long, value_enum, default_value_t = Layout::PerGpu)]
+    layout: Layout,
+    /// Seconds a rank waits for the others in one collective before it stops the whole job,
+    /// naming the rank that did not arrive.
+    #[arg(long, default_value_t = 300, value_name = "SECS")]
+    comm_timeout: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Distributed {
+    /// MPI (OpenMPI, MPICH, a cluster's own): needs a build with `--features mpi`.
+    Mpi,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Layout {
+    PerGpu,
+    PerMachine,
+}
+
+impl DistArgs {
+    /// Joins the job when --distributed is given.
+    pub fn join(&self) -> Result<Option<Arc<Comm>>> {
+        if self.distributed.is_none() {
+            return Ok(None);
+        }
+        if self.comm_timeout == 0 {
+            bail!("--comm-timeout must be at least 1 second");
+        }
+        let comm = Comm::mpi(Duration::from_secs(self.comm_timeout))?;
+        let me = comm.rank();
+        if me.rank == 0 {
+            tracing::info!(
+                "MPI job of {} ranks ({} on this machine)",
+                me.size,
+                me.local_size
+            );
+        }
+        Ok(Some(Arc::new(comm)))
+    }
+
+    /// The devices this process trains on: `gpus` of `choice` alone or per machine, or the one
+    /// numbered by this rank's place on its machine.
+    pub fn devices(
+        &self,
+        choice: DeviceChoice,
+        gpus: usize,
+        comm: Option<&Comm>,
+    ) -> Result<(Vec<Device>, String)> {
+        if gpus == 0 {
+            bail!("--gpus must be at least 1");
+        }
+        match (comm, self.layout) {
+            (Some(c), Layout::PerGpu) => {
+                if gpus > 1 {
+                    bail!(
+                        "--gpus {gpus} with --layout per-gpu: each rank drives one GPU; use --layout per-machine to drive {gpus} GPUs from one rank"
+                    );
+                }
+                let (d, name) = select_at(choice, c.rank().local_rank)?;
+                Ok((vec![d], name))
+            }
+            _ => Ok(select_many(choice, gpus)?),
+        }
+    }
+}
+
+/// Rank 0's config on every rank (each rank parses the same command line, but only rank 0 may
+/// read the run folder, e.g. when resuming).
+pub fn shared_config<C: Serialize + DeserializeOwned>(
+    comm: Option<&Comm>,
+    make: impl FnOnce() -> Result<C>,
+) -> Result<C> {
+    let Some(comm) = comm else {
+        return make();
+    };
+    if comm.leads() {
+        let cfg = make()?;
+        let text = toml::to_string(&cfg).context("serialising the config")?;
+        comm.broadcast(text.into_bytes(), "config")?;
+        Ok(cfg)
+    } else {
+        let bytes = comm.broadcast(Vec::new(), "config")?;
+        let text = String::from_utf8(bytes).context("rank 0 sent a config that is not UTF-8")?;
+        toml::from_str(&text).context("rank 0 sent a config this rank cannot read")
+    }
+}
+
+/// Runs `body` as this process's part of the job. On success the job ends cleanly; on an error
+/// this rank prints it with its rank and stops every rank (`MPI_Abort`, exit code 2), so no rank is
+/// left waiting. Without a job, `body`'s result is returned as is.
+pub fn in_job<T>(comm: Option<Arc<Comm>>, body: impl FnOnce() -> Result<T>) -> Result<T> {
+    let result = body();
+    let Some(comm) = comm else {
+        return result;
+    };
+    match result {
+        Ok(v) => {
+            comm.finish();
+            Ok(v)
+        }
+        Err(e) => {
+            eprintln!(
+                "error: rank {}: {}",
+                comm.rank().rank,
+                crate::error_line(&e)
+            );
+            comm.abort(2)
+        }
+    }
+}
+
+/// A progress bar for rank 0 (or a lone process); hidden on the other ranks.
+pub fn lead_bar(lead: bool, what: &str, total: usize, from: usize) -> ProgressBar {
+    if lead {
+        train_bar(what, total, from)
+    } else {
+        ProgressBar::hidden()
     }
 }

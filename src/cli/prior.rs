@@ -1,13 +1,15 @@
 //! `flowalign prior train|eval|sample`: stage 1 of the ImageNet recipe (SPEC section 6).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 
-use flowalign::backend::{DeviceChoice, select, select_many};
+use flowalign::backend::{DeviceChoice, select};
 use flowalign::checkpoint;
+use flowalign::dist::Comm;
 use flowalign::features::projection::ProjectionKind;
 use flowalign::features::write_npy;
 use flowalign::prior::data::PriorData;
@@ -90,6 +92,8 @@ pub struct TrainArgs {
     /// adapters); the batch is split between them and the result does not depend on N.
     #[arg(long, default_value_t = 1)]
     gpus: usize,
+    #[command(flatten)]
+    dist: super::DistArgs,
 }
 
 impl TrainArgs {
@@ -143,33 +147,51 @@ impl TrainArgs {
 }
 
 fn train(args: TrainArgs) -> Result<()> {
-    let cfg = args.config()?;
-    if args.gpus == 0 {
-        bail!("--gpus must be at least 1");
-    }
-    let (devices, device_name) = select_many(args.device, args.gpus)?;
+    let comm = args.dist.join()?;
+    let (interrupted, step) = super::in_job(comm.clone(), || train_rank(&args, comm))?;
+    super::exit_if_stopped(interrupted, step);
+    Ok(())
+}
+
+/// This process's part of a training run (the whole run without --distributed); returns whether
+/// it was stopped and its last step.
+fn train_rank(args: &TrainArgs, comm: Option<Arc<Comm>>) -> Result<(bool, usize)> {
+    let cfg = super::shared_config(comm.as_deref(), || args.config())?;
+    let (devices, device_name) = args.dist.devices(args.device, args.gpus, comm.as_deref())?;
+    let lead = comm.as_ref().is_none_or(|c| c.leads());
     let start = std::time::Instant::now();
-    let mut run =
-        PriorRun::open(cfg.clone(), &args.out, args.resume, &devices[0])?.with_replicas(devices);
+    let run = match &comm {
+        Some(c) => PriorRun::open_rank(
+            cfg.clone(),
+            &args.out,
+            args.resume,
+            &devices[0],
+            Arc::clone(c),
+        )?,
+        None => PriorRun::open(cfg.clone(), &args.out, args.resume, &devices[0])?,
+    };
+    let mut run = run.with_replicas(devices);
     let data = run.data();
-    tracing::info!(
-        device = %device_name,
-        "{} rows x {} (std {:.5}, scale {:.4}) -> {} dims by {:?} projection; {} training rows, {} held out; prepared in {:.1}s",
-        data.info.rows,
-        data.info.cols,
-        data.info.std,
-        data.info.scale,
-        data.dim(),
-        cfg.data.projection,
-        data.train.rows,
-        data.holdout.rows,
-        start.elapsed().as_secs_f64()
-    );
-    if run.step() > 0 {
-        tracing::info!("resuming {} at step {}", args.out.display(), run.step());
+    if lead {
+        tracing::info!(
+            device = %device_name,
+            "{} rows x {} (std {:.5}, scale {:.4}) -> {} dims by {:?} projection; {} training rows, {} held out; prepared in {:.1}s",
+            data.info.rows,
+            data.info.cols,
+            data.info.std,
+            data.info.scale,
+            data.dim(),
+            cfg.data.projection,
+            data.train.rows,
+            data.holdout.rows,
+            start.elapsed().as_secs_f64()
+        );
+        if run.step() > 0 {
+            tracing::info!("resuming {} at step {}", args.out.display(), run.step());
+        }
     }
     let stop = super::stop_flag()?;
-    let pb = super::train_bar("prior", cfg.train.steps, run.step());
+    let pb = super::lead_bar(lead, "prior", cfg.train.steps, run.step());
     let batch = cfg.train.batch;
     let summary = run.run(
         || stop.load(Ordering::Relaxed),
@@ -186,7 +208,7 @@ fn train(args: TrainArgs) -> Result<()> {
                 m.vectors_per_s,
                 m.vectors_per_s / batch as f64
             ));
-            if pb.is_hidden() {
+            if lead && pb.is_hidden() {
                 tracing::info!(
                     step = m.step,
                     loss = m.loss,
@@ -199,16 +221,17 @@ fn train(args: TrainArgs) -> Result<()> {
     );
     pb.finish_and_clear();
     let summary = summary?;
-    super::exit_if_stopped(summary.interrupted, summary.step);
-    tracing::info!(
-        "trained steps {}..{} in {:.1}s; held-out flow-matching loss {:.4}; prior in {}",
-        summary.resumed_from,
-        summary.step,
-        start.elapsed().as_secs_f64(),
-        summary.val_loss,
-        args.out.join("prior.safetensors").display()
-    );
-    Ok(())
+    if lead && !summary.interrupted {
+        tracing::info!(
+            "trained steps {}..{} in {:.1}s; held-out flow-matching loss {:.4}; prior in {}",
+            summary.resumed_from,
+            summary.step,
+            start.elapsed().as_secs_f64(),
+            summary.val_loss,
+            args.out.join("prior.safetensors").display()
+        );
+    }
+    Ok((summary.interrupted, summary.step))
 }
 
 #[derive(Args)]

@@ -1,6 +1,7 @@
 //! Training a prior on feature rows (SPEC section 6, stage 1): the loop, its metrics and resume.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use burn::prelude::*;
@@ -11,6 +12,7 @@ use super::data::PriorData;
 use crate::align::flow_loss;
 use crate::checkpoint::{self, Manifest, MetricsLog};
 use crate::config::{Reduction, Schedule};
+use crate::dist::{self, Comm};
 use crate::error::{Error, Result};
 use crate::flow::path::PathDraws;
 use crate::flow::{VelocityMlp, VelocityMlpConfig, rows_to_tensor};
@@ -70,6 +72,8 @@ pub struct PriorRun {
     /// Data-parallel replicas' devices (empty: one replica on `device`).
     replicas: Vec<Device>,
     resumed_from: usize,
+    /// The other processes of a multi-process run (rank 0 alone writes `dir`).
+    comm: Option<Arc<Comm>>,
 }
 
 impl PriorRun {
@@ -113,9 +117,56 @@ impl PriorRun {
             device: device.clone(),
             replicas: Vec::new(),
             resumed_from,
+            comm: None,
         })
     }
 
+    /// Opens one rank of a multi-process run: rank 0 opens `dir` as [`PriorRun::open`] does (new
+    /// or resumed) and broadcasts its trainer state; the other ranks prepare the same data, never
+    /// touch `dir`, and start from rank 0's state. Every rank must pass rank 0's `cfg`.
+    pub fn open_rank(
+        cfg: FeaturePriorConfig,
+        dir: &Path,
+        resume: bool,
+        device: &Device,
+        comm: Arc<Comm>,
+    ) -> Result<PriorRun> {
+        dist::check_batch(cfg.train.batch, comm.rank().size, "feature vectors")?;
+        let mut run = if comm.leads() {
+            PriorRun::open(cfg, dir, resume, device)?
+        } else {
+            cfg.validate()?;
+            let data = PriorData::prepare(&cfg.data, cfg.train.seed, device)?;
+            let trainer = new_trainer(&cfg, data.dim(), device);
+            PriorRun {
+                cfg,
+                dir: dir.to_path_buf(),
+                data,
+                trainer,
+                device: device.clone(),
+                replicas: Vec::new(),
+                resumed_from: 0,
+                comm: None,
+            }
+        };
+        let state = comm
+            .leads()
+            .then(|| run.trainer.state_bytes())
+            .transpose()?;
+        let state = dist::share_state(&comm, state)?;
+        if !comm.leads() {
+            run.trainer.restore(&state)?;
+            run.resumed_from = state.step;
+        }
+        run.trainer = run.trainer.with_comm(Arc::clone(&comm));
+        run.comm = Some(comm);
+        Ok(run)
+    }
+
+    /// Whether this process writes the run folder (rank 0, or the only process).
+    pub fn leads(&self) -> bool {
+        self.comm.as_ref().is_none_or(|c| c.leads())
+    }
     /// Trains data-parallel over `devices` (one replica and thread each; the first holds the
     /// weights). The batch and its draws do not depend on the count, so a run may resume on
     /// another number of devices.
@@ -144,11 +195,19 @@ impl PriorRun {
         let mut rng = rng_for(t.seed, Stream::Prior, self.trainer.step as u64);
         let rows = self.data.batch(t.batch, &mut rng);
         let d = self.data.dim();
-        if self.replicas.is_empty() {
-            step_on_rows(&mut self.trainer, &rows, d, t.mc, &mut rng, &self.device)
+        let part = match &self.comm {
+            Some(c) => dist::part(t.batch, c.rank().rank, c.rank().size),
+            None if self.replicas.is_empty() => {
+                return step_on_rows(&mut self.trainer, &rows, d, t.mc, &mut rng, &self.device);
+            }
+            None => 0..t.batch,
+        };
+        let devices = if self.replicas.is_empty() {
+            std::slice::from_ref(&self.device)
         } else {
-            step_on_rows_sharded(&mut self.trainer, &rows, d, t.mc, &mut rng, &self.replicas)
-        }
+            &self.replicas
+        };
+        step_on_rows_sharded(&mut self.trainer, &rows, part, d, t.mc, &mut rng, devices)
     }
 
     /// The flow-matching loss of the frozen prior on up to 4,096 held-out rows, with fixed draws.
@@ -167,8 +226,16 @@ impl PriorRun {
         flow_loss(&prior, x, &draws, Reduction::Mean).into_scalar::<f32>()
     }
 
-    /// Writes a checkpoint and exports the frozen prior (`prior.safetensors`, `prior.toml`).
+    /// Writes a checkpoint and exports the frozen prior (`prior.safetensors`, `prior.toml`); on
+    /// ranks other than 0 it only checks that this rank's weights equal rank 0's.
     pub fn checkpoint(&self) -> Result<()> {
+        if let Some(comm) = &self.comm {
+            let sum = dist::weights_checksum(self.trainer.model());
+            comm.verify_same(sum, self.trainer.step)?;
+            if !comm.leads() {
+                return Ok(());
+            }
+        }
         checkpoint::save(&self.dir, &self.data.info, &self.trainer.state_bytes()?)?;
         let meta = PriorMeta {
             dim: self.data.dim(),
@@ -191,7 +258,10 @@ impl PriorRun {
         mut on_log: impl FnMut(&Metrics),
     ) -> Result<Summary> {
         let t = self.cfg.train.clone();
-        let log = MetricsLog::open(&self.dir, self.trainer.step, &METRICS)?;
+        let log = self
+            .leads()
+            .then(|| MetricsLog::open(&self.dir, self.trainer.step, &METRICS))
+            .transpose()?;
         let (mut loss_sum, mut loss_n) = (0.0f64, 0usize);
         let mut window = Instant::now();
         let mut val_loss = f32::NAN;
@@ -203,6 +273,10 @@ impl PriorRun {
             let step = self.trainer.step;
             let ckpt = step.is_multiple_of(t.checkpoint_every) || step == t.steps;
             interrupted = stop();
+            if let Some(comm) = &self.comm {
+                // Every rank stops at the same step, whichever saw the request.
+                interrupted = comm.any(interrupted, step)?;
+            }
             if step.is_multiple_of(t.log_every) || ckpt || interrupted {
                 if ckpt || interrupted {
                     val_loss = self.val_loss();
@@ -216,7 +290,9 @@ impl PriorRun {
                     vectors_per_s: (loss_n * t.batch) as f64 / window.elapsed().as_secs_f64(),
                     val_loss: (ckpt || interrupted).then_some(val_loss),
                 };
-                log.append(&m)?;
+                if let Some(log) = &log {
+                    log.append(&m)?;
+                }
                 on_log(&m);
                 (loss_sum, loss_n, window) = (0.0, 0, Instant::now());
             }
@@ -267,11 +343,13 @@ pub fn step_on_rows(
     trainer.train_step(x, &draws)
 }
 
-/// [`step_on_rows`] split over `devices`: the same rows and draws (drawn in the same order), each
-/// device taking a contiguous share of the rows with their `mc` draws.
+/// [`step_on_rows`] on the rows `part` of the batch `rows`, split over `devices`: the same rows
+/// and draws (drawn in the same order), each device taking a contiguous share of `part` with its
+/// `mc` draws. A process of a multi-process run trains its `part`; the trainer averages over them.
 pub fn step_on_rows_sharded(
     trainer: &mut PriorTrainer,
     rows: &[f32],
+    part: std::ops::Range<usize>,
     d: usize,
     mc: usize,
     rng: &mut crate::rng::Rng,
@@ -279,16 +357,17 @@ pub fn step_on_rows_sharded(
 ) -> Result<StepStats> {
     let n = rows.len() / d;
     let draws = crate::flow::path::HostDraws::sample(rng, n, d, mc);
-    let k = devices.len().min(n).max(1);
+    let m = part.len();
+    let k = devices.len().min(m).max(1);
     let shards = (0..k)
         .map(|s| {
-            let (a, b) = (s * n / k, (s + 1) * n / k);
+            let (a, b) = (part.start + s * m / k, part.start + (s + 1) * m / k);
             let ad = devices[s].clone().autodiff();
             crate::train::Shard {
                 device: devices[s].clone(),
                 x: rows_to_tensor(&rows[a * d..b * d], d, &ad).repeat_dim(0, mc),
                 draws: draws.shard(a..b, &ad),
-                weight: (b - a) as f32 / n as f32,
+                weight: (b - a) as f32 / m as f32,
             }
         })
         .collect();
