@@ -425,6 +425,8 @@ fn ae(args: &BenchArgs) -> Result<Value> {
         pixels,
         labels: vec![0; b],
         size: s,
+        first: 0,
+        total: b,
     };
     let sps = timed(args.seconds, || {
         ae_step(&mut trainer, &replicas, &batch, &cfg.loss, &mut rng).map(|_| ())

@@ -155,6 +155,11 @@ pub struct ImageBatch {
     pub pixels: Vec<f32>,
     pub labels: Vec<u32>,
     pub size: usize,
+    /// Where these images start in their step's global batch (a rank of a multi-process run
+    /// loads only its share).
+    pub first: usize,
+    /// Images in the step's global batch.
+    pub total: usize,
 }
 
 impl ImageBatch {
@@ -285,19 +290,39 @@ impl ImageLoader {
 
     /// The batch of `batch` images for `step`: indices and crops are a function of (seed, step).
     pub fn batch(&self, step: u64, batch: usize) -> Result<ImageBatch> {
+        self.batch_part(step, batch, 0..batch)
+    }
+
+    /// The images `part` of [`ImageLoader::batch`]`(step, batch)`, reading only those files: the
+    /// same pixels whatever the split.
+    pub fn batch_part(
+        &self,
+        step: u64,
+        batch: usize,
+        part: std::ops::Range<usize>,
+    ) -> Result<ImageBatch> {
         let mut rng = rng_for(self.seed, Stream::Data, step);
         let picks: Vec<usize> = (0..batch)
             .map(|_| rng.random_range(0..self.folder.len()))
             .collect();
-        self.gather(&picks, step)
+        let mut out = self.gather_at(&picks[part.clone()], step, part.start)?;
+        out.total = batch;
+        Ok(out)
     }
 
     /// Images `indices` (e.g. for evaluation, in order), augmented as the loader's crop says.
     pub fn gather(&self, indices: &[usize], step: u64) -> Result<ImageBatch> {
+        self.gather_at(indices, step, 0)
+    }
+
+    /// [`ImageLoader::gather`] for images at positions `first..` of a batch (each position has its
+    /// own augmentation draws).
+    fn gather_at(&self, indices: &[usize], step: u64, first: usize) -> Result<ImageBatch> {
         let items: Vec<Result<(Vec<f32>, u32)>> = indices
             .par_iter()
             .enumerate()
             .map(|(k, &i)| {
+                let k = first + k;
                 let mut rng = rng_for(self.seed ^ (k as u64) << 32, Stream::Augment, step);
                 self.read(i, &mut rng)
             })
@@ -313,6 +338,8 @@ impl ImageLoader {
             pixels,
             labels,
             size: self.size,
+            first,
+            total: indices.len(),
         })
     }
 }
@@ -372,6 +399,11 @@ mod tests {
         let train = ImageLoader::new(ImageFolder::scan(root).unwrap(), 16, 3, Crop::Train);
         let a = train.batch(5, 6).unwrap();
         let b = train.batch(5, 6).unwrap();
+        // A rank's share is the same images with the same crops.
+        let part = train.batch_part(5, 6, 2..5).unwrap();
+        let px = 3 * train.size * train.size;
+        assert_eq!(part.pixels, a.pixels[2 * px..5 * px]);
+        assert_eq!((part.first, part.total, part.len()), (2, 6, 3));
         assert_eq!(a.pixels, b.pixels);
         assert!(a.pixels.iter().all(|v| (-1.0..=1.0).contains(v)));
     }

@@ -16,6 +16,7 @@ use super::model::Autoencoder;
 use crate::align::{align_loss, flow_loss};
 use crate::checkpoint::{self, MetricsLog};
 use crate::config::{Reduction, Schedule};
+use crate::dist::{self, Comm};
 use crate::error::{Error, Result};
 use crate::flow::VelocityMlp;
 use crate::prior::FeaturePriorConfig;
@@ -141,7 +142,9 @@ pub fn ae_step(
     let px = 3 * s * s;
     let k = trainer.model().encoder.latent_tokens.dims()[1];
     let dz = trainer.model().encoder.to_latent.weight.dims()[1];
-    let draws = crate::flow::path::HostDraws::sample(rng, b * k, dz, loss_cfg.mc);
+    // The draws of the whole global batch, so a rank's share does not depend on the split.
+    let draws = crate::flow::path::HostDraws::sample(rng, batch.total * k, dz, loss_cfg.mc);
+    let first = batch.first;
     // LPIPS ramps up linearly over its warm-up (SPEC section 6).
     let ramp = ((trainer.step + 1) as f64 / loss_cfg.lpips_warmup.max(1) as f64).min(1.0);
     let lambda = loss_cfg.lambda;
@@ -180,7 +183,7 @@ pub fn ae_step(
                 flow_loss(
                     &fr.prior,
                     y,
-                    &draws.shard(a * k..e * k, &ad),
+                    &draws.shard((first + a) * k..(first + e) * k, &ad),
                     Reduction::Mean,
                 )
             } else {
@@ -188,7 +191,7 @@ pub fn ae_step(
                 flow_loss(
                     &fr.prior,
                     y,
-                    &draws.shard(a * k..e * k, &fr.device),
+                    &draws.shard((first + a) * k..(first + e) * k, &fr.device),
                     Reduction::Mean,
                 )
             };
@@ -263,13 +266,61 @@ pub struct AeRun {
     /// The prior's target rows, for log r_k (absent when its features cannot be read).
     reference: Option<(Vec<f32>, usize)>,
     resumed_from: usize,
+    /// The other processes of a multi-process run (rank 0 alone writes `dir`).
+    comm: Option<Arc<Comm>>,
 }
 
 impl AeRun {
     /// Opens a new run in `dir`, or continues its checkpoint when `resume` is set.
     pub fn open(cfg: AeConfig, dir: &Path, resume: bool, device: &Device) -> Result<AeRun> {
+        Self::open_as(cfg, dir, resume, device, true)
+    }
+
+    /// Opens one rank of a multi-process run: rank 0 opens `dir` as [`AeRun::open`] does (new or
+    /// resumed) and broadcasts its trainer state; the other ranks load the same prior and images,
+    /// never touch `dir`, and start from rank 0's state. Every rank must pass rank 0's `cfg`.
+    pub fn open_rank(
+        cfg: AeConfig,
+        dir: &Path,
+        resume: bool,
+        device: &Device,
+        comm: Arc<Comm>,
+    ) -> Result<AeRun> {
+        dist::check_batch(cfg.train.batch, comm.rank().size, "images")?;
+        let mut run = Self::open_as(cfg, dir, resume, device, comm.leads())?;
+        let state = comm
+            .leads()
+            .then(|| run.trainer.state_bytes())
+            .transpose()?;
+        let state = dist::share_state(&comm, state)?;
+        if !comm.leads() {
+            run.trainer.restore(&state)?;
+            run.resumed_from = state.step;
+        }
+        run.trainer = run.trainer.with_comm(Arc::clone(&comm));
+        run.comm = Some(comm);
+        Ok(run)
+    }
+
+    /// Whether this process writes the run folder (rank 0, or the only process).
+    pub fn leads(&self) -> bool {
+        self.comm.as_ref().is_none_or(|c| c.leads())
+    }
+
+    /// [`AeRun::open`]; with `lead` false the run folder is neither read nor written.
+    fn open_as(
+        cfg: AeConfig,
+        dir: &Path,
+        resume: bool,
+        device: &Device,
+        lead: bool,
+    ) -> Result<AeRun> {
         cfg.validate()?;
-        let (old, saved) = checkpoint::open::<AeConfig, ImageInfo>(dir, resume, "ae train")?;
+        let (old, saved) = if lead {
+            checkpoint::open::<AeConfig, ImageInfo>(dir, resume, "ae train")?
+        } else {
+            (None, None)
+        };
         if let Some(old) = &old {
             cfg.check_resumable(old)?;
         }
@@ -306,9 +357,14 @@ impl AeRun {
         // Spread over the sorted folder, so every class shows.
         let spread: Vec<usize> = (0..fixed_n).map(|i| i * folder.len() / fixed_n).collect();
         let fixed = centre.gather(&spread, 0)?;
-        let reference = target_rows(prior_dir, device);
-
-        checkpoint::write_config(dir, &cfg)?;
+        let reference = if lead {
+            target_rows(prior_dir, device)
+        } else {
+            None
+        };
+        if lead {
+            checkpoint::write_config(dir, &cfg)?;
+        }
         let mut trainer = new_trainer(&cfg, device)?;
         let resumed_from = match saved {
             Some((_, state)) => {
@@ -343,6 +399,7 @@ impl AeRun {
             fixed,
             reference,
             resumed_from,
+            comm: None,
         })
     }
 
@@ -364,13 +421,27 @@ impl AeRun {
     /// One optimiser step on `batch`: `l2 * MSE + lambda * L_align(latent tokens)`.
     pub fn train_step(&mut self, batch: &ImageBatch) -> Result<AeStepStats> {
         let mut rng = rng_for(self.cfg.train.seed, Stream::Align, self.trainer.step as u64);
-        ae_step(
+        let mut stats = ae_step(
             &mut self.trainer,
             &self.replicas,
             batch,
             &self.cfg.loss,
             &mut rng,
-        )
+        )?;
+        if let Some(comm) = &self.comm {
+            // Each rank measured its share; the log shows the global batch's means.
+            let n = comm.rank().size as f64;
+            let terms = [Some(stats.l2), Some(stats.l_align), stats.lpips];
+            let sums = comm.sum_f64(
+                terms.iter().map(|t| f64::from(t.unwrap_or(0.0))).collect(),
+                self.trainer.step,
+                "loss terms",
+            )?;
+            let mean = |i: usize| (sums[i] / n) as f32;
+            (stats.l2, stats.l_align) = (mean(0), mean(1));
+            stats.lpips = stats.lpips.map(|_| mean(2));
+        }
+        Ok(stats)
     }
 
     /// Trains data-parallel over `devices` (the first must be the run's device): the batch is
@@ -459,8 +530,16 @@ impl AeRun {
         })
     }
 
-    /// Writes a checkpoint (weights, EMA, optimiser, step).
+    /// Writes a checkpoint (weights, EMA, optimiser, step); on ranks other than 0 it only checks
+    /// that this rank's weights equal rank 0's.
     pub fn checkpoint(&self) -> Result<()> {
+        if let Some(comm) = &self.comm {
+            let sum = dist::weights_checksum(self.trainer.model());
+            comm.verify_same(sum, self.trainer.step)?;
+            if !comm.leads() {
+                return Ok(());
+            }
+        }
         let info = ImageInfo {
             images: self.loader.folder.len(),
             classes: self.loader.folder.classes.len(),
@@ -476,13 +555,23 @@ impl AeRun {
         mut on_log: impl FnMut(&AeMetrics),
     ) -> Result<AeSummary> {
         let t = self.cfg.train.clone();
-        let log = MetricsLog::open(&self.dir, self.trainer.step, &METRICS)?;
+        let lead = self.leads();
+        let log = lead
+            .then(|| MetricsLog::open(&self.dir, self.trainer.step, &METRICS))
+            .transpose()?;
         let (tx, rx) = std::sync::mpsc::sync_channel::<Result<ImageBatch>>(2);
         let loader = Arc::clone(&self.loader);
         let (from, to, batch) = (self.trainer.step, t.steps, t.batch);
+        let part = match &self.comm {
+            Some(c) => dist::part(batch, c.rank().rank, c.rank().size),
+            None => 0..batch,
+        };
         let producer = std::thread::spawn(move || {
             for s in from..to {
-                if tx.send(loader.batch(s as u64, batch)).is_err() {
+                if tx
+                    .send(loader.batch_part(s as u64, batch, part.clone()))
+                    .is_err()
+                {
                     break;
                 }
             }
@@ -493,7 +582,7 @@ impl AeRun {
         let mut interrupted = false;
         let mut monitor = None;
         let result = (|| -> Result<()> {
-            if self.trainer.step == 0 {
+            if let (0, Some(log)) = (self.trainer.step, &log) {
                 // Where the latents start, for the alignment curve.
                 let (la, rk) = self.monitor();
                 log.append(&AeMetrics {
@@ -529,11 +618,15 @@ impl AeRun {
                 let step = self.trainer.step;
                 let ckpt = step.is_multiple_of(t.checkpoint_every) || step == t.steps;
                 interrupted = stop();
+                if let Some(comm) = &self.comm {
+                    // Every rank stops at the same step, whichever saw the request.
+                    interrupted = comm.any(interrupted, step)?;
+                }
                 let mon = step.is_multiple_of(t.monitor_every) || step == t.steps;
-                if step.is_multiple_of(t.recon_every) || step == t.steps {
+                if lead && (step.is_multiple_of(t.recon_every) || step == t.steps) {
                     self.recon_grid()?;
                 }
-                if mon {
+                if lead && mon {
                     monitor = Some(self.monitor());
                 }
                 if ckpt || interrupted {
@@ -555,9 +648,11 @@ impl AeRun {
                         monitor_log_rk: mon.then(|| monitor.and_then(|m| m.1)).flatten(),
                         skipped_images: self.loader.skipped(),
                     };
-                    log.append(&m)?;
-                    if mon {
-                        self.alignment_plot()?;
+                    if let Some(log) = &log {
+                        log.append(&m)?;
+                        if mon {
+                            self.alignment_plot()?;
+                        }
                     }
                     on_log(&m);
                     sums = (0.0, 0.0, 0.0, 0);

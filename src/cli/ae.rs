@@ -1,6 +1,7 @@
 //! `flowalign ae train`: stage 2 of the ImageNet recipe (SPEC section 6).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use anyhow::{Context, Result, bail};
@@ -9,8 +10,9 @@ use clap::{Args, Subcommand};
 use flowalign::ae::config::{AeConfig, AePreset};
 use flowalign::ae::model::VitSize;
 use flowalign::ae::train::AeRun;
-use flowalign::backend::{DeviceChoice, select, select_many};
+use flowalign::backend::{DeviceChoice, select};
 use flowalign::checkpoint;
+use flowalign::dist::Comm;
 
 #[derive(Subcommand)]
 pub enum AeCommand {
@@ -198,6 +200,8 @@ pub struct TrainArgs {
     /// adapters); the batch is split between them and the result does not depend on N.
     #[arg(long, default_value_t = 1)]
     gpus: usize,
+    #[command(flatten)]
+    dist: super::DistArgs,
 }
 
 impl TrainArgs {
@@ -267,29 +271,47 @@ impl TrainArgs {
 }
 
 fn train(args: TrainArgs) -> Result<()> {
-    let cfg = args.config()?;
-    if args.gpus == 0 {
-        bail!("--gpus must be at least 1");
-    }
-    let (devices, device_name) = select_many(args.device, args.gpus)?;
-    let mut run =
-        AeRun::open(cfg.clone(), &args.out, args.resume, &devices[0])?.with_replicas(&devices);
+    let comm = args.dist.join()?;
+    let (interrupted, step) = super::in_job(comm.clone(), || train_rank(&args, comm))?;
+    super::exit_if_stopped(interrupted, step);
+    Ok(())
+}
+
+/// This process's part of a training run (the whole run without --distributed); returns whether
+/// it was stopped and its last step.
+fn train_rank(args: &TrainArgs, comm: Option<Arc<Comm>>) -> Result<(bool, usize)> {
+    let cfg = super::shared_config(comm.as_deref(), || args.config())?;
+    let (devices, device_name) = args.dist.devices(args.device, args.gpus, comm.as_deref())?;
+    let lead = comm.as_ref().is_none_or(|c| c.leads());
+    let run = match &comm {
+        Some(c) => AeRun::open_rank(
+            cfg.clone(),
+            &args.out,
+            args.resume,
+            &devices[0],
+            Arc::clone(c),
+        )?,
+        None => AeRun::open(cfg.clone(), &args.out, args.resume, &devices[0])?,
+    };
+    let mut run = run.with_replicas(&devices);
     let (depth, width, heads) = cfg.model.size.dims();
-    tracing::info!(
-        device = %device_name,
-        "{} images; ViT {depth} x {width} ({heads} heads) at {} px, patch {}, {} latent tokens x {}; lambda {}",
-        run.images(),
-        cfg.model.image_size,
-        cfg.model.patch,
-        cfg.model.latent_tokens,
-        cfg.model.latent_dim,
-        cfg.loss.lambda
-    );
-    if run.step() > 0 {
-        tracing::info!("resuming {} at step {}", args.out.display(), run.step());
+    if lead {
+        tracing::info!(
+            device = %device_name,
+            "{} images; ViT {depth} x {width} ({heads} heads) at {} px, patch {}, {} latent tokens x {}; lambda {}",
+            run.images(),
+            cfg.model.image_size,
+            cfg.model.patch,
+            cfg.model.latent_tokens,
+            cfg.model.latent_dim,
+            cfg.loss.lambda
+        );
+        if run.step() > 0 {
+            tracing::info!("resuming {} at step {}", args.out.display(), run.step());
+        }
     }
     let stop = super::stop_flag()?;
-    let pb = super::train_bar("ae", cfg.train.steps, run.step());
+    let pb = super::lead_bar(lead, "ae", cfg.train.steps, run.step());
     let summary = run.run(
         || stop.load(Ordering::Relaxed),
         |m| {
@@ -303,7 +325,7 @@ fn train(args: TrainArgs) -> Result<()> {
                 "loss {:.4} psnr {:.2} L_align {:.4} lr {:.2e} {:.1} img/s{mon}",
                 m.loss, m.psnr, m.l_align, m.lr, m.images_per_s
             ));
-            if pb.is_hidden() {
+            if lead && pb.is_hidden() {
                 tracing::info!(
                     step = m.step,
                     loss = m.loss,
@@ -318,14 +340,15 @@ fn train(args: TrainArgs) -> Result<()> {
     );
     pb.finish_and_clear();
     let summary = summary?;
-    super::exit_if_stopped(summary.interrupted, summary.step);
-    tracing::info!(
-        "trained steps {}..{}; outputs in {}",
-        summary.resumed_from,
-        summary.step,
-        args.out.display()
-    );
-    Ok(())
+    if lead && !summary.interrupted {
+        tracing::info!(
+            "trained steps {}..{}; outputs in {}",
+            summary.resumed_from,
+            summary.step,
+            args.out.display()
+        );
+    }
+    Ok((summary.interrupted, summary.step))
 }
 
 /// Runs one `ae` subcommand.
