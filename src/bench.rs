@@ -69,6 +69,11 @@ pub enum BenchKind {
     /// Stage-2 autoencoder training: images/s of the step (L2 + L_align, AdamW, clip, EMA) and of
     /// the data loader (JPEG decode + augment) per core.
     Ae,
+    /// Multi-process data parallelism; run it under `mpirun -np N` (build with `--features mpi`):
+    /// the prior step's vectors/s per rank at a fixed per-rank batch, the gradient all-reduce of
+    /// the prior (staged from the device), and a bucketed all-reduce of the `--model` autoencoder's
+    /// gradient size.
+    Dist,
 }
 
 /// Median milliseconds of `reps` calls of `f` after one warm-up call.
@@ -236,6 +241,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         BenchKind::Landscape => "landscape",
         BenchKind::Prior => "prior",
         BenchKind::Ae => "ae",
+        BenchKind::Dist => return dist(&args),
     };
     let out = args
         .out
@@ -250,6 +256,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         BenchKind::Prior => prior(&args)?,
         BenchKind::Ae => ae(&args)?,
+        BenchKind::Dist => unreachable!("handled above"),
     };
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
@@ -476,5 +483,178 @@ fn ae(args: &BenchArgs) -> Result<Value> {
         "loader_images_per_sec_per_core": per_core * 32.0,
         "loader_images_per_sec_all_cores": all * 32.0,
         "loader_cores": rayon::current_num_threads(),
+    }))
+}
+
+/// `flowalign bench dist`, one rank of an MPI job: every rank measures, rank 0 writes the JSON.
+fn dist(args: &BenchArgs) -> Result<()> {
+    use crate::dist::Comm;
+    let comm = std::sync::Arc::new(Comm::mpi(crate::dist::DEFAULT_TIMEOUT)?);
+    match dist_measure(args, &comm) {
+        Ok(result) => {
+            if comm.leads() {
+                let size = comm.rank().size;
+                let out = args
+                    .out
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(format!("runs/bench-dist-{size}.json")));
+                if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir)
+                        .map_err(|e| Error::io(dir, "choose an --out you can write to", e))?;
+                }
+                write_json(&out, &result)?;
+                tracing::info!("{}", serde_json::to_string(&result).expect("json"));
+            }
+            comm.finish();
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!("error: rank {}: {e}", comm.rank().rank);
+            comm.abort(2)
+        }
+    }
+}
+
+fn dist_measure(args: &BenchArgs, comm: &std::sync::Arc<crate::dist::Comm>) -> Result<Value> {
+    use crate::dist::{BUCKET_FLOATS, mean_grads, part};
+    use crate::prior::{FeaturePriorConfig, PriorPreset};
+    let me = comm.rank();
+    let (device, name) = crate::backend::select_at(args.device, me.local_rank)?;
+    let mut cfg = FeaturePriorConfig::preset(PriorPreset::Paper, "bench");
+    cfg.model.width = args.width.unwrap_or(cfg.model.width);
+    cfg.model.depth = args.depth.unwrap_or(cfg.model.depth);
+    let per_rank = args.batch.unwrap_or(256);
+    cfg.train.batch = per_rank * me.size;
+    cfg.train.mc = args.mc;
+    cfg.validate()?;
+    let (d, mc) = (cfg.data.latent_dim, cfg.train.mc);
+    let lead = me.rank == 0;
+    if lead {
+        tracing::info!(
+            "measuring {} ranks: prior {}x{}, {per_rank} vectors x mc {mc} per rank on {name}",
+            me.size,
+            cfg.model.width,
+            cfg.model.depth
+        );
+    }
+    let mut trainer =
+        crate::prior::run::new_trainer(&cfg, d, &device).with_comm(std::sync::Arc::clone(comm));
+    let params = trainer.model().num_params();
+    let mut rng = rng_for(0, Stream::Prior, 0);
+    let table = normal_rows(&mut rng, 100_000, d);
+    let rows_part = part(cfg.train.batch, me.rank, me.size);
+    let devices = [device.clone()];
+    let mut step = |rng: &mut crate::rng::Rng| -> Result<()> {
+        use rand::RngExt;
+        let mut rows = Vec::with_capacity(cfg.train.batch * d);
+        for _ in 0..cfg.train.batch {
+            let i = rng.random_range(0..100_000);
+            rows.extend_from_slice(&table[i * d..(i + 1) * d]);
+        }
+        crate::prior::run::step_on_rows_sharded(
+            &mut trainer,
+            &rows,
+            rows_part.clone(),
+            d,
+            mc,
+            rng,
+            &devices,
+        )
+        .map(|_| ())
+    };
+    // Every rank must take the same number of steps: rank 0 picks it from a short trial.
+    for _ in 0..2 {
+        step(&mut rng)?;
+    }
+    let trial = Instant::now();
+    for _ in 0..3 {
+        step(&mut rng)?;
+    }
+    let per_step = trial.elapsed().as_secs_f64() / 3.0;
+    let mine = if lead {
+        (args.seconds / per_step).ceil().max(5.0)
+    } else {
+        0.0
+    };
+    let steps = comm.sum_f64(vec![mine], 0, "bench steps")?[0] as usize;
+    let start = Instant::now();
+    for _ in 0..steps {
+        step(&mut rng)?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let vectors_per_s = (steps * cfg.train.batch) as f64 / secs;
+
+    // The prior's gradient all-reduce alone, staged from the device and back.
+    let model = trainer.model().clone();
+    let ad = device.clone().autodiff();
+    let x = crate::flow::rows_to_tensor(&table[..per_rank * d], d, &ad);
+    let draws = PathDraws::sample(&mut rng, per_rank, d, &ad);
+    let loss = crate::align::flow_loss(&model, x, &draws, Reduction::Mean);
+    let mut grads = burn::optim::GradientsParams::from_grads(loss.backward(), &model);
+    let reps = 10;
+    let t = Instant::now();
+    for _ in 0..reps {
+        mean_grads(comm, &model, &mut grads, 0.0, 0)?;
+    }
+    let prior_allreduce_ms = t.elapsed().as_secs_f64() * 1e3 / reps as f64;
+    drop((trainer, model, grads));
+
+    // The autoencoder's gradient size: rank 0 counts it (building the model), every rank sums
+    // that many floats in buckets.
+    let mine = if lead {
+        let mut rng = rng_for(0, Stream::Init, 0);
+        let model_cfg = crate::ae::model::AeModelConfig {
+            size: args.model,
+            ..crate::ae::config::AeConfig::preset(crate::ae::config::AePreset::Paper, "", "")
+                .model
+        };
+        model_cfg.init(&mut rng, &Device::flex()).num_params() as f64
+    } else {
+        0.0
+    };
+    let ae_params = comm.sum_f64(vec![mine], 0, "model size")?[0] as usize;
+    let time_sum = |n: usize| -> Result<f64> {
+        let t = Instant::now();
+        let mut left = n;
+        let mut sent = 0;
+        while left > 0 {
+            let k = left.min(BUCKET_FLOATS);
+            comm.start_sum(vec![1.0f32; k], 0, "bench all-reduce")?;
+            left -= k;
+            sent += 1;
+        }
+        for _ in 0..sent {
+            comm.finish_sum()?;
+        }
+        Ok(t.elapsed().as_secs_f64() * 1e3)
+    };
+    time_sum(ae_params.min(BUCKET_FLOATS))?;
+    let mut ms: Vec<f64> = (0..3).map(|_| time_sum(ae_params)).collect::<Result<_>>()?;
+    ms.sort_by(f64::total_cmp);
+    let ae_allreduce_ms = ms[1];
+    let gbytes = |n: usize, ms: f64| n as f64 * 4.0 / (ms / 1e3) / 1e9;
+    Ok(json!({
+        "ranks": me.size,
+        "ranks_on_this_machine": me.local_size,
+        "device": name,
+        "prior": {
+            "width": cfg.model.width,
+            "depth": cfg.model.depth,
+            "params": params,
+            "vectors_per_rank": per_rank,
+            "mc": mc,
+            "steps": steps,
+            "vectors_per_sec": vectors_per_s,
+            "vectors_per_sec_per_rank": vectors_per_s / me.size as f64,
+            "grad_allreduce_ms": prior_allreduce_ms,
+        },
+        "ae_grad_allreduce": {
+            "model": format!("{:?}", args.model),
+            "params": ae_params,
+            "bucket_floats": BUCKET_FLOATS,
+            "ms": ae_allreduce_ms,
+            "algorithm_gb_per_s": gbytes(ae_params, ae_allreduce_ms),
+        },
+        "peak_rss_mib": peak_rss_mib(),
     }))
 }

@@ -24,6 +24,9 @@ const TAG_ALIVE: i32 = 7302;
 const BEAT: Duration = Duration::from_secs(1);
 const SILENCE: Duration = Duration::from_secs(3);
 
+/// How long a wait polls without sleeping.
+const SPIN: Duration = Duration::from_millis(200);
+
 /// Broadcasts travel in pieces below MPI's `int` count limit.
 const BROADCAST_PIECE: usize = 1 << 30;
 
@@ -220,7 +223,7 @@ impl Server {
         } else {
             self.timeout + self.timeout / 2
         };
-        let mut pause = Duration::from_micros(20);
+        let mut pause = Duration::from_micros(50);
         let mut beat = Instant::now();
         loop {
             match req.test() {
@@ -238,8 +241,14 @@ impl Server {
             if start.elapsed() > limit {
                 self.give_up(step, what, start.elapsed());
             }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(2));
+            // MPI progresses a non-blocking collective only inside calls like `test`: spin (yielding
+            // to the training thread) while a collective is young, then back off.
+            if start.elapsed() < SPIN {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(1));
+            }
         }
     }
 
