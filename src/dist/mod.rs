@@ -13,7 +13,7 @@
 //! hangs stops the whole job (`MPI_Abort`) with a message naming it, never a silent hang.
 
 use std::sync::Mutex;
-use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::mpsc::{Receiver, Sender};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -34,6 +34,7 @@ pub const BUCKET_FLOATS: usize = 25 * 1024 * 1024 / 4;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// One request to the MPI thread.
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
 enum Job {
     /// Element-wise sum over ranks; `step` and `what` name the collective in a timeout message.
     SumF32 {
@@ -61,6 +62,7 @@ enum Job {
 }
 
 /// The MPI thread's answer to a [`Job`], in order.
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
 enum Reply {
     F32(Vec<f32>),
     F64(Vec<f64>),
@@ -101,6 +103,7 @@ impl Comm {
     pub fn mpi(timeout: Duration) -> Result<Comm> {
         #[cfg(feature = "mpi")]
         {
+            use std::sync::mpsc::channel;
             let (jobs, job_rx) = channel();
             let (reply_tx, replies) = channel();
             let (ready_tx, ready_rx) = channel();
@@ -286,7 +289,7 @@ pub fn part(batch: usize, rank: usize, size: usize) -> std::ops::Range<usize> {
 
 /// Refuses a global batch that the ranks cannot share evenly.
 pub fn check_batch(batch: usize, size: usize, what: &str) -> Result<()> {
-    if batch % size != 0 || batch < size {
+    if !batch.is_multiple_of(size) || batch < size {
         return Err(Error::Config(format!(
             "the global batch of {batch} {what} does not split evenly over {size} ranks; use a multiple of {size} (e.g. --batch {})",
             (batch / size).max(1) * size
