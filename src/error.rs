@@ -34,6 +34,9 @@ pub enum Error {
         loss: f32,
         lr: f64,
     },
+    /// A numerical computation met non-finite values or did not converge.
+    #[error("{0}")]
+    Numeric(String),
     /// The backend could not provide the requested device.
     #[error("device: {0}")]
     Device(String),

@@ -1,6 +1,6 @@
 //! `flowalign ae train` end to end on images the test draws: the reconstruction improves, the
-//! alignment monitor runs, a killed run resumes to the same weights, a corrupt file is skipped, and
-//! bad input is a one-line error.
+//! alignment monitor runs, eval scores it (rFID with Inception weights the test writes), a killed
+//! run resumes to the same weights, a corrupt file is skipped, and bad input is a one-line error.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -8,12 +8,13 @@ use std::time::{Duration, Instant};
 
 use burn::prelude::Device;
 use flowalign::ae::config::AeConfig;
+use flowalign::ae::inception::Layout;
 use flowalign::ae::train::AeRun;
 use flowalign::checkpoint;
 use flowalign::train::param_values;
 
 mod common;
-use common::{flowalign, one_line_error};
+use common::{flowalign, one_line_error, write_inception};
 
 /// `n` 40 x 40 PNGs in 3 class folders: a colour gradient per class and a bright square.
 fn draw_images(root: &Path, n: usize) {
@@ -213,6 +214,48 @@ fn ae_train_improves_monitors_and_resumes() {
     );
     assert!(p > 10.0 && s > 0.0 && s <= 1.0, "{report}");
     assert!(whole.join("eval-recon.png").is_file());
+    assert!(report.get("rfid").is_none(), "{report}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("rFID is off"),
+        "{out:?}"
+    );
+    // rFID with (random, deterministic) Inception weights, on the first 12 images.
+    let inception = tmp.path().join("inception.safetensors");
+    write_inception(&inception, Layout::Torchvision);
+    let scored = tmp.path().join("scored");
+    let eval_with = |weights: &Path| {
+        flowalign(&[
+            "ae",
+            "eval",
+            "--ae",
+            whole.to_str().unwrap(),
+            "--data",
+            data,
+            "--max-images",
+            "12",
+            "--out",
+            scored.to_str().unwrap(),
+            "--inception",
+            weights.to_str().unwrap(),
+            "--device",
+            "cpu",
+        ])
+    };
+    let out = eval_with(&inception);
+    assert!(out.status.success(), "{out:?}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(scored.join("eval.json")).unwrap()).unwrap();
+    let rfid = report["rfid"].as_f64().unwrap();
+    eprintln!("rFID on 12 images (random Inception weights): {rfid}");
+    assert!(rfid.is_finite() && rfid >= 0.0, "{report}");
+    assert_eq!(report["rfid_images"], 12, "{report}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("rFID"),
+        "the summary line reports it: {out:?}"
+    );
+    let missing = tmp.path().join("no-inception.safetensors");
+    let err = one_line_error(&eval_with(&missing));
+    assert!(err.contains("no-inception.safetensors"), "{err}");
     let latents = tmp.path().join("latents");
     let out = flowalign(&[
         "ae",

@@ -26,12 +26,24 @@ pub(crate) struct Loaded {
 
 /// Every tensor of a safetensors weights file (f32, f16 or bf16) as f32, by name.
 pub(crate) fn read_all(path: &Path) -> Result<BTreeMap<String, Loaded>> {
+    read_matching(path, |_| true)
+}
+
+/// The tensors of a safetensors weights file whose names pass `keep`, as f32, by name; the others
+/// are neither converted nor checked (e.g. integer batch-norm counters).
+pub(crate) fn read_matching(
+    path: &Path,
+    keep: impl Fn(&str) -> bool,
+) -> Result<BTreeMap<String, Loaded>> {
     let bytes = std::fs::read(path)
         .map_err(|e| Error::io(path, "check the path of the weights file", e))?;
     let st = SafeTensors::deserialize(&bytes)
         .map_err(|e| Error::input(path, format!("not a readable safetensors file ({e})")))?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
+        if !keep(&name) {
+            continue;
+        }
         let raw = view.data();
         let data: Vec<f32> = match view.dtype() {
             Dtype::F32 => raw
@@ -49,9 +61,7 @@ pub(crate) fn read_all(path: &Path) -> Result<BTreeMap<String, Loaded>> {
             other => {
                 return Err(Error::input(
                     path,
-                    format!(
-                        "tensor {name} has dtype {other:?}; DINOv2 weights are f32, f16 or bf16"
-                    ),
+                    format!("tensor {name} has dtype {other:?}; weights must be f32, f16 or bf16"),
                 ));
             }
         };

@@ -1,5 +1,5 @@
-//! Using a trained autoencoder: loading it from its run folder, reconstruction quality (PSNR, SSIM)
-//! and caching latents for a generator.
+//! Using a trained autoencoder: loading it from its run folder, reconstruction quality (PSNR, SSIM,
+//! rFID) and caching latents for a generator.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -9,6 +9,8 @@ use serde::Serialize;
 
 use super::config::AeConfig;
 use super::data::{ImageFolder, load_image};
+use super::fid::{FeatureStats, fid};
+use super::inception::{FEATURES, Inception};
 use super::model::Autoencoder;
 use crate::checkpoint;
 use crate::error::{Error, Result};
@@ -135,14 +137,24 @@ pub struct AeEvalReport {
     pub psnr: f64,
     /// Mean SSIM over images and RGB channels.
     pub ssim: f64,
+    /// FID between the centre-cropped originals and their reconstructions (FID Inception-v3
+    /// pool3 features), when Inception weights were given. Biased high below ~10k images.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rfid: Option<f64>,
+    /// The number of image pairs behind `rfid`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rfid_images: Option<usize>,
     /// The checkpoint step evaluated.
     pub step: usize,
 }
 
-/// Reconstructs up to `max_images` of `folder` (centre crops, in order) and scores them; also
-/// returns the first 8 originals and reconstructions for a grid.
+/// Reconstructs up to `max_images` of `folder` (centre crops, in order) and scores them; with
+/// `inception`, also the rFID of originals against reconstructions, from statistics streamed batch by
+/// batch (memory does not grow with the folder). Also returns the first 8 originals and
+/// reconstructions for a grid.
 pub fn evaluate(
     model: &Autoencoder,
+    inception: Option<&Inception>,
     folder: &ImageFolder,
     size: usize,
     max_images: usize,
@@ -151,6 +163,8 @@ pub fn evaluate(
 ) -> Result<(AeEvalReport, Vec<f32>, Vec<f32>)> {
     let n = folder.len().min(max_images);
     let (mut psnr_sum, mut ssim_sum, mut count) = (0.0, 0.0, 0usize);
+    let (mut real_stats, mut rec_stats) =
+        (FeatureStats::new(FEATURES), FeatureStats::new(FEATURES));
     let (mut first, mut first_rec) = (Vec::new(), Vec::new());
     let px = 3 * size * size;
     for start in (0..n).step_by(batch.max(1)) {
@@ -163,11 +177,19 @@ pub fn evaluate(
             TensorData::new(pixels.clone(), [kept.len(), 3, size, size]),
             device,
         );
-        let rec: Vec<f32> = model
-            .decode(model.encode(x))
-            .clamp(-1.0, 1.0)
-            .try_into_vec_as::<f32>()
-            .expect("f32 readback");
+        let rec = model.decode(model.encode(x.clone())).clamp(-1.0, 1.0);
+        if let Some(net) = inception {
+            // Inception takes [0, 1]; the autoencoder works in [-1, 1].
+            let unit = |t: Tensor<4>| (t + 1.0) * 0.5;
+            let features = |t: Tensor<4>| -> Vec<f32> {
+                net.features(unit(t))
+                    .try_into_vec_as::<f32>()
+                    .expect("f32 readback")
+            };
+            real_stats.add(&features(x));
+            rec_stats.add(&features(rec.clone()));
+        }
+        let rec: Vec<f32> = rec.try_into_vec_as::<f32>().expect("f32 readback");
         for i in 0..kept.len() {
             let (a, b) = (&pixels[i * px..(i + 1) * px], &rec[i * px..(i + 1) * px]);
             let mse = a
@@ -200,11 +222,23 @@ pub fn evaluate(
     if count == 0 {
         return Err(Error::input(&folder.root, "no readable images to evaluate"));
     }
+    let rfid = match inception {
+        Some(_) if count < 2 => {
+            return Err(Error::input(
+                &folder.root,
+                "rFID needs at least 2 readable images; add images or leave out --inception",
+            ));
+        }
+        Some(_) => Some(fid(&real_stats, &rec_stats)?),
+        None => None,
+    };
     Ok((
         AeEvalReport {
             images: count,
             psnr: psnr_sum / count as f64,
             ssim: ssim_sum / count as f64,
+            rfid,
+            rfid_images: rfid.map(|_| count),
             step: 0,
         },
         first,

@@ -5,6 +5,8 @@ pub mod config;
 pub mod data;
 pub mod dinov2;
 pub mod eval;
+pub mod fid;
+pub mod inception;
 pub mod lpips;
 pub mod model;
 pub mod train;

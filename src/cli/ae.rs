@@ -18,7 +18,8 @@ use flowalign::dist::Comm;
 pub enum AeCommand {
     /// Train an image autoencoder whose 64 x 32 latent tokens are aligned to a frozen flow prior.
     Train(Box<TrainArgs>),
-    /// Reconstruction quality on a folder of images: PSNR and SSIM, and a reconstructions grid.
+    /// Reconstruction quality on a folder of images: PSNR, SSIM, rFID (with --inception), and a
+    /// reconstructions grid.
     Eval(EvalArgs),
     /// Cache the latents of a folder of images as sharded safetensors, with labels and statistics.
     Encode(EncodeArgs),
@@ -40,6 +41,10 @@ pub struct EvalArgs {
     /// Where to write eval.json and eval-recon.png (default: the run folder).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// FID Inception-v3 weights as safetensors (pytorch-fid's pt_inception-2015-12-05, converted:
+    /// see the README), for rFID. Without them rFID is skipped (with a notice).
+    #[arg(long, value_name = "FILE")]
+    inception: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     device: DeviceChoice,
 }
@@ -68,19 +73,46 @@ fn eval(args: EvalArgs) -> Result<()> {
     use flowalign::ae::eval::{evaluate, load_autoencoder, write_grid};
     let (device, device_name) = select(args.device)?;
     let (cfg, model, step) = load_autoencoder(&args.ae, &device)?;
+    let inception = match &args.inception {
+        Some(file) => Some(flowalign::ae::inception::Inception::load(file, &device)?),
+        None => {
+            tracing::info!(
+                "rFID is off: pass --inception FILE (the FID Inception-v3 weights as safetensors; see the README) to add it"
+            );
+            None
+        }
+    };
     let folder = flowalign::ae::data::ImageFolder::scan(&args.data)?;
     let start = std::time::Instant::now();
     let size = cfg.model.image_size;
-    let (mut report, top, bottom) =
-        evaluate(&model, &folder, size, args.max_images, args.batch, &device)?;
+    let (mut report, top, bottom) = evaluate(
+        &model,
+        inception.as_ref(),
+        &folder,
+        size,
+        args.max_images,
+        args.batch,
+        &device,
+    )?;
     report.step = step;
     let out = args.out.unwrap_or_else(|| args.ae.clone());
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     flowalign::report::write_json(&out.join("eval.json"), &report)?;
     write_grid(&out.join("eval-recon.png"), &top, &bottom, size)?;
+    let rfid = match report.rfid {
+        // FID's bias grows as the set shrinks.
+        Some(f) if report.images < 10_000 => {
+            format!(
+                ", rFID {f:.4} (on {} images: biased high below ~10k)",
+                report.images
+            )
+        }
+        Some(f) => format!(", rFID {f:.4}"),
+        None => String::new(),
+    };
     tracing::info!(
         device = %device_name,
-        "{} images at step {}: PSNR {:.3} dB, SSIM {:.4} (rFID needs Inception-v3, not built yet); {:.1}s -> {}",
+        "{} images at step {}: PSNR {:.3} dB, SSIM {:.4}{rfid}; {:.1}s -> {}",
         report.images,
         step,
         report.psnr,

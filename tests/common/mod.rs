@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Command, Output};
 
+use flowalign::ae::inception::{Layout, expected_tensors};
 use flowalign::flow::path::normal_rows;
 use flowalign::rng::{Stream, rng_for};
 use half::bf16;
@@ -103,4 +104,77 @@ pub fn train_prior(dir: &Path, table: &Path) {
         "cpu",
     ]);
     assert!(out.status.success(), "{out:?}");
+}
+
+/// `n` values in [-0.5, 0.5) from splitmix64 of (FNV-1a of `name`, index): the generator of
+/// `benches/fid_reference.py`, bit for bit.
+pub fn hashed_uniform(name: &str, n: usize) -> Vec<f32> {
+    let mut seed = 0xCBF2_9CE4_8422_2325u64;
+    for b in name.bytes() {
+        seed = (seed ^ u64::from(b)).wrapping_mul(0x0100_0000_01B3);
+    }
+    (0..n as u64)
+        .map(|i| {
+            let mut z = seed.wrapping_add(i.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            (z >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
+        .collect()
+}
+
+/// The deterministic FID Inception-v3 weights of `benches/fid_reference.py` (values drawn by the
+/// torchvision name, so both layouts hold the same numbers), named as in `layout`.
+pub fn inception_tensors(layout: Layout) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    expected_tensors(Layout::Torchvision)
+        .into_iter()
+        .zip(expected_tensors(layout))
+        .map(|((tv, shape), (name, _))| {
+            let n: usize = shape.iter().product();
+            let u = hashed_uniform(&tv, n);
+            let values: Vec<f32> = if tv.ends_with("conv.weight") {
+                let fan_in: usize = shape[1..].iter().product();
+                let scale = (2.0 * (6.0 / fan_in as f64).sqrt()) as f32;
+                u.iter().map(|v| v * scale).collect()
+            } else if tv.ends_with("bn.weight") {
+                u.iter().map(|v| (v + 0.5) * 0.4 + 0.8).collect()
+            } else if tv.ends_with("bn.running_var") {
+                u.iter().map(|v| (v + 0.5) * 0.8 + 0.6).collect()
+            } else {
+                u.iter().map(|v| v * 0.2).collect()
+            };
+            (name, shape, values)
+        })
+        .collect()
+}
+
+/// Writes `tensors` as a safetensors file of `dtype` (F32, F16 or BF16).
+pub fn write_tensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)], dtype: Dtype) {
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, v)| match dtype {
+            Dtype::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Dtype::F16 => v
+                .iter()
+                .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                .collect(),
+            Dtype::BF16 => v
+                .iter()
+                .flat_map(|x| bf16::from_f32(*x).to_le_bytes())
+                .collect(),
+            other => panic!("no writer for {other:?}"),
+        })
+        .collect();
+    let views: HashMap<String, TensorView> = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((n, s, _), b)| (n.clone(), TensorView::new(dtype, s.clone(), b).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+/// Writes the deterministic FID Inception-v3 weights to `path` (f32, named as in `layout`).
+pub fn write_inception(path: &Path, layout: Layout) {
+    write_tensors(path, &inception_tensors(layout), Dtype::F32);
 }
