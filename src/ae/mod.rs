@@ -4,6 +4,7 @@
 pub mod config;
 pub mod data;
 pub mod dinov2;
+pub mod discriminator;
 pub mod eval;
 pub mod lpips;
 pub mod model;
