@@ -36,6 +36,10 @@ pub struct BenchArgs {
     /// `ae`: the ViT size of encoder and decoder.
     #[arg(long, value_enum, default_value_t = crate::ae::model::VitSize::VitL)]
     pub model: crate::ae::model::VitSize,
+    /// `ae`: also measure the step with the adversarial term on (the paper's DINO ViT-S
+    /// discriminator at patch 16, random frozen trunk): generator and discriminator steps.
+    #[arg(long)]
+    pub adv: bool,
     /// `prior`: (t, eps) draws per vector.
     #[arg(long, default_value_t = 4)]
     pub mc: usize,
@@ -427,6 +431,7 @@ fn ae(args: &BenchArgs) -> Result<Value> {
         device: device.clone(),
         prior,
         lpips: None,
+        dino: None,
     }];
     let batch = crate::ae::data::ImageBatch {
         pixels,
@@ -436,9 +441,56 @@ fn ae(args: &BenchArgs) -> Result<Value> {
         total: b,
     };
     let sps = timed(args.seconds, || {
-        ae_step(&mut trainer, &replicas, &batch, &cfg.loss, &mut rng).map(|_| ())
+        ae_step(&mut trainer, &replicas, &batch, &cfg.loss, None, &mut rng).map(|_| ())
     })?;
     let params = trainer.model().num_params();
+    let adv = if args.adv {
+        use crate::ae::adversarial::{AdvDraws, Adversary, disc_step};
+        cfg.loss.adv.start_step = 0;
+        let (mut adversary, trunk) = Adversary::new(&cfg, &device)?;
+        let replicas = [crate::ae::train::Frozen {
+            dino: Some(trunk),
+            ..replicas[0].clone()
+        }];
+        let draws = AdvDraws::for_step(0, 0, b, s, 1.0);
+        tracing::info!("measuring the step with the adversarial term (DiffAugment and CR on)");
+        let adv_sps = timed(args.seconds, || {
+            let heads = adversary.frozen();
+            let gen_adv = crate::ae::train::GenAdv {
+                disc: &heads,
+                aug: &draws.aug,
+            };
+            let (_, fakes) = ae_step(
+                &mut trainer,
+                &replicas,
+                &batch,
+                &cfg.loss,
+                Some(gen_adv),
+                &mut rng,
+            )?;
+            disc_step(
+                &mut adversary.trainer,
+                &replicas,
+                &batch,
+                &fakes,
+                &draws,
+                &cfg.loss.adv,
+                &mut adversary.lecam,
+            )
+            .map(|_| ())
+        })?;
+        let (d_depth, d_width, _) = cfg.loss.adv.model.size.dims();
+        json!({
+            "discriminator": { "size": cfg.loss.adv.model.size, "width": d_width, "trunk_depth": d_depth,
+                               "taps": cfg.loss.adv.model.taps, "patch": cfg.loss.adv.model.patch,
+                               "head_params": adversary.trainer.model().num_params() },
+            "train_images_per_sec": adv_sps * b as f64,
+            "train_steps_per_sec": adv_sps,
+            "step_time_ratio_with_over_without": sps / adv_sps,
+        })
+    } else {
+        Value::Null
+    };
 
     // The loader: JPEGs of ImageNet's typical 500 x 375, decoded, resized, cropped and flipped.
     let dir =
@@ -483,6 +535,7 @@ fn ae(args: &BenchArgs) -> Result<Value> {
         "loader_images_per_sec_per_core": per_core * 32.0,
         "loader_images_per_sec_all_cores": all * 32.0,
         "loader_cores": rayon::current_num_threads(),
+        "adversarial": adv,
     }))
 }
 
@@ -605,8 +658,7 @@ fn dist_measure(args: &BenchArgs, comm: &std::sync::Arc<crate::dist::Comm>) -> R
         let mut rng = rng_for(0, Stream::Init, 0);
         let model_cfg = crate::ae::model::AeModelConfig {
             size: args.model,
-            ..crate::ae::config::AeConfig::preset(crate::ae::config::AePreset::Paper, "", "")
-                .model
+            ..crate::ae::config::AeConfig::preset(crate::ae::config::AePreset::Paper, "", "").model
         };
         model_cfg.init(&mut rng, &Device::flex()).num_params() as f64
     } else {

@@ -1,10 +1,12 @@
 //! Run folders: the resolved config and atomic training checkpoints (feature priors and autoencoders).
 //!
-//! A checkpoint is three burnpack files named by their step (live weights, EMA, optimiser) and a
-//! manifest, `checkpoint.toml`, written last and atomically. A run killed at any moment therefore
+//! A checkpoint is three burnpack files named by their step (live weights, EMA, optimiser), the
+//! same for each further trainer of the run (a "part", e.g. the discriminator), and a manifest,
+//! `checkpoint.toml`, written last and atomically. A run killed at any moment therefore
 //! leaves a manifest that names complete files; older files are removed only after the new
 //! manifest is in place.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
@@ -29,6 +31,24 @@ pub struct Manifest<D> {
     /// What the run trains on, so a resume can check it sees the same data.
     pub data: D,
     /// File names (in the run folder) of the state.
+    pub model: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ema: Option<String>,
+    pub optim: String,
+    /// Small values a resume must continue from (e.g. LeCAM's running means), by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub values: BTreeMap<String, f64>,
+    /// Further trainers saved with the main one, by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub parts: BTreeMap<String, PartFiles>,
+}
+
+/// The files of one further trainer's state in a checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartFiles {
+    /// That trainer's step counter.
+    pub step: usize,
     pub model: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ema: Option<String>,
@@ -119,36 +139,93 @@ pub fn open<C: DeserializeOwned, D: DeserializeOwned>(
 
 /// Saves `state` as the run's latest checkpoint.
 pub fn save<D: Serialize + Clone>(dir: &Path, data: &D, state: &TrainerState) -> Result<()> {
-    let name = |what: &str| format!("{what}-{:09}.bpk", state.step);
+    save_with(dir, data, state, &[], &[])
+}
+
+/// Saves `state` with further trainers' states (`parts`, by name) and named `values` as the run's
+/// latest checkpoint: every state file first, then the manifest, then the removal of older files.
+pub fn save_with<D: Serialize + Clone>(
+    dir: &Path,
+    data: &D,
+    state: &TrainerState,
+    parts: &[(&str, &TrainerState)],
+    values: &[(&str, f64)],
+) -> Result<()> {
+    let write = |prefix: &str, s: &TrainerState| -> Result<PartFiles> {
+        let name = |what: &str| format!("{prefix}{what}-{:09}.bpk", state.step);
+        let files = PartFiles {
+            step: s.step,
+            model: name("model"),
+            ema: s.ema.as_ref().map(|_| name("ema")),
+            optim: name("optim"),
+        };
+        write_atomic(&dir.join(&files.model), &s.model)?;
+        if let (Some(file), Some(bytes)) = (&files.ema, &s.ema) {
+            write_atomic(&dir.join(file), bytes)?;
+        }
+        write_atomic(&dir.join(&files.optim), &s.optim)?;
+        Ok(files)
+    };
+    let main = write("", state)?;
+    let mut part_files = BTreeMap::new();
+    for (name, s) in parts {
+        part_files.insert(name.to_string(), write(&format!("{name}-"), s)?);
+    }
     let manifest = Manifest {
         step: state.step,
         data: data.clone(),
-        model: name("model"),
-        ema: state.ema.as_ref().map(|_| name("ema")),
-        optim: name("optim"),
+        model: main.model,
+        ema: main.ema,
+        optim: main.optim,
+        values: values.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        parts: part_files,
     };
-    write_atomic(&dir.join(&manifest.model), &state.model)?;
-    if let (Some(file), Some(bytes)) = (&manifest.ema, &state.ema) {
-        write_atomic(&dir.join(file), bytes)?;
-    }
-    write_atomic(&dir.join(&manifest.optim), &state.optim)?;
     let text = toml::to_string_pretty(&manifest).expect("a Manifest serialises");
     write_atomic(&dir.join(MANIFEST), text.as_bytes())?;
     // Only now may older state go.
-    let keep = [
-        Some(&manifest.model),
-        manifest.ema.as_ref(),
-        Some(&manifest.optim),
-    ];
+    let mut keep = vec![&manifest.model, &manifest.optim];
+    keep.extend(&manifest.ema);
+    for p in manifest.parts.values() {
+        keep.extend([&p.model, &p.optim]);
+        keep.extend(&p.ema);
+    }
     if let Ok(entries) = std::fs::read_dir(dir) {
         for entry in entries.flatten() {
             let file = entry.file_name().to_string_lossy().to_string();
-            if file.ends_with(".bpk") && !keep.iter().flatten().any(|k| **k == file) {
+            if file.ends_with(".bpk") && !keep.iter().any(|k| **k == file) {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
     }
     Ok(())
+}
+
+fn read_state(dir: &Path, file: &str) -> Result<Vec<u8>> {
+    let p: PathBuf = dir.join(file);
+    std::fs::read(&p).map_err(|e| {
+        bad(
+            &p,
+            format!("{e}; the checkpoint is incomplete, restore the file or start a new --out"),
+        )
+    })
+}
+
+/// The state of the further trainer `name` in the checkpoint `manifest` of `dir` describes, or
+/// `None` when the checkpoint holds none.
+pub fn load_part<D>(
+    dir: &Path,
+    manifest: &Manifest<D>,
+    name: &str,
+) -> Result<Option<TrainerState>> {
+    let Some(p) = manifest.parts.get(name) else {
+        return Ok(None);
+    };
+    Ok(Some(TrainerState {
+        step: p.step,
+        model: read_state(dir, &p.model)?,
+        ema: p.ema.as_deref().map(|f| read_state(dir, f)).transpose()?,
+        optim: read_state(dir, &p.optim)?,
+    }))
 }
 
 /// The run's latest checkpoint, or `None` when the folder holds none.
@@ -160,15 +237,7 @@ pub fn load<D: DeserializeOwned>(dir: &Path) -> Result<Saved<D>> {
     let text = std::fs::read_to_string(&path).map_err(|e| bad(&path, e.to_string()))?;
     let manifest: Manifest<D> = toml::from_str(&text)
         .map_err(|e| bad(&path, format!("malformed: {}", one_line(&e.to_string()))))?;
-    let read = |file: &str| -> Result<Vec<u8>> {
-        let p: PathBuf = dir.join(file);
-        std::fs::read(&p).map_err(|e| {
-            bad(
-                &p,
-                format!("{e}; the checkpoint is incomplete, restore the file or start a new --out"),
-            )
-        })
-    };
+    let read = |file: &str| read_state(dir, file);
     let state = TrainerState {
         step: manifest.step,
         model: read(&manifest.model)?,
@@ -270,19 +339,50 @@ mod tests {
         save(dir.path(), &info, &state(5)).unwrap();
         save(dir.path(), &info, &state(10)).unwrap();
         let (m, s) = load(dir.path()).unwrap().unwrap();
-        assert_eq!((m.step, m.data), (10, info));
+        assert_eq!((m.step, &m.data), (10, &info));
         assert_eq!(s, state(10));
-        let bpk = std::fs::read_dir(dir.path())
-            .unwrap()
-            .filter(|e| {
-                e.as_ref()
-                    .unwrap()
-                    .file_name()
-                    .to_string_lossy()
-                    .ends_with(".bpk")
-            })
-            .count();
-        assert_eq!(bpk, 3);
+        let bpk = || {
+            std::fs::read_dir(dir.path())
+                .unwrap()
+                .filter(|e| {
+                    e.as_ref()
+                        .unwrap()
+                        .file_name()
+                        .to_string_lossy()
+                        .ends_with(".bpk")
+                })
+                .count()
+        };
+        assert_eq!(bpk(), 3);
+        // Further trainers and values travel with the main state; their old files go too.
+        let part = |step: usize| TrainerState {
+            step,
+            model: vec![9; 4],
+            ema: None,
+            optim: vec![3],
+        };
+        save_with(
+            dir.path(),
+            &info,
+            &state(15),
+            &[("disc", &part(7))],
+            &[("x", 0.1)],
+        )
+        .unwrap();
+        save_with(
+            dir.path(),
+            &info,
+            &state(20),
+            &[("disc", &part(12))],
+            &[("x", 1.0 / 3.0)],
+        )
+        .unwrap();
+        let (m, s) = load::<TableInfo>(dir.path()).unwrap().unwrap();
+        assert_eq!(s, state(20));
+        assert_eq!(m.values["x"], 1.0 / 3.0, "values round-trip exactly");
+        assert_eq!(load_part(dir.path(), &m, "disc").unwrap(), Some(part(12)));
+        assert_eq!(load_part(dir.path(), &m, "other").unwrap(), None);
+        assert_eq!(bpk(), 5);
         // A manifest naming a missing file is an error, not a silent restart.
         std::fs::remove_file(dir.path().join(&m.optim)).unwrap();
         let err = load::<TableInfo>(dir.path()).unwrap_err().to_string();

@@ -30,6 +30,10 @@ pub enum Stream {
     Data = 8,
     /// Crops and flips of the images.
     Augment = 9,
+    /// DiffAugment draws of the adversarial loss (one generator per training step).
+    Adversarial = 10,
+    /// Initialisation of the discriminator (its heads, and its trunk when no DINOv2 file is given).
+    DiscInit = 11,
 }
 
 /// A generator for `stream` at `step` of the run seeded by `seed`.

@@ -1,6 +1,7 @@
 //! `flowalign ae train` end to end on images the test draws: the reconstruction improves, the
-//! alignment monitor runs, eval scores it (rFID with Inception weights the test writes), a killed
-//! run resumes to the same weights, a corrupt file is skipped, and bad input is a one-line error.
+//! alignment monitor runs, the adversarial term runs from step 20, eval scores it (rFID with
+//! Inception weights the test writes), a killed run resumes to the same weights (autoencoder and
+//! discriminator), a corrupt file is skipped, and bad input is a one-line error.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -104,9 +105,50 @@ fn ae_args<'a>(data: &'a str, prior: &'a str, out: &'a str, lambda: &'a str) -> 
         "50",
         "--recon-every",
         "50",
+        "--adv-weight",
+        "0.1",
+        "--adv-start",
+        "20",
         "--device",
         "cpu",
     ]
+}
+
+/// The adversarial columns of the metrics line at `step` (empty cells as `None`).
+fn adv_columns(dir: &Path, step: usize) -> Vec<Option<f32>> {
+    let text = std::fs::read_to_string(dir.join("metrics.csv")).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let line: Vec<&str> = lines
+        .map(|l| l.split(',').collect::<Vec<_>>())
+        .find(|l| l[0] == step.to_string())
+        .unwrap();
+    ["g_adv", "d_loss", "d_real", "d_fake", "lecam", "cr"]
+        .iter()
+        .map(|c| {
+            line[header.iter().position(|h| h == c).unwrap()]
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// The discriminator's checkpointed weights and LeCAM's running means.
+fn discriminator_state(dir: &Path) -> (Vec<f32>, Vec<(String, f64)>) {
+    let (manifest, _) = checkpoint::load::<flowalign::ae::train::ImageInfo>(dir)
+        .unwrap()
+        .unwrap();
+    let part = checkpoint::load_part(dir, &manifest, "disc")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        part.step, manifest.step,
+        "the discriminator keeps the run's step"
+    );
+    let cfg: AeConfig = checkpoint::read_config(dir, "ae train").unwrap();
+    let run = AeRun::open(cfg, dir, true, &Device::flex()).unwrap();
+    let weights = param_values(run.discriminator().unwrap().model());
+    (weights, manifest.values.into_iter().collect())
 }
 
 /// (step, psnr, monitor L_align, monitor log r_k) of every metrics line.
@@ -178,6 +220,13 @@ fn ae_train_improves_monitors_and_resumes() {
         "{mon:?}"
     );
     assert!(whole.join("recon.png").is_file() && whole.join("alignment.png").is_file());
+    // The adversarial term: off before step 20, every column finite once it runs.
+    assert!(adv_columns(&whole, 10).iter().all(Option::is_none));
+    let adv = adv_columns(&whole, 150);
+    eprintln!(
+        "adversarial columns at step 150 (g_adv, d_loss, d_real, d_fake, lecam, cr): {adv:?}"
+    );
+    assert!(adv.iter().all(|v| v.is_some_and(f32::is_finite)), "{adv:?}");
     let csv = std::fs::read_to_string(whole.join("metrics.csv")).unwrap();
     let skipped: usize = csv
         .lines()
@@ -319,6 +368,10 @@ fn ae_train_improves_monitors_and_resumes() {
     assert!(
         final_weights(&whole) == final_weights(&parts),
         "resumed weights differ"
+    );
+    assert!(
+        discriminator_state(&whole) == discriminator_state(&parts),
+        "resumed discriminator differs"
     );
 
     // Data-parallel over two replicas (sharing the CPU here): the same run to float tolerance.

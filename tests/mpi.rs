@@ -286,6 +286,8 @@ fn a_killed_or_hung_rank_stops_the_job_with_its_name() {
     );
 }
 
+/// The autoencoder with every loss term (the adversarial one from step 5: discriminator, LeCAM,
+/// DiffAugment) on 2 ranks against 1.
 #[test]
 fn two_ranks_train_the_autoencoder_of_one() {
     let tmp = tempfile::tempdir().unwrap();
@@ -319,6 +321,10 @@ fn two_ranks_train_the_autoencoder_of_one() {
             "20",
             "--lambda",
             "0.1",
+            "--adv-weight",
+            "0.1",
+            "--adv-start",
+            "5",
             "--checkpoint-every",
             "10",
             "--log-every",

@@ -16,7 +16,75 @@ pub enum AePreset {
     Small,
 }
 
-/// The loss weights (SPEC section 6). The adversarial term is not built yet.
+/// The adversarial term (SPEC section 6): a DINO-feature discriminator with the hinge loss,
+/// DiffAugment, consistency regularisation and LeCAM, as SoftVQ-VAE trains it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdvConfig {
+    /// Weight of the generator's hinge loss `-mean D(aug(x_rec))` (paper 0.2; 0 = off, no
+    /// discriminator is built).
+    pub weight: f64,
+    /// Steps taken before the term and the discriminator's training start (paper 20,000).
+    pub start_step: usize,
+    /// Probability of each DiffAugment policy (color, translation 1/8, cutout 1/2) per step.
+    pub diffaug_p: f64,
+    /// Weight of the consistency regularisation of the discriminator (bCR; paper 4.0).
+    pub cr_weight: f64,
+    /// Weight of the LeCAM regulariser of the discriminator (paper 0.001).
+    pub lecam_weight: f64,
+    /// Decay of LeCAM's running means of the real and fake logits.
+    pub lecam_decay: f64,
+    /// The discriminator's base learning rate (it follows the autoencoder's schedule).
+    pub lr: f64,
+    pub optim: OptimSpec,
+    pub model: super::discriminator::DiscModelConfig,
+}
+
+impl AdvConfig {
+    /// SPEC section 6 with SoftVQ-VAE's discriminator (DINO ViT-S, taps 2, 5, 8, 11, kernel 9):
+    /// weight 0.2 from step 20k, DiffAugment p 0.5, CR 4.0, LeCAM 0.001 (decay 0.99), the
+    /// discriminator on AdamW with the autoencoder's settings.
+    pub fn paper() -> AdvConfig {
+        AdvConfig {
+            weight: 0.2,
+            start_step: 20_000,
+            diffaug_p: 0.5,
+            cr_weight: 4.0,
+            lecam_weight: 0.001,
+            lecam_decay: 0.99,
+            lr: 1e-4,
+            optim: OptimSpec::PAPER_ADAMW,
+            model: super::discriminator::DiscModelConfig {
+                size: VitSize::VitS,
+                patch: 16,
+                taps: vec![2, 5, 8, 11],
+                kernel: 9,
+            },
+        }
+    }
+
+    /// Whether the term is part of the loss at all.
+    pub fn enabled(&self) -> bool {
+        self.weight > 0.0
+    }
+
+    /// Whether the term and the discriminator's step run at `step` (steps taken so far).
+    pub fn active(&self, step: usize) -> bool {
+        self.enabled() && step >= self.start_step
+    }
+}
+
+impl Default for AdvConfig {
+    /// Off; the paper's values otherwise (a config written before the term existed reads as this).
+    fn default() -> Self {
+        AdvConfig {
+            weight: 0.0,
+            ..AdvConfig::paper()
+        }
+    }
+}
+
+/// The loss weights (SPEC section 6).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AeLossConfig {
@@ -31,6 +99,9 @@ pub struct AeLossConfig {
     pub lpips: f64,
     #[serde(default)]
     pub lpips_warmup: usize,
+    /// The adversarial term (`[loss.adv]`; off when absent).
+    #[serde(default)]
+    pub adv: AdvConfig,
 }
 
 /// The optimisation.
@@ -76,6 +147,10 @@ pub struct AeConfig {
     /// LPIPS-VGG weights (the `lpips` package's state dict as safetensors); LPIPS is off without.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lpips_weights: Option<String>,
+    /// DINOv2 weights (Hugging Face `Dinov2Model` safetensors of `loss.adv.model.size`) for the
+    /// discriminator's frozen trunk; random (and frozen) without.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disc_init: Option<String>,
     pub model: AeModelConfig,
     pub loss: AeLossConfig,
     pub train: AeTrainConfig,
@@ -90,6 +165,7 @@ impl AeConfig {
             prior: prior.to_string(),
             encoder_init: None,
             lpips_weights: None,
+            disc_init: None,
             model: AeModelConfig {
                 size: VitSize::VitL,
                 image_size: 256,
@@ -103,6 +179,7 @@ impl AeConfig {
                 mc: 4,
                 lpips: 1.0,
                 lpips_warmup: 10_000,
+                adv: AdvConfig::paper(),
             },
             train: AeTrainConfig {
                 steps: 50_000,
@@ -129,6 +206,22 @@ impl AeConfig {
                     image_size: 64,
                     patch: 8,
                     ..paper.model
+                },
+                // Off; `--adv-weight` turns on a cheap version (the tiny trunk at patch 8).
+                loss: AeLossConfig {
+                    adv: AdvConfig {
+                        weight: 0.0,
+                        start_step: 250,
+                        lr: 1e-3,
+                        model: super::discriminator::DiscModelConfig {
+                            size: VitSize::Tiny,
+                            patch: 8,
+                            taps: vec![0, 1],
+                            kernel: 9,
+                        },
+                        ..AdvConfig::paper()
+                    },
+                    ..paper.loss.clone()
                 },
                 train: AeTrainConfig {
                     steps: 500,
@@ -168,10 +261,14 @@ impl AeConfig {
             ("train.monitor_images", t.monitor_images),
         ])?;
         crate::config::require_positive(&[("train.lr", t.lr)])?;
+        let adv = &self.loss.adv;
         for (key, v) in [
             ("loss.l2", self.loss.l2),
             ("loss.lambda", self.loss.lambda),
             ("loss.lpips", self.loss.lpips),
+            ("loss.adv.weight", adv.weight),
+            ("loss.adv.cr_weight", adv.cr_weight),
+            ("loss.adv.lecam_weight", adv.lecam_weight),
         ] {
             if !(v.is_finite() && v >= 0.0) {
                 return Err(Error::Config(format!("{key} must be at least 0, got {v}")));
@@ -181,6 +278,18 @@ impl AeConfig {
             return Err(Error::Config(
                 "train.ema must lie in [0, 1) and train.final_lr_frac in [0, 1]".into(),
             ));
+        }
+        if adv.enabled() {
+            crate::config::require_positive(&[("loss.adv.lr", adv.lr)])?;
+            if !(0.0..=1.0).contains(&adv.diffaug_p) || !(0.0..1.0).contains(&adv.lecam_decay) {
+                return Err(Error::Config(format!(
+                    "loss.adv.diffaug_p must lie in [0, 1] (got {}) and loss.adv.lecam_decay in [0, 1) (got {})",
+                    adv.diffaug_p, adv.lecam_decay
+                )));
+            }
+            adv.model
+                .validate(self.model.image_size)
+                .map_err(Error::Config)?;
         }
         Ok(())
     }
@@ -196,6 +305,8 @@ impl AeConfig {
                 ("train.batch", c.train.batch.to_string()),
                 ("train.seed", c.train.seed.to_string()),
                 ("train.ema", c.train.ema.to_string()),
+                // The discriminator's frozen trunk is rebuilt from it at every start.
+                ("disc_init", format!("{:?}", c.disc_init)),
             ]
         };
         crate::checkpoint::check_resumable(&fields(self), &fields(saved))
@@ -225,5 +336,53 @@ mod tests {
         let text = p.to_toml().replace("[loss]", "[loss]\nlambdaa = 1");
         let err = toml::from_str::<AeConfig>(&text).unwrap_err().to_string();
         assert!(err.contains("lambdaa"), "{err}");
+    }
+
+    #[test]
+    fn the_adversarial_table_has_the_spec_values_and_is_checked() {
+        let p = AeConfig::preset(AePreset::Paper, "d", "p");
+        let a = &p.loss.adv;
+        assert_eq!((a.weight, a.start_step), (0.2, 20_000));
+        assert_eq!(
+            (a.diffaug_p, a.cr_weight, a.lecam_weight),
+            (0.5, 4.0, 0.001)
+        );
+        assert_eq!(a.model.taps, vec![2, 5, 8, 11]);
+        assert!(!a.active(19_999) && a.active(20_000));
+        let small = AeConfig::preset(AePreset::Small, "d", "p");
+        assert!(!small.loss.adv.enabled());
+        // Unknown keys in [loss.adv] are errors.
+        let text = p
+            .to_toml()
+            .replace("[loss.adv]", "[loss.adv]\ncr_weigth = 1");
+        let err = toml::from_str::<AeConfig>(&text).unwrap_err().to_string();
+        assert!(err.contains("cr_weigth"), "{err}");
+        // A config written before the term existed reads as the term off.
+        let start = text.find("[loss.adv]").unwrap();
+        let end = text[start..].find("[train]").unwrap() + start;
+        let old: AeConfig = toml::from_str(&(text[..start].to_string() + &text[end..])).unwrap();
+        assert!(!old.loss.adv.enabled());
+        assert_eq!(old.train, p.train);
+        // Bad values name their key.
+        let mut bad = p.clone();
+        bad.loss.adv.diffaug_p = 1.5;
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("diffaug_p")
+        );
+        let mut bad = p.clone();
+        bad.loss.adv.model.taps = vec![12];
+        assert!(bad.validate().unwrap_err().to_string().contains("taps"));
+        // A resume keeps the term and the discriminator's trunk as they were.
+        let mut changed = p.clone();
+        changed.loss.adv.start_step = 10;
+        let err = changed.check_resumable(&p).unwrap_err().to_string();
+        assert!(err.contains("loss is"), "{err}");
+        let mut changed = p.clone();
+        changed.disc_init = Some("dinov2-small.safetensors".into());
+        let err = changed.check_resumable(&p).unwrap_err().to_string();
+        assert!(err.contains("disc_init"), "{err}");
     }
 }

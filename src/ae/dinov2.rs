@@ -15,6 +15,7 @@ use burn::nn::{LayerNorm, Linear};
 use burn::prelude::*;
 use safetensors::{Dtype, SafeTensors};
 
+use super::discriminator::DinoTrunk;
 use super::model::Encoder;
 use crate::error::{Error, Result};
 
@@ -318,15 +319,55 @@ pub fn init_encoder(
     Ok((enc, report))
 }
 
+/// Replaces the discriminator's frozen trunk (patch embedding, [CLS], position embeddings, blocks)
+/// with the DINOv2 weights in `path`, exactly as [`init_encoder`] does for the encoder; the file's
+/// blocks past the trunk's last tap and its final norm are reported unused.
+pub fn init_trunk(
+    trunk: DinoTrunk,
+    path: &Path,
+    device: &Device,
+) -> Result<(DinoTrunk, InitReport)> {
+    let width = trunk.cls_token.dims()[2];
+    // The encoder's latent-token parts are placeholders: init_encoder leaves them untouched.
+    let encoder = Encoder {
+        patch_embed: trunk.patch_embed,
+        cls_token: trunk.cls_token,
+        pos_embed: trunk.pos_embed,
+        latent_tokens: Param::from_tensor(Tensor::zeros([1, 1, width], device)),
+        latent_pos: Param::from_tensor(Tensor::zeros([1, 1, width], device)),
+        blocks: trunk.blocks,
+        norm: burn::nn::LayerNormConfig::new(width).init(device),
+        to_latent: burn::nn::LinearConfig::new(width, 1).init(device),
+        patch: trunk.patch,
+    };
+    let (enc, mut report) = init_encoder(encoder, path, device)?;
+    report.loaded.retain(|n| !n.starts_with("layernorm."));
+    report
+        .unused
+        .extend(["layernorm.weight".to_string(), "layernorm.bias".to_string()]);
+    report.unused.sort();
+    Ok((
+        DinoTrunk {
+            patch_embed: enc.patch_embed,
+            cls_token: enc.cls_token,
+            pos_embed: enc.pos_embed,
+            blocks: enc.blocks,
+            patch: enc.patch,
+            taps: trunk.taps,
+        },
+        report,
+    ))
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::ae::model::{AeModelConfig, VitSize};
     use crate::rng::{Stream, rng_for};
     use std::collections::HashMap;
 
     /// A DINOv2-named file for the tiny encoder (width 64, 2 layers), patch 4, grid 3 x 3.
-    fn write_dinov2(path: &Path, width: usize) {
+    pub(crate) fn write_dinov2(path: &Path, width: usize) {
         let mut tensors: Vec<(String, Vec<usize>)> = vec![
             ("embeddings.cls_token".into(), vec![1, 1, width]),
             ("embeddings.mask_token".into(), vec![1, width]),
@@ -435,6 +476,33 @@ mod tests {
                 && err.contains("[32, 3, 4, 4]"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_discriminator_trunk_loads_the_same_file() {
+        let dev = Device::flex();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("dinov2.safetensors");
+        write_dinov2(&file, 64);
+        // Taps up to block 0: block 1 and the final norm stay in the file.
+        let cfg = crate::ae::discriminator::DiscModelConfig {
+            taps: vec![0],
+            ..crate::ae::discriminator::tests::tiny()
+        };
+        let trunk = cfg.init_trunk(16, &mut rng_for(0, Stream::DiscInit, 1), &dev);
+        let (trunk, report) = init_trunk(trunk, &file, &dev).unwrap();
+        assert_eq!(trunk.blocks.len(), 1);
+        assert!(
+            report
+                .unused
+                .contains(&"encoder.layer.1.mlp.fc1.weight".to_string())
+        );
+        assert!(report.unused.contains(&"layernorm.weight".to_string()));
+        let all = read_all(&file).unwrap();
+        let got: Vec<f32> = trunk.blocks[0].ls1.val().try_into_vec_as::<f32>().unwrap();
+        assert_eq!(got, all["encoder.layer.0.layer_scale1.lambda1"].data);
+        assert_eq!(trunk.pos_embed.dims(), [1, 17, 64]);
+        assert_eq!(trunk.features(Tensor::zeros([1, 3, 16, 16], &dev)).len(), 2);
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! Stage 2 of the ImageNet recipe (SPEC section 6): an image autoencoder whose latents are aligned to
 //! a frozen flow prior.
 
+pub mod adversarial;
 pub mod config;
 pub mod data;
 pub mod dinov2;
+pub mod discriminator;
 pub mod eval;
 pub mod fid;
 pub mod inception;

@@ -19,7 +19,7 @@ use crate::rng::Rng;
 
 /// A `Linear` with Xavier-uniform weights drawn from `rng` and a zero bias (MAE's ViT init), so
 /// initialisation is a function of the seed on every backend.
-fn dense(d_in: usize, d_out: usize, rng: &mut Rng, device: &Device) -> Linear {
+pub(crate) fn dense(d_in: usize, d_out: usize, rng: &mut Rng, device: &Device) -> Linear {
     linear(d_in, d_out, Init::XavierUniform, rng, device)
 }
 
@@ -98,7 +98,7 @@ pub struct Block {
 }
 
 impl Block {
-    fn new(width: usize, heads: usize, rng: &mut Rng, device: &Device) -> Block {
+    pub(crate) fn new(width: usize, heads: usize, rng: &mut Rng, device: &Device) -> Block {
         let ln = LayerNormConfig::new(width).with_epsilon(1e-6);
         let mut attn = MultiHeadAttentionConfig::new(width, heads)
             .with_dropout(0.0)
@@ -136,7 +136,12 @@ impl Block {
 }
 
 /// Draws a `[1, n, width]` embedding from N(0, 0.02^2) (SPEC section 6's latent-token init).
-fn embedding(n: usize, width: usize, rng: &mut Rng, device: &Device) -> Param<Tensor<3>> {
+pub(crate) fn embedding(
+    n: usize,
+    width: usize,
+    rng: &mut Rng,
+    device: &Device,
+) -> Param<Tensor<3>> {
     let normal = Normal::new(0.0f32, 0.02).expect("positive std");
     let values: Vec<f32> = (0..n * width).map(|_| normal.sample(rng)).collect();
     Param::from_tensor(Tensor::from_data(

@@ -1,6 +1,7 @@
 //! Training the autoencoder with the alignment loss (SPEC section 6, stage 2): reconstruction plus
-//! `lambda * L_align` of every latent token under the frozen prior, with checkpoints, resume, the
-//! alignment monitor of paper Fig. 4 and reconstruction grids.
+//! `lambda * L_align` of every latent token under the frozen prior (plus LPIPS and the adversarial
+//! term of [`crate::ae::adversarial`]), with checkpoints, resume, the alignment monitor of paper
+//! Fig. 4 and reconstruction grids.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -9,8 +10,10 @@ use std::time::Instant;
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use super::adversarial::{self, AdvDraws, Adversary, AugDraws, DiscStats, disc_step};
 use super::config::{AeConfig, AeLossConfig};
 use super::data::{Crop, ImageBatch, ImageFolder, ImageLoader};
+use super::discriminator::{DinoTrunk, Discriminator};
 use super::lpips::Lpips;
 use super::model::Autoencoder;
 use crate::align::{align_loss, flow_loss};
@@ -48,6 +51,9 @@ pub struct AeMetrics {
     /// Mean LPIPS since the previous line, when it is part of the loss.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lpips: Option<f32>,
+    /// The adversarial term, averaged over the steps since the previous line where it ran.
+    #[serde(flatten)]
+    pub adv: AdvMetrics,
     pub lr: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grad_norm: Option<f32>,
@@ -62,13 +68,80 @@ pub struct AeMetrics {
     pub skipped_images: usize,
 }
 
-const METRICS: [&str; 12] = [
+/// The adversarial columns of a metrics line (absent before the term starts).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct AdvMetrics {
+    /// The generator's hinge loss `-mean D(aug(x_rec))` (unweighted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub g_adv: Option<f32>,
+    /// The discriminator's whole loss (hinge + LeCAM + CR, weighted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub d_loss: Option<f32>,
+    /// Mean logit of the (augmented) real images.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub d_real: Option<f32>,
+    /// Mean logit of the (augmented) reconstructions.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub d_fake: Option<f32>,
+    /// The LeCAM regulariser (unweighted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lecam: Option<f32>,
+    /// The consistency regulariser (unweighted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cr: Option<f32>,
+}
+
+/// Sums of the adversarial values over the steps of a metrics line where the term ran.
+#[derive(Debug, Clone, Copy, Default)]
+struct AdvSums {
+    /// g_adv, d_loss, d_real, d_fake, lecam.
+    values: [f64; 5],
+    cr: Option<f64>,
+    steps: usize,
+}
+
+impl AdvSums {
+    fn add(&mut self, g_adv: f32, d: &DiscStats) {
+        let v = [g_adv, d.d_loss, d.d_real, d.d_fake, d.lecam];
+        for (s, x) in self.values.iter_mut().zip(v) {
+            *s += f64::from(x);
+        }
+        if let Some(cr) = d.cr {
+            *self.cr.get_or_insert(0.0) += f64::from(cr);
+        }
+        self.steps += 1;
+    }
+
+    fn means(&self) -> AdvMetrics {
+        if self.steps == 0 {
+            return AdvMetrics::default();
+        }
+        let n = self.steps as f64;
+        let m = |i: usize| Some((self.values[i] / n) as f32);
+        AdvMetrics {
+            g_adv: m(0),
+            d_loss: m(1),
+            d_real: m(2),
+            d_fake: m(3),
+            lecam: m(4),
+            cr: self.cr.map(|c| (c / n) as f32),
+        }
+    }
+}
+
+const METRICS: [&str; 18] = [
     "step",
     "loss",
     "l2",
     "psnr",
     "l_align",
     "lpips",
+    "g_adv",
+    "d_loss",
+    "d_real",
+    "d_fake",
+    "lecam",
+    "cr",
     "lr",
     "grad_norm",
     "images_per_s",
@@ -90,6 +163,10 @@ pub struct AeStepStats {
     pub l_align: f32,
     /// LPIPS of the batch, when it is part of the loss.
     pub lpips: Option<f32>,
+    /// The generator's hinge loss (unweighted), when the adversarial term ran.
+    pub g_adv: Option<f32>,
+    /// The discriminator's step, when the adversarial term ran.
+    pub disc: Option<DiscStats>,
 }
 
 /// How a run ended.
@@ -102,12 +179,15 @@ pub struct AeSummary {
     pub monitor: Option<(f32, Option<f32>)>,
 }
 
-/// The frozen networks of the loss (prior, LPIPS), replicated on one data-parallel device.
+/// The frozen networks of the loss (prior, LPIPS, the discriminator's DINO trunk), replicated on
+/// one data-parallel device.
 #[derive(Debug, Clone)]
 pub struct Frozen {
     pub device: Device,
     pub prior: VelocityMlp,
     pub lpips: Option<Lpips>,
+    /// The discriminator's trunk, when the adversarial term is on (no autodiff).
+    pub dino: Option<DinoTrunk>,
 }
 
 impl Frozen {
@@ -119,25 +199,37 @@ impl Frozen {
                 device: d.clone(),
                 prior: self.prior.clone().to_device(d),
                 lpips: self.lpips.as_ref().map(|l| l.to_device(d)),
+                dino: self.dino.clone().map(|t| t.to_device(d)),
             })
             .collect()
     }
 }
 
+/// The generator's side of the adversarial term in one step: the discriminator's current heads
+/// (without autodiff) and the step's DiffAugment draw.
+#[derive(Debug, Clone, Copy)]
+pub struct GenAdv<'a> {
+    pub disc: &'a Discriminator,
+    pub aug: &'a AugDraws,
+}
+
 /// One optimiser step of `trainer` on `batch`:
-/// `l2 * MSE + lpips * LPIPS + lambda * L_align` of every latent token under the frozen prior, with
-/// `mc` draws per token from `rng`. With lambda 0, L_align is measured but not trained on.
+/// `l2 * MSE + lpips * LPIPS + lambda * L_align + adv.weight * -mean D(aug(x_rec))`, L_align of
+/// every latent token under the frozen prior with `mc` draws per token from `rng`, the adversarial
+/// term only when `adv` is given. With lambda 0, L_align is measured but not trained on.
 ///
 /// The batch is split into contiguous shards over `replicas` (one thread and model replica each,
 /// see [`Trainer::step_sharded`]); the draws do not depend on the split, so the result equals a
-/// one-device step up to float summation order.
+/// one-device step up to float summation order. Returns the step's reconstructions too (before
+/// the update, without autodiff), one tensor per shard on its device, for the discriminator.
 pub fn ae_step(
     trainer: &mut Trainer<Autoencoder>,
     replicas: &[Frozen],
     batch: &ImageBatch,
     loss_cfg: &AeLossConfig,
+    adv: Option<GenAdv<'_>>,
     rng: &mut crate::rng::Rng,
-) -> Result<AeStepStats> {
+) -> Result<(AeStepStats, Vec<Tensor<4>>)> {
     let (b, s) = (batch.len(), batch.size);
     let px = 3 * s * s;
     let k = trainer.model().encoder.latent_tokens.dims()[1];
@@ -149,18 +241,22 @@ pub fn ae_step(
     let ramp = ((trainer.step + 1) as f64 / loss_cfg.lpips_warmup.max(1) as f64).min(1.0);
     let lambda = loss_cfg.lambda;
     let n_shards = replicas.len().min(b).max(1);
-    let shards: Vec<(Device, (usize, usize, Frozen))> = (0..n_shards)
+    // Per shard: its rows a..e, the frozen networks and the discriminator's heads on its device.
+    type Shard = (usize, usize, Frozen, Option<Discriminator>);
+    let shards: Vec<(Device, Shard)> = (0..n_shards)
         .map(|i| {
             let r = replicas[i].clone();
+            let disc = adv.map(|g| g.disc.clone().to_device(&r.device));
             (
                 r.device.clone(),
-                (i * b / n_shards, (i + 1) * b / n_shards, r),
+                (i * b / n_shards, (i + 1) * b / n_shards, r, disc),
             )
         })
         .collect();
     let draws = &draws;
+    let adv_weight = loss_cfg.adv.weight;
     let (step, parts) =
-        trainer.step_sharded(shards, "autoencoder training", |model, (a, e, fr)| {
+        trainer.step_sharded(shards, "autoencoder training", |model, (a, e, fr, disc)| {
             let ad = fr.device.clone().autodiff();
             let n = e - a;
             let w = n as f64 / b as f64;
@@ -170,11 +266,13 @@ pub fn ae_step(
             );
             let z = model.encode(x.clone()); // [n, k, dz]
             let rec = model.decode(z.clone());
+            let rec_out = rec.clone().inner();
             let perceptual = fr
                 .lpips
                 .as_ref()
                 .filter(|_| loss_cfg.lpips > 0.0)
                 .map(|l| l.distance(rec.clone(), x.clone()).mean());
+            let fake = rec.clone();
             let diff = rec - x;
             let l2 = (diff.clone() * diff).mean();
             let tokens = z.reshape([n * k, dz]);
@@ -206,14 +304,33 @@ pub fn ae_step(
                 lp_v = Some(p.clone().into_scalar::<f32>() * w as f32);
                 loss = loss + p * (loss_cfg.lpips * ramp * w);
             }
-            (loss, (l2_v * w as f32, la_v * w as f32, lp_v))
+            let mut adv_v = None;
+            if let (Some(disc), Some(g)) = (&disc, adv) {
+                let trunk = fr
+                    .dino
+                    .as_ref()
+                    .expect("replicas carry the trunk when the adversarial term is on");
+                // Through the frozen trunk and heads (no autodiff on either) to the decoder.
+                let g_adv = adversarial::generator_hinge(
+                    disc.logits(trunk, g.aug.apply(fake, first + a..first + e)),
+                );
+                adv_v = Some(g_adv.clone().into_scalar::<f32>() * w as f32);
+                loss = loss + g_adv * (adv_weight * w);
+            }
+            (
+                loss,
+                (l2_v * w as f32, la_v * w as f32, lp_v, adv_v, rec_out),
+            )
         })?;
-    Ok(AeStepStats {
+    let stats = AeStepStats {
         step,
         l2: parts.iter().map(|p| p.0).sum(),
         l_align: parts.iter().map(|p| p.1).sum(),
         lpips: parts.iter().map(|p| p.2).sum(),
-    })
+        g_adv: parts.iter().map(|p| p.3).sum(),
+        disc: None,
+    };
+    Ok((stats, parts.into_iter().map(|p| p.4).collect()))
 }
 
 /// A fresh trainer for `cfg` on `device`: the model initialised from `cfg.train.seed`, its encoder
@@ -257,9 +374,12 @@ pub struct AeRun {
     cfg: AeConfig,
     dir: PathBuf,
     loader: Arc<ImageLoader>,
-    /// The frozen prior and LPIPS on each data-parallel device (the first is the run's device).
+    /// The frozen prior, LPIPS and DINO trunk on each data-parallel device (the first is the run's
+    /// device).
     replicas: Vec<Frozen>,
     trainer: Trainer<Autoencoder>,
+    /// The discriminator, when the adversarial term is on.
+    adversary: Option<Adversary>,
     device: Device,
     /// Fixed images for the monitor and the reconstruction grid (centre crops).
     fixed: ImageBatch,
@@ -298,6 +418,39 @@ impl AeRun {
             run.resumed_from = state.step;
         }
         run.trainer = run.trainer.with_comm(Arc::clone(&comm));
+        if let Some(adv) = run.adversary.take() {
+            let state = comm
+                .leads()
+                .then(|| adv.trainer.state_bytes())
+                .transpose()?;
+            let state = dist::share_state(&comm, state)?;
+            let lecam: Vec<u8> = [adv.lecam.real, adv.lecam.fake]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect();
+            let lecam = comm.broadcast(lecam, "LeCAM means")?;
+            let mut adv = adversarial::Adversary {
+                trainer: adv.trainer.with_comm(Arc::clone(&comm)),
+                lecam: adv.lecam,
+            };
+            if !comm.leads() {
+                adv.trainer.restore(&state)?;
+                let value = |i: usize| {
+                    lecam
+                        .get(i * 8..i * 8 + 8)
+                        .and_then(|b| b.try_into().ok())
+                        .map(f64::from_le_bytes)
+                        .ok_or_else(|| {
+                            Error::Distributed("rank 0 sent malformed LeCAM means".into())
+                        })
+                };
+                adv.lecam = adversarial::LecamEma {
+                    real: value(0)?,
+                    fake: value(1)?,
+                };
+            }
+            run.adversary = Some(adv);
+        }
         run.comm = Some(comm);
         Ok(run)
     }
@@ -366,9 +519,41 @@ impl AeRun {
             checkpoint::write_config(dir, &cfg)?;
         }
         let mut trainer = new_trainer(&cfg, device)?;
+        let (mut adversary, dino) = match cfg.loss.adv.enabled() {
+            true => {
+                let (a, trunk) = Adversary::new(&cfg, device)?;
+                (Some(a), Some(trunk))
+            }
+            false => {
+                if let Some(file) = &cfg.disc_init {
+                    tracing::warn!(
+                        "{file} is not used: the adversarial term is off (pass --adv-weight to turn it on)"
+                    );
+                }
+                (None, None)
+            }
+        };
         let resumed_from = match saved {
-            Some((_, state)) => {
+            Some((manifest, state)) => {
                 trainer.restore(&state)?;
+                if let Some(adv) = &mut adversary {
+                    let part = checkpoint::load_part(dir, &manifest, adversarial::PART)?;
+                    let (Some(part), Some(real), Some(fake)) = (
+                        part,
+                        manifest.values.get(adversarial::LECAM_REAL),
+                        manifest.values.get(adversarial::LECAM_FAKE),
+                    ) else {
+                        return Err(Error::Checkpoint {
+                            path: dir.join(checkpoint::MANIFEST),
+                            msg: "holds no discriminator state although loss.adv is on; resume with the config the run was started with, or start a new --out".into(),
+                        });
+                    };
+                    adv.trainer.restore(&part)?;
+                    adv.lecam = adversarial::LecamEma {
+                        real: *real,
+                        fake: *fake,
+                    };
+                }
                 state.step
             }
             None => 0,
@@ -393,8 +578,10 @@ impl AeRun {
                 device: device.clone(),
                 prior,
                 lpips,
+                dino,
             }],
             trainer,
+            adversary,
             device: device.clone(),
             fixed,
             reference,
@@ -418,28 +605,69 @@ impl AeRun {
         self.trainer.frozen()
     }
 
-    /// One optimiser step on `batch`: `l2 * MSE + lambda * L_align(latent tokens)`.
+    /// The discriminator's trainer, when the adversarial term is on.
+    pub fn discriminator(&self) -> Option<&Trainer<Discriminator>> {
+        self.adversary.as_ref().map(|a| &a.trainer)
+    }
+
+    /// One training step on `batch`: the autoencoder on `l2 * MSE + lpips * LPIPS + lambda *
+    /// L_align (+ adv.weight * the generator's hinge)`, then, once the adversarial term has
+    /// started, the discriminator on the same step's reconstructions.
     pub fn train_step(&mut self, batch: &ImageBatch) -> Result<AeStepStats> {
-        let mut rng = rng_for(self.cfg.train.seed, Stream::Align, self.trainer.step as u64);
-        let mut stats = ae_step(
+        let step = self.trainer.step;
+        let seed = self.cfg.train.seed;
+        let adv_cfg = &self.cfg.loss.adv;
+        let mut rng = rng_for(seed, Stream::Align, step as u64);
+        let active = self.adversary.as_ref().filter(|_| adv_cfg.active(step));
+        // The draws of the whole global batch: a rank of a multi-process run uses its share.
+        let draws = active
+            .map(|_| AdvDraws::for_step(seed, step, batch.total, batch.size, adv_cfg.diffaug_p));
+        let heads = active.map(Adversary::frozen);
+        let gen_adv = heads
+            .as_ref()
+            .zip(draws.as_ref())
+            .map(|(disc, d)| GenAdv { disc, aug: &d.aug });
+        let (mut stats, fakes) = ae_step(
             &mut self.trainer,
             &self.replicas,
             batch,
             &self.cfg.loss,
+            gen_adv,
             &mut rng,
         )?;
         if let Some(comm) = &self.comm {
             // Each rank measured its share; the log shows the global batch's means.
             let n = comm.rank().size as f64;
-            let terms = [Some(stats.l2), Some(stats.l_align), stats.lpips];
+            let terms = [
+                Some(stats.l2),
+                Some(stats.l_align),
+                stats.lpips,
+                stats.g_adv,
+            ];
             let sums = comm.sum_f64(
                 terms.iter().map(|t| f64::from(t.unwrap_or(0.0))).collect(),
-                self.trainer.step,
+                step,
                 "loss terms",
             )?;
             let mean = |i: usize| (sums[i] / n) as f32;
             (stats.l2, stats.l_align) = (mean(0), mean(1));
             stats.lpips = stats.lpips.map(|_| mean(2));
+            stats.g_adv = stats.g_adv.map(|_| mean(3));
+        }
+        if let (Some(draws), Some(adv)) = (&draws, &mut self.adversary) {
+            debug_assert_eq!(
+                adv.trainer.step, step,
+                "the discriminator keeps the run's step"
+            );
+            stats.disc = Some(disc_step(
+                &mut adv.trainer,
+                &self.replicas,
+                batch,
+                &fakes,
+                draws,
+                adv_cfg,
+                &mut adv.lecam,
+            )?);
         }
         Ok(stats)
     }
@@ -530,11 +758,15 @@ impl AeRun {
         })
     }
 
-    /// Writes a checkpoint (weights, EMA, optimiser, step); on ranks other than 0 it only checks
-    /// that this rank's weights equal rank 0's.
+    /// Writes a checkpoint (weights, EMA, optimiser, step; the discriminator's weights,
+    /// optimiser and LeCAM means when the adversarial term is on); on ranks other than 0 it only
+    /// checks that this rank's weights equal rank 0's.
     pub fn checkpoint(&self) -> Result<()> {
         if let Some(comm) = &self.comm {
-            let sum = dist::weights_checksum(self.trainer.model());
+            let mut sum = dist::weights_checksum(self.trainer.model());
+            if let Some(adv) = &self.adversary {
+                sum = sum.rotate_left(1) ^ dist::weights_checksum(adv.trainer.model());
+            }
             comm.verify_same(sum, self.trainer.step)?;
             if !comm.leads() {
                 return Ok(());
@@ -544,7 +776,20 @@ impl AeRun {
             images: self.loader.folder.len(),
             classes: self.loader.folder.classes.len(),
         };
-        checkpoint::save(&self.dir, &info, &self.trainer.state_bytes()?)
+        let state = self.trainer.state_bytes()?;
+        match &self.adversary {
+            Some(adv) => checkpoint::save_with(
+                &self.dir,
+                &info,
+                &state,
+                &[(adversarial::PART, &adv.trainer.state_bytes()?)],
+                &[
+                    (adversarial::LECAM_REAL, adv.lecam.real),
+                    (adversarial::LECAM_FAKE, adv.lecam.fake),
+                ],
+            ),
+            None => checkpoint::save(&self.dir, &info, &state),
+        }
     }
 
     /// Trains to `train.steps` with batches decoded ahead on a background thread. `stop` is
@@ -578,6 +823,7 @@ impl AeRun {
         });
         let mut sums = (0.0f64, 0.0f64, 0.0f64, 0usize);
         let mut lpips_sum: Option<f64> = None;
+        let mut adv_sums = AdvSums::default();
         let mut window = Instant::now();
         let mut interrupted = false;
         let mut monitor = None;
@@ -592,6 +838,7 @@ impl AeRun {
                     psnr: f32::NAN,
                     l_align: f32::NAN,
                     lpips: None,
+                    adv: AdvMetrics::default(),
                     lr: 0.0,
                     grad_norm: None,
                     images_per_s: 0.0,
@@ -614,6 +861,9 @@ impl AeRun {
                 sums.3 += 1;
                 if let Some(p) = stats.lpips {
                     *lpips_sum.get_or_insert(0.0) += f64::from(p);
+                }
+                if let (Some(g), Some(d)) = (stats.g_adv, &stats.disc) {
+                    adv_sums.add(g, d);
                 }
                 let step = self.trainer.step;
                 let ckpt = step.is_multiple_of(t.checkpoint_every) || step == t.steps;
@@ -641,6 +891,7 @@ impl AeRun {
                         psnr: psnr(sums.1 / n) as f32,
                         l_align: (sums.2 / n) as f32,
                         lpips: lpips_sum.map(|p| (p / n) as f32),
+                        adv: adv_sums.means(),
                         lr: stats.step.lr,
                         grad_norm: stats.step.grad_norm,
                         images_per_s: (sums.3 * t.batch) as f64 / window.elapsed().as_secs_f64(),
@@ -657,6 +908,7 @@ impl AeRun {
                     on_log(&m);
                     sums = (0.0, 0.0, 0.0, 0);
                     lpips_sum = None;
+                    adv_sums = AdvSums::default();
                     window = Instant::now();
                 }
                 if interrupted {

@@ -180,6 +180,16 @@ pub struct TrainArgs {
     /// Without them LPIPS is off (with a notice).
     #[arg(long, value_name = "FILE")]
     lpips_weights: Option<String>,
+    /// DINOv2 weights (Hugging Face Dinov2Model safetensors of loss.adv.model.size, ViT-S in the
+    /// paper preset) for the discriminator's frozen trunk; random (and frozen) without.
+    #[arg(long, value_name = "FILE")]
+    disc_init: Option<String>,
+    /// The weight of the adversarial term (paper: 0.2; 0 = off, the small preset's default).
+    #[arg(long)]
+    adv_weight: Option<f64>,
+    /// Steps before the adversarial term and the discriminator start (paper: 20,000).
+    #[arg(long)]
+    adv_start: Option<usize>,
     /// The LPIPS weight (paper: 1.0, reached over --lpips-warmup steps).
     #[arg(long)]
     lpips: Option<f64>,
@@ -272,6 +282,9 @@ impl TrainArgs {
         if let Some(f) = &self.lpips_weights {
             cfg.lpips_weights = Some(f.clone());
         }
+        if let Some(f) = &self.disc_init {
+            cfg.disc_init = Some(f.clone());
+        }
         macro_rules! set {
             ($flag:ident => $($field:tt)+) => {
                 if let Some(v) = self.$flag { cfg.$($field)+ = v; }
@@ -290,6 +303,8 @@ impl TrainArgs {
         set!(mc => loss.mc);
         set!(lpips => loss.lpips);
         set!(lpips_warmup => loss.lpips_warmup);
+        set!(adv_weight => loss.adv.weight);
+        set!(adv_start => loss.adv.start_step);
         set!(ema => train.ema);
         set!(seed => train.seed);
         set!(checkpoint_every => train.checkpoint_every);
@@ -338,6 +353,19 @@ fn train_rank(args: &TrainArgs, comm: Option<Arc<Comm>>) -> Result<(bool, usize)
             cfg.model.latent_dim,
             cfg.loss.lambda
         );
+        let adv = &cfg.loss.adv;
+        if adv.enabled() {
+            tracing::info!(
+                "adversarial term: weight {} from step {}, DINO {:?} discriminator (taps {:?}), DiffAugment p {}, CR {}, LeCAM {}",
+                adv.weight,
+                adv.start_step,
+                adv.model.size,
+                adv.model.taps,
+                adv.diffaug_p,
+                adv.cr_weight,
+                adv.lecam_weight
+            );
+        }
         if run.step() > 0 {
             tracing::info!("resuming {} at step {}", args.out.display(), run.step());
         }
@@ -353,8 +381,14 @@ fn train_rank(args: &TrainArgs, comm: Option<Arc<Comm>>) -> Result<(bool, usize)
                 (Some(a), None) => format!(" | monitor L_align {a:.4}"),
                 _ => String::new(),
             };
+            let adv = match (m.adv.g_adv, m.adv.d_loss, m.adv.d_real, m.adv.d_fake) {
+                (Some(g), Some(d), Some(r), Some(f)) => {
+                    format!(" | g_adv {g:.3} d_loss {d:.3} D(real) {r:.2} D(fake) {f:.2}")
+                }
+                _ => String::new(),
+            };
             pb.set_message(format!(
-                "loss {:.4} psnr {:.2} L_align {:.4} lr {:.2e} {:.1} img/s{mon}",
+                "loss {:.4} psnr {:.2} L_align {:.4} lr {:.2e} {:.1} img/s{adv}{mon}",
                 m.loss, m.psnr, m.l_align, m.lr, m.images_per_s
             ));
             if lead && pb.is_hidden() {
@@ -363,6 +397,12 @@ fn train_rank(args: &TrainArgs, comm: Option<Arc<Comm>>) -> Result<(bool, usize)
                     loss = m.loss,
                     psnr = m.psnr,
                     l_align = m.l_align,
+                    g_adv = m.adv.g_adv,
+                    d_loss = m.adv.d_loss,
+                    d_real = m.adv.d_real,
+                    d_fake = m.adv.d_fake,
+                    lecam = m.adv.lecam,
+                    cr = m.adv.cr,
                     images_per_s = m.images_per_s,
                     monitor_l_align = m.monitor_l_align,
                     monitor_log_rk = m.monitor_log_rk
