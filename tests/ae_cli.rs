@@ -15,61 +15,7 @@ use flowalign::checkpoint;
 use flowalign::train::param_values;
 
 mod common;
-use common::{flowalign, one_line_error, write_inception};
-
-/// `n` 40 x 40 PNGs in 3 class folders: a colour gradient per class and a bright square.
-fn draw_images(root: &Path, n: usize) {
-    let colours = [[220u8, 60, 40], [40, 180, 90], [50, 80, 230]];
-    for i in 0..n {
-        let class = i % 3;
-        let dir = root.join(format!("class{class}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let (sx, sy) = ((i * 7) % 24, (i * 13) % 24);
-        let img = image::RgbImage::from_fn(40, 40, |x, y| {
-            let c = colours[class];
-            let g = (x + y) as f32 / 80.0;
-            let inside =
-                (sx..sx + 12).contains(&(x as usize)) && (sy..sy + 12).contains(&(y as usize));
-            if inside {
-                image::Rgb([250, 250, 250])
-            } else {
-                image::Rgb(c.map(|v| (v as f32 * (0.4 + 0.6 * g)) as u8))
-            }
-        });
-        img.save(dir.join(format!("img{i:03}.png"))).unwrap();
-    }
-}
-
-/// A 4-dim prior from a small table.
-fn train_prior(dir: &Path, table: &Path) {
-    let data: Vec<f32> = (0..2000 * 16)
-        .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * if i % 16 < 4 { 2.0 } else { 1.0 })
-        .collect();
-    flowalign::features::write_npy(table, 2000, 16, &data).unwrap();
-    let out = flowalign(&[
-        "prior",
-        "train",
-        "--features",
-        table.to_str().unwrap(),
-        "--out",
-        dir.to_str().unwrap(),
-        "--preset",
-        "small",
-        "--latent-dim",
-        "4",
-        "--width",
-        "32",
-        "--depth",
-        "2",
-        "--batch",
-        "256",
-        "--steps",
-        "100",
-        "--device",
-        "cpu",
-    ]);
-    assert!(out.status.success(), "{out:?}");
-}
+use common::{draw_images, flowalign, one_line_error, train_prior, write_inception};
 
 fn ae_args<'a>(data: &'a str, prior: &'a str, out: &'a str, lambda: &'a str) -> Vec<&'a str> {
     vec![
