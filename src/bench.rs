@@ -43,6 +43,9 @@ pub struct BenchArgs {
     /// `prior`: (t, eps) draws per vector.
     #[arg(long, default_value_t = 4)]
     pub mc: usize,
+    /// `prior` and `ae`: the training step's forward-pass dtype (bf16 is emulated on the CPU).
+    #[arg(long, value_enum, default_value_t = crate::precision::Precision::F32)]
+    pub precision: crate::precision::Precision,
     /// Compute device (`prior` only; the toy figures are CPU figures).
     #[arg(long, value_enum, default_value_t = crate::backend::DeviceChoice::Auto)]
     pub device: crate::backend::DeviceChoice,
@@ -343,12 +346,14 @@ fn prior(args: &BenchArgs) -> Result<Value> {
         .batch
         .unwrap_or(if on_cpu { 1024 } else { cfg.train.batch });
     cfg.train.mc = args.mc;
+    cfg.train.precision = args.precision;
     cfg.validate()?;
     let (d, batch, mc) = (cfg.data.latent_dim, cfg.train.batch, cfg.train.mc);
     tracing::info!(
-        "measuring flowalign ({name}, {}x{}, batch {batch} x mc {mc})",
+        "measuring flowalign ({name}, {}x{}, batch {batch} x mc {mc}, {})",
         cfg.model.width,
-        cfg.model.depth
+        cfg.model.depth,
+        args.precision
     );
     let mut trainer = crate::prior::run::new_trainer(&cfg, d, &device);
     let mut rng = rng_for(0, Stream::Prior, 0);
@@ -365,6 +370,7 @@ fn prior(args: &BenchArgs) -> Result<Value> {
     let sps = timed(args.seconds, || step(&mut rng))?;
     let ours = json!({
         "device": name,
+        "precision": args.precision,
         "vectors_per_sec": sps * batch as f64,
         "steps_per_sec": sps,
         "peak_rss_mib": peak_rss_mib(),
@@ -386,7 +392,8 @@ fn prior(args: &BenchArgs) -> Result<Value> {
             .unwrap_or(2)
             .to_string(),
     ];
-    let theirs = if on_cpu {
+    // The peer trains in f32: a bf16 figure has no like-for-like peer.
+    let theirs = if on_cpu && args.precision == crate::precision::Precision::F32 {
         peer(args, "benches/torch_prior.py", &extra)
     } else {
         None
@@ -414,6 +421,7 @@ fn ae(args: &BenchArgs) -> Result<Value> {
     let mut cfg = AeConfig::preset(AePreset::Paper, "-", "-");
     cfg.model.size = args.model;
     cfg.train.batch = args.batch.unwrap_or(if on_cpu { 2 } else { 256 });
+    cfg.train.precision = args.precision;
     cfg.validate()?;
     let (b, s) = (cfg.train.batch, cfg.model.image_size);
     let (depth, width, heads) = cfg.model.size.dims();
@@ -529,6 +537,7 @@ fn ae(args: &BenchArgs) -> Result<Value> {
                    "image_size": s, "patch": cfg.model.patch, "latent_tokens": cfg.model.latent_tokens },
         "batch": b,
         "device": name,
+        "precision": args.precision,
         "train_images_per_sec": sps * b as f64,
         "train_steps_per_sec": sps,
         "peak_rss_mib": peak_rss_mib(),

@@ -246,3 +246,47 @@ fn bad_input_is_one_line_and_leaves_no_checkpoint() {
     assert!(err.contains("prior train"), "{err}");
     assert!(!out_dir.join("checkpoint.toml").exists());
 }
+
+#[test]
+fn precision_flag_trains_in_bf16_and_a_resume_may_change_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("model.safetensors");
+    write_table(&file, 2000, 64);
+    let spec = format!("{}:{TENSOR}", file.display());
+    let dir = tmp.path().join("run");
+    let mut args = train_args(&spec, dir.to_str().unwrap(), "20");
+    args.extend(["--precision", "bf16"]);
+    let out = flowalign(&args);
+    assert!(out.status.success(), "{out:?}");
+    let cfg = std::fs::read_to_string(dir.join("config.toml")).unwrap();
+    assert!(cfg.contains("precision = \"bf16\""), "{cfg}");
+    // The exported prior is f32 (its weights are the f32 master copy's EMA).
+    assert!(weights(&dir).iter().all(|v| v.is_finite()));
+    let out = flowalign(&[
+        "prior",
+        "train",
+        "--out",
+        dir.to_str().unwrap(),
+        "--resume",
+        "--steps",
+        "40",
+        "--precision",
+        "f32",
+        "--device",
+        "cpu",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let cfg = std::fs::read_to_string(dir.join("config.toml")).unwrap();
+    assert!(cfg.contains("precision = \"f32\""), "{cfg}");
+    let out = flowalign(&[
+        "prior",
+        "train",
+        "--out",
+        "x",
+        "--features",
+        &spec,
+        "--precision",
+        "fp8",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}

@@ -173,3 +173,55 @@ fn two_replicas_train_the_same_weights_as_one() {
     eprintln!("two replicas vs one: max |diff| {diff:e} (largest weight {scale})");
     assert!(diff <= 1e-4 * scale, "max |diff| {diff} (scale {scale})");
 }
+
+#[test]
+fn bf16_runs_resume_exactly_and_may_resume_at_f32() {
+    use flowalign::precision::Precision;
+    let tmp = tempfile::tempdir().unwrap();
+    let features = tmp.path().join("features.npy");
+    table(&features);
+    let mut cfg = config(&features);
+    cfg.train.precision = Precision::Bf16;
+    let dev = Device::flex();
+    let stop_at_13 = || {
+        let polls = std::cell::Cell::new(0);
+        move || {
+            polls.set(polls.get() + 1);
+            polls.get() >= 13
+        }
+    };
+
+    let whole = tmp.path().join("whole");
+    let mut run = PriorRun::open(cfg.clone(), &whole, false, &dev).unwrap();
+    let done = run.run(|| false, |_| {}).unwrap();
+    let want = param_values(&run.frozen());
+    assert!(done.val_loss.is_finite());
+
+    // bf16 is deterministic on the CPU: a stopped and resumed run ends with the same weights.
+    let parts = tmp.path().join("parts");
+    let mut run = PriorRun::open(cfg.clone(), &parts, false, &dev).unwrap();
+    assert!(run.run(stop_at_13(), |_| {}).unwrap().interrupted);
+    drop(run);
+    let mut run = PriorRun::open(cfg.clone(), &parts, true, &dev).unwrap();
+    run.run(|| false, |_| {}).unwrap();
+    assert!(param_values(&run.frozen()) == want);
+
+    // The checkpoint holds f32 state only, so the rest of the run may compute in f32.
+    let switched = tmp.path().join("switched");
+    let mut run = PriorRun::open(cfg.clone(), &switched, false, &dev).unwrap();
+    assert!(run.run(stop_at_13(), |_| {}).unwrap().interrupted);
+    drop(run);
+    let mut f32_cfg = cfg.clone();
+    f32_cfg.train.precision = Precision::F32;
+    let mut run = PriorRun::open(f32_cfg, &switched, true, &dev).unwrap();
+    let end = run.run(|| false, |_| {}).unwrap();
+    assert_eq!((end.resumed_from, end.step), (13, 30));
+    assert!(
+        (end.val_loss - done.val_loss).abs() < 0.05 * done.val_loss,
+        "{} vs {}",
+        end.val_loss,
+        done.val_loss
+    );
+    let written = std::fs::read_to_string(switched.join("config.toml")).unwrap();
+    assert!(written.contains("precision = \"f32\""), "{written}");
+}

@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use super::model::{AeModelConfig, VitSize};
 use crate::error::{Error, Result};
+use crate::precision::Precision;
 use crate::train::OptimSpec;
 
 /// Named starting points for an autoencoder run.
@@ -130,6 +131,11 @@ pub struct AeTrainConfig {
     /// Images smaller than the crop: upscale (default), skip or error.
     #[serde(default)]
     pub small_images: super::data::SmallImages,
+    /// The forward pass's dtype (`f32` or `bf16`); weights, gradients, optimiser state and EMA
+    /// stay f32 either way, so it may change on resume. The paper trained in bf16 on GPUs; the
+    /// presets keep f32, which every backend computes natively.
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 /// A complete autoencoder run: what `--config` reads and every run writes as `config.toml`.
@@ -196,6 +202,8 @@ impl AeConfig {
                 monitor_every: 1_000,
                 monitor_images: 157, // 10,048 latent tokens
                 small_images: super::data::SmallImages::Upscale,
+                // SPEC section 6 trains in bf16 on GPUs; `--precision bf16` asks for it.
+                precision: Precision::F32,
             },
         };
         match preset {

@@ -22,6 +22,7 @@ use crate::config::{Reduction, Schedule};
 use crate::dist::{self, Comm};
 use crate::error::{Error, Result};
 use crate::flow::VelocityMlp;
+use crate::precision::Precision;
 use crate::prior::FeaturePriorConfig;
 use crate::prior::data::PriorData;
 use crate::prior::eval::knn_log_r;
@@ -255,6 +256,7 @@ pub fn ae_step(
         .collect();
     let draws = &draws;
     let adv_weight = loss_cfg.adv.weight;
+    let precision = trainer.precision();
     let (step, parts) =
         trainer.step_sharded(shards, "autoencoder training", |model, (a, e, fr, disc)| {
             let ad = fr.device.clone().autodiff();
@@ -264,8 +266,9 @@ pub fn ae_step(
                 TensorData::new(batch.pixels[a * px..e * px].to_vec(), [n, 3, s, s]),
                 &ad,
             );
-            let z = model.encode(x.clone()); // [n, k, dz]
-            let rec = model.decode(z.clone());
+            // The model computes at `precision`; latents and pixels come back as f32 for the losses.
+            let z = Precision::output(model.encode(precision.input(x.clone()))); // [n, k, dz]
+            let rec = Precision::output(model.decode(precision.input(z.clone())));
             let rec_out = rec.clone().inner();
             let perceptual = fr
                 .lpips
@@ -366,7 +369,8 @@ pub fn new_trainer(cfg: &AeConfig, device: &Device) -> Result<Trainer<Autoencode
         Reduction::Mean,
     )
     .with_optim(t.optim)
-    .with_ema(t.ema))
+    .with_ema(t.ema)
+    .with_precision(t.precision))
 }
 
 /// An autoencoder run: images, frozen prior, trainer and folder.
@@ -1000,6 +1004,85 @@ mod tests {
             norm(model.encoder.patch_embed.weight.id) > 0.0,
             norm(model.decoder.to_pixels.weight.id) > 0.0,
         )
+    }
+
+    #[test]
+    fn a_bf16_step_matches_the_f32_step_and_keeps_the_state_f32() {
+        let dev = Device::flex();
+        let mut cfg = AeConfig::preset(AePreset::Small, "-", "-");
+        cfg.model.image_size = 16;
+        cfg.model.patch = 8;
+        cfg.model.latent_tokens = 4;
+        cfg.model.latent_dim = 3;
+        cfg.loss.lambda = 0.5;
+        let prior = VelocityMlpConfig::new(3, 16, 1).init(&mut rng_for(1, Stream::Init, 0), &dev);
+        let frozen = Frozen {
+            device: dev.clone(),
+            prior,
+            lpips: None,
+            dino: None,
+        };
+        let b = 4;
+        let batch = ImageBatch {
+            pixels: (0..b * 3 * 16 * 16)
+                .map(|i| ((i as f32) * 0.05).sin())
+                .collect(),
+            labels: vec![0; b],
+            size: 16,
+            first: 0,
+            total: b,
+        };
+        let run = |precision: Precision| {
+            let mut cfg = cfg.clone();
+            cfg.train.precision = precision;
+            let mut trainer = new_trainer(&cfg, &dev).unwrap();
+            assert_eq!(trainer.precision(), precision);
+            let before = crate::train::param_values(trainer.model());
+            let mut rng = rng_for(2, Stream::Init, 0);
+            let (stats, recs) = ae_step(
+                &mut trainer,
+                std::slice::from_ref(&frozen),
+                &batch,
+                &cfg.loss,
+                None,
+                &mut rng,
+            )
+            .unwrap();
+            assert_eq!(recs[0].dtype(), burn::tensor::DType::F32);
+            let after = crate::train::param_values(trainer.model());
+            let update: Vec<f32> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+            (stats, update, trainer.state_bytes().unwrap())
+        };
+        let (s32, u32_, _) = run(Precision::F32);
+        let (s16, u16_, state) = run(Precision::Bf16);
+        assert!(
+            (s16.l2 - s32.l2).abs() < 1e-2 * s32.l2,
+            "{} vs {}",
+            s16.l2,
+            s32.l2
+        );
+        assert!(
+            (s16.l_align - s32.l_align).abs() < 1e-2 * s32.l_align,
+            "{} vs {}",
+            s16.l_align,
+            s32.l_align
+        );
+        // AdamW's first step moves each weight by about lr * sign(gradient): compare directions.
+        let dot: f32 = u16_.iter().zip(&u32_).map(|(a, b)| a * b).sum();
+        let norm = |u: &[f32]| u.iter().map(|v| v * v).sum::<f32>().sqrt();
+        let cosine = dot / (norm(&u16_) * norm(&u32_));
+        assert!(cosine > 0.95, "update cosine {cosine}");
+        for bytes in [Some(&state.model), state.ema.as_ref(), Some(&state.optim)]
+            .into_iter()
+            .flatten()
+        {
+            let bytes = burn::tensor::Bytes::from_bytes_vec(bytes.clone());
+            let reader = burn::store::burn_pack::Reader::from_bytes(bytes).unwrap();
+            for t in reader.into_tensors().unwrap() {
+                let (name, dtype, _, _, _) = t.into_parts().unwrap();
+                assert_eq!(dtype, burn::tensor::DType::F32, "{name}");
+            }
+        }
     }
 
     #[test]

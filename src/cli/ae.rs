@@ -236,6 +236,10 @@ pub struct TrainArgs {
     /// Images smaller than the crop: upscale them (default), skip them, or stop with an error.
     #[arg(long, value_enum)]
     small_images: Option<flowalign::ae::data::SmallImages>,
+    /// The forward pass's dtype: `f32`, or `bf16` (meant for GPUs; weights, gradients, optimiser
+    /// state and EMA stay f32, so a resume may change it).
+    #[arg(long, value_enum)]
+    precision: Option<flowalign::precision::Precision>,
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     device: DeviceChoice,
     /// Data-parallel over this many devices of --device's kind (CUDA 0..N-1 or hardware wgpu
@@ -312,6 +316,7 @@ impl TrainArgs {
         set!(monitor_every => train.monitor_every);
         set!(recon_every => train.recon_every);
         set!(small_images => train.small_images);
+        set!(precision => train.precision);
         cfg.validate()?;
         Ok(cfg)
     }

@@ -36,7 +36,8 @@ pub struct TrainArgs {
     /// The run folder: config, metrics, checkpoints and the frozen prior (prior.safetensors).
     #[arg(long)]
     out: PathBuf,
-    /// Continue the checkpoint in --out (only --steps, --checkpoint-every and --log-every may change).
+    /// Continue the checkpoint in --out (only --steps, --checkpoint-every, --log-every and
+    /// --precision may change).
     #[arg(long)]
     resume: bool,
     /// Starting values: `paper` (SPEC section 6, the default) or `small` (a CPU-sized run).
@@ -86,6 +87,10 @@ pub struct TrainArgs {
     checkpoint_every: Option<usize>,
     #[arg(long)]
     log_every: Option<usize>,
+    /// The forward pass's dtype: `f32`, or `bf16` (meant for GPUs; weights, gradients, optimiser
+    /// state and EMA stay f32, so a resume may change it).
+    #[arg(long, value_enum)]
+    precision: Option<flowalign::precision::Precision>,
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     device: DeviceChoice,
     /// Data-parallel over this many devices of --device's kind (CUDA 0..N-1 or hardware wgpu
@@ -137,6 +142,7 @@ impl TrainArgs {
         set!(seed => train.seed);
         set!(checkpoint_every => train.checkpoint_every);
         set!(log_every => train.log_every);
+        set!(precision => train.precision);
         if self.scale.is_some() {
             cfg.data.scale = self.scale;
         }

@@ -194,10 +194,12 @@ impl VelocityMlp {
     }
 
     /// SiLU of the time embedding's MLP: the input of every AdaLN modulation.
+    ///
+    /// The embedding is built at `t`'s precision and enters the MLP at the parameters' dtype, so a
+    /// network with bf16 parameters keeps t and the sinusoids in f32 (as autocast would).
     fn conditioning(&self, t: Tensor<1>) -> Tensor<2> {
-        let c = self
-            .time_fc2
-            .forward(silu(self.time_fc1.forward(time_embedding(t))));
+        let emb = time_embedding(t).cast(self.time_fc1.weight.val().dtype());
+        let c = self.time_fc2.forward(silu(self.time_fc1.forward(emb)));
         silu(c)
     }
 

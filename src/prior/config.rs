@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::one_line;
 use crate::error::{Error, Result};
 use crate::features::projection::{PAPER_SEED, ProjectionKind};
+use crate::precision::Precision;
 use crate::train::OptimSpec;
 
 /// Named starting points for a feature prior run.
@@ -73,6 +74,11 @@ pub struct TrainConfig {
     pub checkpoint_every: usize,
     /// Log metrics every this many steps.
     pub log_every: usize,
+    /// The forward pass's dtype (`f32` or `bf16`); weights, gradients, optimiser state and EMA
+    /// stay f32 either way, so it may change on resume. The paper trained in bf16 on GPUs; the
+    /// presets keep f32, which every backend computes natively.
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 /// A complete feature prior run: what `--config` reads and every run writes as `config.toml`.
@@ -110,6 +116,8 @@ impl FeaturePriorConfig {
             seed: 0,
             checkpoint_every: 5_000,
             log_every: 100,
+            // SPEC section 6 trains in bf16 on GPUs; `--precision bf16` asks for it.
+            precision: Precision::F32,
         };
         match preset {
             PriorPreset::Paper => FeaturePriorConfig {
@@ -257,6 +265,23 @@ mod tests {
             (p.data.latent_dim, p.data.projection_seed),
             (32, PAPER_SEED)
         );
+    }
+
+    #[test]
+    fn precision_defaults_to_f32_and_may_change_on_resume() {
+        let saved = FeaturePriorConfig::preset(PriorPreset::Small, "f");
+        assert_eq!(saved.train.precision, Precision::F32);
+        // Configs written before the key existed read as f32.
+        let text = saved.to_toml().replace("precision = \"f32\"\n", "");
+        assert!(!text.contains("precision"));
+        let old: FeaturePriorConfig = toml::from_str(&text).unwrap();
+        assert_eq!(old, saved);
+        let mut asked = saved.clone();
+        asked.train.precision = Precision::Bf16;
+        assert!(asked.to_toml().contains("precision = \"bf16\""));
+        asked.check_resumable(&saved).unwrap();
+        let bad = saved.to_toml().replace("\"f32\"", "\"fp8\"");
+        assert!(toml::from_str::<FeaturePriorConfig>(&bad).is_err());
     }
 
     #[test]

@@ -392,6 +392,7 @@ pub fn new_trainer(cfg: &FeaturePriorConfig, dim: usize, device: &Device) -> Pri
     )
     .with_optim(t.optim)
     .with_ema(t.ema)
+    .with_precision(t.precision)
 }
 
 fn check_same_table(
