@@ -412,33 +412,20 @@ impl AeRun {
     ) -> Result<AeRun> {
         dist::check_batch(cfg.train.batch, comm.rank().size, "images")?;
         let mut run = Self::open_as(cfg, dir, resume, device, comm.leads())?;
-        let state = comm
-            .leads()
-            .then(|| run.trainer.state_bytes())
-            .transpose()?;
-        let state = dist::share_state(&comm, state)?;
-        if !comm.leads() {
-            run.trainer.restore(&state)?;
-            run.resumed_from = state.step;
-        }
-        run.trainer = run.trainer.with_comm(Arc::clone(&comm));
+        let (trainer, step) = dist::adopt(run.trainer, &comm)?;
+        (run.trainer, run.resumed_from) = (trainer, step);
         if let Some(adv) = run.adversary.take() {
-            let state = comm
-                .leads()
-                .then(|| adv.trainer.state_bytes())
-                .transpose()?;
-            let state = dist::share_state(&comm, state)?;
+            let (disc, _) = dist::adopt(adv.trainer, &comm)?;
             let lecam: Vec<u8> = [adv.lecam.real, adv.lecam.fake]
                 .iter()
                 .flat_map(|v| v.to_le_bytes())
                 .collect();
             let lecam = comm.broadcast(lecam, "LeCAM means")?;
             let mut adv = adversarial::Adversary {
-                trainer: adv.trainer.with_comm(Arc::clone(&comm)),
+                trainer: disc,
                 lecam: adv.lecam,
             };
             if !comm.leads() {
-                adv.trainer.restore(&state)?;
                 let value = |i: usize| {
                     lecam
                         .get(i * 8..i * 8 + 8)

@@ -12,8 +12,8 @@
 //! and lets the MPI thread poll its non-blocking collectives with a deadline: a rank that dies or
 //! hangs stops the whole job (`MPI_Abort`) with a message naming it, never a silent hang.
 
-use std::sync::Mutex;
 use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -22,7 +22,7 @@ use burn::optim::GradientsParams;
 use burn::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::train::TrainerState;
+use crate::train::{Trainer, TrainerState};
 
 #[cfg(feature = "mpi")]
 mod mpi_thread;
@@ -276,6 +276,18 @@ pub fn share_state(comm: &Comm, state: Option<TrainerState>) -> Result<TrainerSt
         ema,
         optim,
     })
+}
+
+/// `trainer` as one rank's copy of rank 0's: every rank ends with rank 0's state (weights, EMA,
+/// optimiser, step) and averages its gradients over `comm`. Returns the step the state was at.
+pub fn adopt<M: Module>(trainer: Trainer<M>, comm: &Arc<Comm>) -> Result<(Trainer<M>, usize)> {
+    let mut trainer = trainer;
+    let state = comm.leads().then(|| trainer.state_bytes()).transpose()?;
+    let state = share_state(comm, state)?;
+    if !comm.leads() {
+        trainer.restore(&state)?;
+    }
+    Ok((trainer.with_comm(Arc::clone(comm)), state.step))
 }
 
 /// The rows `[a, b)` of a global batch of `batch` that rank `rank` of `size` trains on.

@@ -149,16 +149,8 @@ impl PriorRun {
                 comm: None,
             }
         };
-        let state = comm
-            .leads()
-            .then(|| run.trainer.state_bytes())
-            .transpose()?;
-        let state = dist::share_state(&comm, state)?;
-        if !comm.leads() {
-            run.trainer.restore(&state)?;
-            run.resumed_from = state.step;
-        }
-        run.trainer = run.trainer.with_comm(Arc::clone(&comm));
+        let (trainer, step) = dist::adopt(run.trainer, &comm)?;
+        (run.trainer, run.resumed_from) = (trainer, step);
         run.comm = Some(comm);
         Ok(run)
     }
