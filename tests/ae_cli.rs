@@ -15,50 +15,7 @@ use flowalign::checkpoint;
 use flowalign::train::param_values;
 
 mod common;
-use common::{draw_images, flowalign, one_line_error, train_prior, write_inception};
-
-fn ae_args<'a>(data: &'a str, prior: &'a str, out: &'a str, lambda: &'a str) -> Vec<&'a str> {
-    vec![
-        "ae",
-        "train",
-        "--data",
-        data,
-        "--prior",
-        prior,
-        "--out",
-        out,
-        "--preset",
-        "small",
-        "--image-size",
-        "32",
-        "--patch",
-        "8",
-        "--latent-tokens",
-        "8",
-        "--latent-dim",
-        "4",
-        "--batch",
-        "8",
-        "--steps",
-        "150",
-        "--lambda",
-        lambda,
-        "--checkpoint-every",
-        "50",
-        "--log-every",
-        "10",
-        "--monitor-every",
-        "50",
-        "--recon-every",
-        "50",
-        "--adv-weight",
-        "0.1",
-        "--adv-start",
-        "20",
-        "--device",
-        "cpu",
-    ]
-}
+use common::{ae_args, draw_images, flowalign, one_line_error, train_prior, write_inception};
 
 /// The adversarial columns of the metrics line at `step` (empty cells as `None`).
 fn adv_columns(dir: &Path, step: usize) -> Vec<Option<f32>> {

@@ -14,7 +14,7 @@ use flowalign::checkpoint;
 use flowalign::train::{load_prior, param_values};
 
 mod common;
-use common::{draw_images, flowalign, train_prior, write_table};
+use common::{ae_args, draw_images, flowalign, prior_args, set, train_prior, write_table};
 
 /// `mpirun -np ranks flowalign args...`, set up for a container (root, no shared-memory
 /// single-copy mechanism).
@@ -37,43 +37,6 @@ fn mpirun(ranks: usize, args: &[&str]) -> Command {
 fn run(mut cmd: Command) -> Output {
     cmd.output()
         .expect("mpirun runs (OpenMPI: apt-get install openmpi-bin)")
-}
-
-fn prior_args<'a>(features: &'a str, out: &'a str, steps: &'a str) -> Vec<&'a str> {
-    vec![
-        "prior",
-        "train",
-        "--features",
-        features,
-        "--out",
-        out,
-        "--preset",
-        "small",
-        "--latent-dim",
-        "8",
-        "--width",
-        "48",
-        "--depth",
-        "2",
-        "--batch",
-        "128",
-        "--steps",
-        steps,
-        "--warmup",
-        "10",
-        "--checkpoint-every",
-        "20",
-        "--log-every",
-        "10",
-        "--device",
-        "cpu",
-    ]
-}
-
-/// Replaces the value of `flag` in `args`.
-fn set<'a>(args: &mut [&'a str], flag: &str, value: &'a str) {
-    let i = args.iter().position(|a| *a == flag).unwrap();
-    args[i + 1] = value;
 }
 
 fn prior_weights(dir: &Path) -> Vec<f32> {
@@ -295,58 +258,26 @@ fn two_ranks_train_the_autoencoder_of_one() {
     draw_images(&images, 24);
     let prior = tmp.path().join("prior");
     train_prior(&prior, &tmp.path().join("table.npy"));
-    let args = |out: &Path| -> Vec<String> {
-        [
-            "ae",
-            "train",
-            "--data",
-            images.to_str().unwrap(),
-            "--prior",
-            prior.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--preset",
-            "small",
-            "--image-size",
-            "32",
-            "--patch",
-            "8",
-            "--latent-tokens",
-            "8",
-            "--latent-dim",
-            "4",
-            "--batch",
-            "8",
-            "--steps",
-            "20",
-            "--lambda",
-            "0.1",
-            "--adv-weight",
-            "0.1",
-            "--adv-start",
-            "5",
-            "--checkpoint-every",
-            "10",
-            "--log-every",
-            "10",
-            "--monitor-every",
-            "10",
-            "--recon-every",
-            "10",
-            "--device",
-            "cpu",
-        ]
-        .map(String::from)
-        .to_vec()
-    };
-    let solo = tmp.path().join("solo");
-    let a = args(&solo);
-    let out = flowalign(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let (data, prior) = (images.to_str().unwrap(), prior.to_str().unwrap());
+    let (solo, duo) = (tmp.path().join("solo"), tmp.path().join("duo"));
+    let (solo_s, duo_s) = (solo.to_str().unwrap(), duo.to_str().unwrap());
+    let mut one = ae_args(data, prior, solo_s, "0.1");
+    let mut two = ae_args(data, prior, duo_s, "0.1");
+    for a in [&mut one, &mut two] {
+        for (flag, value) in [
+            ("--steps", "20"),
+            ("--adv-start", "5"),
+            ("--checkpoint-every", "10"),
+            ("--monitor-every", "10"),
+            ("--recon-every", "10"),
+        ] {
+            set(a, flag, value);
+        }
+    }
+    let out = flowalign(&one);
     assert!(out.status.success(), "{out:?}");
-    let duo = tmp.path().join("duo");
-    let mut a = args(&duo);
-    a.extend(["--distributed".into(), "mpi".into()]);
-    let out = run(mpirun(2, &a.iter().map(String::as_str).collect::<Vec<_>>()));
+    two.extend(["--distributed", "mpi"]);
+    let out = run(mpirun(2, &two));
     assert!(out.status.success(), "{out:?}");
     let weights = |dir: &Path| {
         let cfg: AeConfig = checkpoint::read_config(dir, "ae train").unwrap();

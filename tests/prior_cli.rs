@@ -9,41 +9,9 @@ use burn::prelude::Device;
 use flowalign::train::{load_prior, param_values};
 
 mod common;
-use common::{flowalign, one_line_error, write_table};
+use common::{flowalign, one_line_error, prior_args, write_table};
 
 const TENSOR: &str = "model.embed_tokens.weight";
-
-/// The flags of a tiny run on `features` into `out`.
-fn train_args<'a>(features: &'a str, out: &'a str, steps: &'a str) -> Vec<&'a str> {
-    vec![
-        "prior",
-        "train",
-        "--features",
-        features,
-        "--out",
-        out,
-        "--preset",
-        "small",
-        "--latent-dim",
-        "8",
-        "--width",
-        "48",
-        "--depth",
-        "2",
-        "--batch",
-        "128",
-        "--steps",
-        steps,
-        "--warmup",
-        "10",
-        "--checkpoint-every",
-        "20",
-        "--log-every",
-        "10",
-        "--device",
-        "cpu",
-    ]
-}
 
 fn weights(dir: &Path) -> Vec<f32> {
     let (prior, meta) = load_prior(dir, &Device::flex()).unwrap();
@@ -58,7 +26,7 @@ fn train_kill_resume_eval_and_sample() {
     write_table(&file, 4000, 64);
     let spec = format!("{}:{TENSOR}", file.display());
     let whole = tmp.path().join("whole");
-    let out = flowalign(&train_args(&spec, whole.to_str().unwrap(), "400"));
+    let out = flowalign(&prior_args(&spec, whole.to_str().unwrap(), "400"));
     assert!(out.status.success(), "{out:?}");
     for f in [
         "config.toml",
@@ -82,7 +50,7 @@ fn train_kill_resume_eval_and_sample() {
     // The same run killed (SIGKILL) once its first checkpoints exist, then resumed.
     let parts = tmp.path().join("parts");
     let mut child = Command::new(env!("CARGO_BIN_EXE_flowalign"))
-        .args(train_args(&spec, parts.to_str().unwrap(), "400"))
+        .args(prior_args(&spec, parts.to_str().unwrap(), "400"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -106,18 +74,18 @@ fn train_kill_resume_eval_and_sample() {
     );
 
     // Starting afresh over it is refused; so is resuming with another projection.
-    let err = one_line_error(&flowalign(&train_args(
+    let err = one_line_error(&flowalign(&prior_args(
         &spec,
         parts.to_str().unwrap(),
         "400",
     )));
     assert!(err.contains("--resume"), "{err}");
-    let mut other = train_args(&spec, parts.to_str().unwrap(), "400");
+    let mut other = prior_args(&spec, parts.to_str().unwrap(), "400");
     other.extend(["--resume", "--projection-seed", "7"]);
     let err = one_line_error(&flowalign(&other));
     assert!(err.contains("projection_seed"), "{err}");
 
-    let mut resume = train_args(&spec, parts.to_str().unwrap(), "400");
+    let mut resume = prior_args(&spec, parts.to_str().unwrap(), "400");
     resume.push("--resume");
     let out = flowalign(&resume);
     assert!(out.status.success(), "{out:?}");
@@ -129,7 +97,7 @@ fn train_kill_resume_eval_and_sample() {
 
     // Data-parallel over two replicas (sharing the CPU here): the same run to float tolerance.
     let dp = tmp.path().join("dp");
-    let mut args = train_args(&spec, dp.to_str().unwrap(), "400");
+    let mut args = prior_args(&spec, dp.to_str().unwrap(), "400");
     args.extend(["--gpus", "2"]);
     let out = flowalign(&args);
     assert!(out.status.success(), "{out:?}");
@@ -205,7 +173,7 @@ fn bad_input_is_one_line_and_leaves_no_checkpoint() {
     let file = tmp.path().join("nan.npy");
     flowalign::features::write_npy(&file, 500, 16, &data).unwrap();
     let out_dir = tmp.path().join("run");
-    let err = one_line_error(&flowalign(&train_args(
+    let err = one_line_error(&flowalign(&prior_args(
         file.to_str().unwrap(),
         out_dir.to_str().unwrap(),
         "20",
@@ -217,7 +185,7 @@ fn bad_input_is_one_line_and_leaves_no_checkpoint() {
     data[16 * 7 + 3] = 1.0;
     let clean = tmp.path().join("clean.npy");
     flowalign::features::write_npy(&clean, 500, 16, &data).unwrap();
-    let mut args = train_args(clean.to_str().unwrap(), out_dir.to_str().unwrap(), "20");
+    let mut args = prior_args(clean.to_str().unwrap(), out_dir.to_str().unwrap(), "20");
     let at = args.iter().position(|a| *a == "--latent-dim").unwrap();
     args[at + 1] = "32";
     let err = one_line_error(&flowalign(&args));
@@ -225,13 +193,13 @@ fn bad_input_is_one_line_and_leaves_no_checkpoint() {
     let st = tmp.path().join("t.safetensors");
     write_table(&st, 100, 16);
     let spec = format!("{}:nope", st.display());
-    let err = one_line_error(&flowalign(&train_args(
+    let err = one_line_error(&flowalign(&prior_args(
         &spec,
         out_dir.to_str().unwrap(),
         "20",
     )));
     assert!(err.contains(TENSOR), "{err}");
-    let err = one_line_error(&flowalign(&train_args(
+    let err = one_line_error(&flowalign(&prior_args(
         "/no/such/file.npy",
         out_dir.to_str().unwrap(),
         "20",
@@ -254,7 +222,7 @@ fn precision_flag_trains_in_bf16_and_a_resume_may_change_it() {
     write_table(&file, 2000, 64);
     let spec = format!("{}:{TENSOR}", file.display());
     let dir = tmp.path().join("run");
-    let mut args = train_args(&spec, dir.to_str().unwrap(), "20");
+    let mut args = prior_args(&spec, dir.to_str().unwrap(), "20");
     args.extend(["--precision", "bf16"]);
     let out = flowalign(&args);
     assert!(out.status.success(), "{out:?}");

@@ -323,10 +323,7 @@ impl TrainArgs {
 }
 
 fn train(args: TrainArgs) -> Result<()> {
-    let comm = args.dist.join()?;
-    let (interrupted, step) = super::in_job(comm.clone(), || train_rank(&args, comm))?;
-    super::exit_if_stopped(interrupted, step);
-    Ok(())
+    super::run_training(&args.dist, |comm| train_rank(&args, comm))
 }
 
 /// This process's part of a training run (the whole run without --distributed); returns whether

@@ -47,7 +47,7 @@ pub fn train_bar(what: &str, total: usize, from: usize) -> ProgressBar {
 
 /// After a training run: when it was stopped by a signal (a checkpoint was written), say how to
 /// continue and exit with code 130.
-pub fn exit_if_stopped(interrupted: bool, step: usize) {
+fn exit_if_stopped(interrupted: bool, step: usize) {
     if interrupted {
         tracing::info!("stopped at step {step}: checkpoint written; continue with --resume");
         std::process::exit(130);
@@ -151,10 +151,23 @@ pub fn shared_config<C: Serialize + DeserializeOwned>(
     }
 }
 
+/// A training command from start to end: joins the job when --distributed asks for one, runs
+/// `rank` (this process's part; it returns whether it was stopped and its last step) under
+/// [`in_job`], and exits with code 130 when a signal stopped it.
+pub fn run_training(
+    dist: &DistArgs,
+    rank: impl FnOnce(Option<Arc<Comm>>) -> Result<(bool, usize)>,
+) -> Result<()> {
+    let comm = dist.join()?;
+    let (interrupted, step) = in_job(comm.clone(), || rank(comm))?;
+    exit_if_stopped(interrupted, step);
+    Ok(())
+}
+
 /// Runs `body` as this process's part of the job. On success the job ends cleanly; on an error
 /// this rank prints it with its rank and stops every rank (`MPI_Abort`, exit code 2), so no rank is
 /// left waiting. Without a job, `body`'s result is returned as is.
-pub fn in_job<T>(comm: Option<Arc<Comm>>, body: impl FnOnce() -> Result<T>) -> Result<T> {
+fn in_job<T>(comm: Option<Arc<Comm>>, body: impl FnOnce() -> Result<T>) -> Result<T> {
     let result = body();
     let Some(comm) = comm else {
         return result;

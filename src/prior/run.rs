@@ -87,12 +87,27 @@ impl PriorRun {
         resume: bool,
         device: &Device,
     ) -> Result<PriorRun> {
+        Self::open_as(cfg, dir, resume, device, true)
+    }
+
+    /// [`PriorRun::open`]; with `lead` false the run folder is neither read nor written.
+    fn open_as(
+        cfg: FeaturePriorConfig,
+        dir: &Path,
+        resume: bool,
+        device: &Device,
+        lead: bool,
+    ) -> Result<PriorRun> {
         cfg.validate()?;
-        let (old, saved) = checkpoint::open::<FeaturePriorConfig, super::data::TableInfo>(
-            dir,
-            resume,
-            "prior train",
-        )?;
+        let (old, saved) = if lead {
+            checkpoint::open::<FeaturePriorConfig, super::data::TableInfo>(
+                dir,
+                resume,
+                "prior train",
+            )?
+        } else {
+            (None, None)
+        };
         if let Some(old) = &old {
             cfg.check_resumable(old)?;
         }
@@ -100,7 +115,9 @@ impl PriorRun {
         if let Some((m, _)) = &saved {
             check_same_table(&cfg, m, &data)?;
         }
-        checkpoint::write_config(dir, &cfg)?;
+        if lead {
+            checkpoint::write_config(dir, &cfg)?;
+        }
         let mut trainer = new_trainer(&cfg, data.dim(), device);
         let resumed_from = match saved {
             Some((_, state)) => {
@@ -132,23 +149,7 @@ impl PriorRun {
         comm: Arc<Comm>,
     ) -> Result<PriorRun> {
         dist::check_batch(cfg.train.batch, comm.rank().size, "feature vectors")?;
-        let mut run = if comm.leads() {
-            PriorRun::open(cfg, dir, resume, device)?
-        } else {
-            cfg.validate()?;
-            let data = PriorData::prepare(&cfg.data, cfg.train.seed, device)?;
-            let trainer = new_trainer(&cfg, data.dim(), device);
-            PriorRun {
-                cfg,
-                dir: dir.to_path_buf(),
-                data,
-                trainer,
-                device: device.clone(),
-                replicas: Vec::new(),
-                resumed_from: 0,
-                comm: None,
-            }
-        };
+        let mut run = Self::open_as(cfg, dir, resume, device, comm.leads())?;
         let (trainer, step) = dist::adopt(run.trainer, &comm)?;
         (run.trainer, run.resumed_from) = (trainer, step);
         run.comm = Some(comm);
@@ -159,6 +160,7 @@ impl PriorRun {
     pub fn leads(&self) -> bool {
         self.comm.as_ref().is_none_or(|c| c.leads())
     }
+
     /// Trains data-parallel over `devices` (one replica and thread each; the first holds the
     /// weights). The batch and its draws do not depend on the count, so a run may resume on
     /// another number of devices.

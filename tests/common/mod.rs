@@ -178,3 +178,85 @@ pub fn write_tensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)], dt
 pub fn write_inception(path: &Path, layout: Layout) {
     write_tensors(path, &inception_tensors(layout), Dtype::F32);
 }
+
+/// The flags of a tiny run on `features` into `out`.
+pub fn prior_args<'a>(features: &'a str, out: &'a str, steps: &'a str) -> Vec<&'a str> {
+    vec![
+        "prior",
+        "train",
+        "--features",
+        features,
+        "--out",
+        out,
+        "--preset",
+        "small",
+        "--latent-dim",
+        "8",
+        "--width",
+        "48",
+        "--depth",
+        "2",
+        "--batch",
+        "128",
+        "--steps",
+        steps,
+        "--warmup",
+        "10",
+        "--checkpoint-every",
+        "20",
+        "--log-every",
+        "10",
+        "--device",
+        "cpu",
+    ]
+}
+
+/// Replaces the value of `flag` in `args`.
+pub fn set<'a>(args: &mut [&'a str], flag: &str, value: &'a str) {
+    let i = args.iter().position(|a| *a == flag).unwrap();
+    args[i + 1] = value;
+}
+
+/// The flags of a tiny autoencoder run (32 px, batch 8, 150 steps, the adversarial term from step 20).
+pub fn ae_args<'a>(data: &'a str, prior: &'a str, out: &'a str, lambda: &'a str) -> Vec<&'a str> {
+    vec![
+        "ae",
+        "train",
+        "--data",
+        data,
+        "--prior",
+        prior,
+        "--out",
+        out,
+        "--preset",
+        "small",
+        "--image-size",
+        "32",
+        "--patch",
+        "8",
+        "--latent-tokens",
+        "8",
+        "--latent-dim",
+        "4",
+        "--batch",
+        "8",
+        "--steps",
+        "150",
+        "--lambda",
+        lambda,
+        "--checkpoint-every",
+        "50",
+        "--log-every",
+        "10",
+        "--monitor-every",
+        "50",
+        "--recon-every",
+        "50",
+        "--adv-weight",
+        "0.1",
+        "--adv-start",
+        "20",
+        "--device",
+        "cpu",
+    ]
+}
