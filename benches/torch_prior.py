@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """PyTorch peer of `flowalign bench prior`: one training step of the stage-1 feature prior
-(SPEC section 6) timed the same way, so the two can be compared side by side.
+(METHOD.md section 6) timed the same way, so the two can be compared side by side.
 
-The step: AdaLN MLP velocity field (SPEC section 4), `batch` feature vectors each repeated `mc`
+The step: AdaLN MLP velocity field (METHOD.md section 4), `batch` feature vectors each repeated `mc`
 times with fresh (t, eps), mean-reduced flow-matching loss, backward, global grad-norm clip 1.0,
 AdamW (0.9, 0.95, eps 1e-8, weight decay 1e-4), EMA 0.9999 of the weights.
 

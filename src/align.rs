@@ -1,20 +1,30 @@
-//! The alignment loss (SPEC section 2, paper Eq. 5), its heatmap, and the bound of Proposition 1 (SPEC section 3).
+//! The alignment loss (METHOD.md section 2, paper Eq. 5), its heatmap, and the bound of Proposition 1 (METHOD.md section 3).
 //!
 //! `L_align(y) = E_{t, eps} || v((1 - t) eps + t y, t) - (y - eps) ||^2`. It is the flow-matching loss
 //! with the data replaced by the latents and the network frozen, so one function serves both.
 
 use burn::prelude::*;
 use rand::RngExt;
+use serde::{Deserialize, Serialize};
 
-use crate::config::Reduction;
 use crate::flow::likelihood::velocity_and_divergence;
 use crate::flow::path::{PathDraws, interpolate, normal_rows, target_velocity};
 use crate::flow::{VelocityField, rows_to_tensor};
 use crate::rng::Rng;
 
+/// How the squared error of a (t, eps) draw is reduced over dimensions (METHOD.md section 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Reduction {
+    /// Sum over dimensions (the paper's squared norm, the bound's form).
+    Sum,
+    /// Mean over dimensions (the ImageNet recipe; the toy scripts' `.mean()`).
+    Mean,
+}
+
 /// The squared flow-matching residual of each row, reduced over dimensions.
 ///
-/// Gradient reaches `x` through both the network input and the target (no stop-gradient, SPEC section 2).
+/// Gradient reaches `x` through both the network input and the target (no stop-gradient, METHOD.md section 2).
 ///
 /// # Shapes
 /// - `x`: `[batch, d]`; `draws`: `t [batch]`, `eps [batch, d]`
@@ -60,11 +70,29 @@ pub fn align_loss(
 ) -> Tensor<1> {
     let [n, d] = y.dims();
     let draws = PathDraws::sample(rng, n * mc, d, &y.device().inner());
-    let y = if mc > 1 { y.repeat_dim(0, mc) } else { y }; // [mc * n, d]
-    flow_loss(field, y, &draws, reduction)
+    align_loss_with(field, y, mc, &draws, reduction)
 }
 
-/// The L_align heatmap of SPEC section 5: at each point, the sum-reduced squared error averaged over
+/// `L_align` of the latents `y`, each taken `mc` times with the given draws (draw `c * n + r`
+/// belongs to copy `c` of row `r`, the order of [`crate::flow::path::HostDraws`]). A scalar `[1]`.
+///
+/// The one implementation of the alignment loss: the toy's latents, the autoencoder's latent tokens
+/// and every monitor call it.
+///
+/// # Shapes
+/// - `y`: `[n, d]`; `draws`: `t [mc * n]`, `eps [mc * n, d]`
+pub fn align_loss_with(
+    field: &impl VelocityField,
+    y: Tensor<2>,
+    mc: usize,
+    draws: &PathDraws,
+    reduction: Reduction,
+) -> Tensor<1> {
+    let y = if mc > 1 { y.repeat_dim(0, mc) } else { y }; // [mc * n, d]
+    flow_loss(field, y, draws, reduction)
+}
+
+/// The L_align heatmap of METHOD.md section 5: at each point, the sum-reduced squared error averaged over
 /// `t_values`, one eps per (point, t).
 ///
 /// `points` are flat rows of dimension `d`; the result has one value per point.
@@ -98,17 +126,7 @@ pub fn align_heatmap(
     out
 }
 
-/// `count` values evenly spaced over `[lo, hi]` (like numpy's linspace).
-pub fn linspace(lo: f32, hi: f32, count: usize) -> Vec<f32> {
-    if count == 1 {
-        return vec![lo];
-    }
-    (0..count)
-        .map(|i| lo + (hi - lo) * i as f32 / (count - 1) as f32)
-        .collect()
-}
-
-/// Monte Carlo estimate, per latent, of the bound of Proposition 1 (SPEC section 3):
+/// Monte Carlo estimate, per latent, of the bound of Proposition 1 (METHOD.md section 3):
 /// `log p(y) >= C(y) - L_align(y)` with `C(y) = -E_{s, eps} Tr grad v((1 - s) eps + s y, s)`, sum-reduced.
 #[derive(Debug, Clone)]
 pub struct BoundEstimate {

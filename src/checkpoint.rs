@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::one_line;
 use crate::error::{Error, Result};
-use crate::report::write_atomic;
+use crate::files::write_atomic;
 use crate::train::TrainerState;
 
 /// The manifest file of a run folder.
@@ -65,7 +65,7 @@ fn bad(path: &Path, msg: impl Into<String>) -> Error {
 /// Writes the resolved config of a run.
 pub fn write_config(dir: &Path, cfg: &impl Serialize) -> Result<()> {
     std::fs::create_dir_all(dir)
-        .map_err(|e| Error::io(dir, "choose an --out folder you can write to", e))?;
+        .map_err(|e| Error::io(dir, "choose a run folder you can write to", e))?;
     let text = toml::to_string_pretty(cfg).expect("configs serialise");
     write_atomic(&dir.join(CONFIG), text.as_bytes())
 }
@@ -76,7 +76,7 @@ pub fn read_config<C: DeserializeOwned>(dir: &Path, command: &str) -> Result<C> 
     if !path.is_file() {
         return Err(bad(
             &path,
-            format!("not found; pass the --out folder of a `flowalign {command}` run"),
+            format!("not found; give the folder of a `flowalign {command}` run"),
         ));
     }
     let text =
@@ -97,10 +97,11 @@ pub fn read_config<C: DeserializeOwned>(dir: &Path, command: &str) -> Result<C> 
 pub fn check_resumable(now: &[(&str, String)], saved: &[(&str, String)]) -> Result<()> {
     for ((key, want), (_, had)) in now.iter().zip(saved) {
         if want != had {
-            return Err(Error::Config(format!(
-                "--resume: {key} is {want} but the checkpoint was trained with {had}; \
-                 drop that flag to continue the run, or start a new one with another --out"
-            )));
+            return Err(Error::ResumeMismatch {
+                key: key.to_string(),
+                now: want.clone(),
+                saved: had.clone(),
+            });
         }
     }
     Ok(())
@@ -120,19 +121,17 @@ pub fn open<C: DeserializeOwned, D: DeserializeOwned>(
     let saved = load::<D>(dir)?;
     if !resume {
         if let Some((m, _)) = &saved {
-            return Err(Error::Config(format!(
-                "{} already holds a checkpoint at step {}; pass --resume to continue it, or choose a new --out",
-                dir.display(),
-                m.step
-            )));
+            return Err(Error::RunExists {
+                dir: dir.to_path_buf(),
+                step: m.step,
+            });
         }
         return Ok((None, None));
     }
     if !dir.join(CONFIG).is_file() {
-        return Err(Error::Config(format!(
-            "--resume: {} holds no run; drop --resume to start one there",
-            dir.display()
-        )));
+        return Err(Error::NoRun {
+            dir: dir.to_path_buf(),
+        });
     }
     Ok((Some(read_config(dir, command)?), saved))
 }
@@ -205,7 +204,7 @@ fn read_state(dir: &Path, file: &str) -> Result<Vec<u8>> {
     std::fs::read(&p).map_err(|e| {
         bad(
             &p,
-            format!("{e}; the checkpoint is incomplete, restore the file or start a new --out"),
+            format!("{e}; the checkpoint is incomplete: restore the file or start a new run"),
         )
     })
 }

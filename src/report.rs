@@ -1,4 +1,5 @@
-//! Outputs of headless runs: PNG figures (plotters), CSV and JSON, all written atomically.
+//! Figures of headless runs from plain data: PNG panels drawn with plotters (bundled font), image
+//! grids, all written atomically.
 
 use std::path::Path;
 use std::sync::Once;
@@ -8,69 +9,8 @@ use plotters::prelude::*;
 use plotters::style::colors::colormaps::ViridisRGB;
 
 use crate::error::{Error, Result};
-use crate::toy::targets::Point;
-
-/// Values on a regular 2D grid: `values[iy * xs.len() + ix]` belongs to `(xs[ix], ys[iy])`.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct Heatmap {
-    pub xs: Vec<f32>,
-    pub ys: Vec<f32>,
-    pub values: Vec<f32>,
-}
-
-impl Heatmap {
-    /// The grid's points in `values` order.
-    pub fn points(xs: &[f32], ys: &[f32]) -> Vec<Point> {
-        ys.iter()
-            .flat_map(|&y| xs.iter().map(move |&x| [x, y]))
-            .collect()
-    }
-
-    /// `((x_min, x_max), (y_min, y_max))` of the grid.
-    pub fn extent(&self) -> ((f32, f32), (f32, f32)) {
-        let (x0, x1) = (self.xs[0], *self.xs.last().unwrap_or(&self.xs[0]));
-        let (y0, y1) = (self.ys[0], *self.ys.last().unwrap_or(&self.ys[0]));
-        ((x0, x1), (y0, y1))
-    }
-
-    /// The colour range: the 2nd to 98th percentile, so a few extreme cells do not wash out the map.
-    pub fn colour_range(&self) -> (f32, f32) {
-        let mut v: Vec<f32> = self
-            .values
-            .iter()
-            .copied()
-            .filter(|x| x.is_finite())
-            .collect();
-        if v.is_empty() {
-            return (0.0, 1.0);
-        }
-        v.sort_by(f32::total_cmp);
-        let q = |p: f32| v[((v.len() - 1) as f32 * p).round() as usize];
-        let (lo, hi) = (q(0.0), q(0.98));
-        if hi > lo { (lo, hi) } else { (lo, lo + 1.0) }
-    }
-}
-
-/// Writes `bytes` to `path` atomically (temporary file in the same folder, then rename).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let hint = "choose an --out folder you can write to";
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(dir, hint, e))?;
-    std::io::Write::write_all(&mut tmp, bytes).map_err(|e| Error::io(path, hint, e))?;
-    // Temporary files are private (0600); outputs are ordinary files.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644))
-            .map_err(|e| Error::io(path, hint, e))?;
-    }
-    tmp.persist(path)
-        .map_err(|e| Error::io(path, hint, e.error))?;
-    Ok(())
-}
+use crate::files::write_atomic;
+use crate::grid::{Heatmap, Point};
 
 fn register_font() {
     static ONCE: Once = Once::new();
@@ -86,7 +26,7 @@ fn register_font() {
 type Area<'a> = DrawingArea<BitMapBackend<'a>, Shift>;
 
 fn plot_err(e: impl std::fmt::Display) -> Error {
-    Error::Config(format!("plotting failed: {e}"))
+    Error::Figure(e.to_string())
 }
 
 /// Renders a PNG of `size` pixels with `draw`, writing it atomically to `path`.
@@ -125,6 +65,29 @@ fn encode_png(out: &mut Vec<u8>, rgb: &[u8], (w, h): (u32, u32)) -> Result<()> {
     encoder.set_depth(png::BitDepth::Eight);
     let mut writer = encoder.write_header().map_err(plot_err)?;
     writer.write_image_data(rgb).map_err(plot_err)
+}
+
+/// Writes a two-row image grid PNG (e.g. originals over reconstructions): `top` and `bottom` are
+/// `[n, 3, size, size]` images in [-1, 1].
+pub fn write_image_grid(path: &Path, top: &[f32], bottom: &[f32], size: usize) -> Result<()> {
+    let px = 3 * size * size;
+    let n = (top.len() / px).min(bottom.len() / px).max(1);
+    let (w, h) = (n * size, 2 * size);
+    let mut rgb = vec![0u8; w * h * 3];
+    for (row, src) in [top, bottom].iter().enumerate() {
+        for i in 0..(src.len() / px).min(n) {
+            for y in 0..size {
+                for x in 0..size {
+                    for c in 0..3 {
+                        let v = src[((i * 3 + c) * size + y) * size + x];
+                        let byte = ((v + 1.0) * 127.5).round().clamp(0.0, 255.0) as u8;
+                        rgb[((row * size + y) * w + i * size + x) * 3 + c] = byte;
+                    }
+                }
+            }
+        }
+    }
+    write_png_rgb(path, &rgb, (w as u32, h as u32))
 }
 
 /// A point overlay on a heatmap: points, colour, radius in pixels.
@@ -396,25 +359,4 @@ pub fn arrows_panel(
     });
     chart.draw_series(segments).map_err(plot_err)?;
     Ok(())
-}
-
-/// Writes rows of a CSV file atomically; `header` names the columns.
-pub fn write_csv(
-    path: &Path,
-    header: &[&str],
-    rows: impl Iterator<Item = Vec<String>>,
-) -> Result<()> {
-    let mut text = header.join(",");
-    text.push('\n');
-    for row in rows {
-        text.push_str(&row.join(","));
-        text.push('\n');
-    }
-    write_atomic(path, text.as_bytes())
-}
-
-/// Writes a value as pretty JSON atomically.
-pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
-    let text = serde_json::to_string_pretty(value).expect("report values serialise to JSON");
-    write_atomic(path, text.as_bytes())
 }

@@ -24,7 +24,7 @@ pub enum Stream {
     Eval = 5,
     /// Reference samples (normalisation, KDE, plots).
     Reference = 6,
-    /// The fixed random projection of target features (SPEC section 2).
+    /// The fixed random projection of target features (METHOD.md section 2).
     Projection = 7,
     /// Which images make up a training batch.
     Data = 8,

@@ -12,7 +12,7 @@ use flowalign::ae::config::AeConfig;
 use flowalign::ae::inception::Layout;
 use flowalign::ae::train::AeRun;
 use flowalign::checkpoint;
-use flowalign::train::param_values;
+use flowalign::params::param_values;
 
 mod common;
 use common::{ae_args, draw_images, flowalign, one_line_error, train_prior, write_inception};
@@ -38,7 +38,7 @@ fn adv_columns(dir: &Path, step: usize) -> Vec<Option<f32>> {
 
 /// The discriminator's checkpointed weights and LeCAM's running means.
 fn discriminator_state(dir: &Path) -> (Vec<f32>, Vec<(String, f64)>) {
-    let (manifest, _) = checkpoint::load::<flowalign::ae::train::ImageInfo>(dir)
+    let (manifest, _) = checkpoint::load::<flowalign::ae::data::ImageInfo>(dir)
         .unwrap()
         .unwrap();
     let part = checkpoint::load_part(dir, &manifest, "disc")
@@ -49,7 +49,7 @@ fn discriminator_state(dir: &Path) -> (Vec<f32>, Vec<(String, f64)>) {
         "the discriminator keeps the run's step"
     );
     let cfg: AeConfig = checkpoint::read_config(dir, "ae train").unwrap();
-    let run = AeRun::open(cfg, dir, true, &Device::flex()).unwrap();
+    let run = AeRun::open(cfg, dir, true, &Device::flex(), None).unwrap();
     let weights = param_values(run.discriminator().unwrap().model());
     (weights, manifest.values.into_iter().collect())
 }
@@ -82,7 +82,7 @@ fn metrics(dir: &Path) -> Vec<(usize, f32, Option<f32>, Option<f32>)> {
 fn final_weights(dir: &Path) -> Vec<f32> {
     let cfg: AeConfig = checkpoint::read_config(dir, "ae train").unwrap();
     param_values(
-        &AeRun::open(cfg, dir, true, &Device::flex())
+        &AeRun::open(cfg, dir, true, &Device::flex(), None)
             .unwrap()
             .frozen(),
     )

@@ -297,18 +297,33 @@ fn bad_priors_and_values_get_one_line_errors() {
     std::fs::copy(out.join("prior.toml"), broken.join("prior.toml")).unwrap();
     let o = toy(&cfg, &x, &[OsStr::new("--prior"), broken.as_os_str()]);
     assert!(fails(&o).contains("truncated"));
-    // Zero or negative values.
-    for args in [
-        ["--prior-steps", "0"],
-        ["--batch", "0"],
-        ["--prior-lr", "0"],
-        ["--align-lr", "-1"],
+    // Zero, negative or non-finite values: the message names the setting, its flag and the value.
+    for (args, key) in [
+        (["--prior-steps", "0"], "prior.steps"),
+        (["--align-steps", "0"], "align.steps"),
+        (["--batch", "0"], "prior.batch"),
+        (["--prior-lr", "0"], "prior.lr"),
+        (["--align-lr=-1", "-1"], "align.lr"),
+        (["--align-lr", "NaN"], "align.lr"),
+        (["--ema", "1.5"], "prior.ema"),
+        (["--n-latents", "0"], "align.n_latents"),
+        (["--grid", "1"], "eval.grid"),
     ] {
-        let o = toy(&cfg, &x, &args);
-        fails(&o);
+        let line = fails(&toy(
+            &cfg,
+            &x,
+            &args[..1 + usize::from(!args[0].contains('='))],
+        ));
+        let flag = args[0].split('=').next().unwrap();
+        assert!(
+            line.contains(key) && line.contains(flag) && line.contains(args[1]),
+            "{args:?}: {line}"
+        );
     }
+    // A value clap itself refuses (not a count) is named in its message.
     let o = toy(&cfg, &x, &["--align-steps", "-3"]);
     assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("'-3'"), "{}", stderr(&o));
     // An unknown config key.
     let typo = d.path().join("typo.toml");
     std::fs::write(

@@ -80,10 +80,15 @@ fn bad_feature_files_get_one_line_errors() {
         &format!("{path}:model.embed_tokens.weight"),
         "--latent-dim",
         "32",
+        "--projection",
+        "avgpool",
         "--out",
         out,
     ]));
-    assert!(e.contains("below --latent-dim 32"), "{e}");
+    assert!(
+        e.contains("latent dim (32)") && e.contains("--projection"),
+        "{e}"
+    );
     let bytes = std::fs::read(&file).unwrap();
     let cut = dir.path().join("cut.safetensors");
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();

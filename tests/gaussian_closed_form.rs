@@ -1,10 +1,10 @@
 //! The engine against closed forms: for data x ~ N(0, s^2 I) the optimal velocity of the linear path is
-//! `v*(z, t) = a(t) z` with `a(t) = (t s^2 - (1 - t)) / ((1 - t)^2 + t^2 s^2)` (SPEC section 1), so
+//! `v*(z, t) = a(t) z` with `a(t) = (t s^2 - (1 - t)) / ((1 - t)^2 + t^2 s^2)` (METHOD.md section 1), so
 //! L_FM, L_align, C(y) and log p are all known exactly.
 
 use burn::prelude::*;
+use flowalign::align::Reduction;
 use flowalign::align::{align_loss, bound, flow_loss};
-use flowalign::config::Reduction;
 use flowalign::flow::likelihood::log_prob;
 use flowalign::flow::path::PathDraws;
 use flowalign::flow::{VelocityField, rows_to_tensor};
@@ -133,14 +133,14 @@ fn bound_terms_match_the_closed_form() {
             est.l_align[i]
         );
     }
-    // For s = 1: L_align(0) = d pi / 4, while log p(0) = -(d / 2) ln(2 pi). So SPEC section 3's
+    // For s = 1: L_align(0) = d pi / 4, while log p(0) = -(d / 2) ln(2 pi). So METHOD.md section 3's
     // `C(y) - L_align(y)` exceeds log p at the mode even for the exact field; with the base
     // term E[log N(eps)] = -(d / 2)(1 + ln 2 pi) added, the bound holds at both points.
     let log_p = |y2: f64| -y2 / 2.0 - (D as f64 / 2.0) * (2.0 * std::f64::consts::PI).ln();
     assert!((l_const - D as f64 * std::f64::consts::FRAC_PI_4).abs() < 1e-6);
     assert!(
         est.elbo[0] > log_p(0.0) + 0.2,
-        "SPEC form at the mode: {} vs log p {}",
+        "the paper's form at the mode: {} vs log p {}",
         est.elbo[0],
         log_p(0.0)
     );

@@ -10,10 +10,10 @@ use burn::prelude::Device;
 use eframe::egui::{self, Key, accesskit::Role};
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable as _;
-use flowalign::config::{Preset, ToyConfig};
 use flowalign::gui::worker::Stage;
 use flowalign::gui::{FlowAlignApp, Launch};
 use flowalign::toy::TargetKind;
+use flowalign::toy::{Preset, ToyConfig};
 
 /// A session small enough to train in a second or two on the CPU.
 fn tiny(target: TargetKind) -> ToyConfig {
@@ -127,7 +127,7 @@ fn select_target_start_pause_resume_align() {
     let s = &h.state().state;
     assert_eq!(s.align_step(), 150);
     assert_eq!(s.prior_step(), prior_steps, "the prior froze");
-    let (first, last) = (s.align_nll[0][1], s.align_nll.last().unwrap()[1]);
+    let (first, last) = (s.curves.nll[0].1, s.curves.nll.last().unwrap().1);
     assert!(
         last < first - 1.0,
         "NLL of y should fall: {first} -> {last}"
@@ -149,11 +149,11 @@ fn keyboard_space_starts_and_pauses_r_resets() {
     h.key_press(Key::R);
     h.step();
     assert_eq!(h.state().state.stage, Stage::Idle);
-    assert!(h.state().state.prior_loss.is_empty());
+    assert!(h.state().state.curves.prior.is_empty());
     // A reset session reports nothing more.
     std::thread::sleep(Duration::from_millis(300));
     h.step();
-    assert!(h.state().state.prior_loss.is_empty());
+    assert!(h.state().state.curves.prior.is_empty());
 }
 
 #[test]
@@ -296,7 +296,9 @@ fn exports_write_curves_and_a_session_that_toy_loads() {
     let lines: Vec<&str> = csv.lines().collect();
     assert_eq!(lines[0], "stage,step,loss,nll_y");
     assert_eq!(lines.iter().filter(|l| l.starts_with("prior,")).count(), 30);
-    assert_eq!(lines.iter().filter(|l| l.starts_with("align,")).count(), 10);
+    // The initial latents' row (step 0) and 10 steps, as `flowalign toy` writes them.
+    assert_eq!(lines.iter().filter(|l| l.starts_with("align,")).count(), 11);
+    assert!(lines.iter().any(|l| l.starts_with("align,0,,")), "{csv}");
     let loaded = ToyConfig::from_toml_file(&files[1]).unwrap();
     assert_eq!(loaded, h.state().state.session_cfg.clone().unwrap());
     assert_eq!(loaded.seed, 7);
@@ -313,7 +315,7 @@ fn a_diverging_run_stops_with_a_message() {
     let dir = tempfile::tempdir().unwrap();
     let mut h = harness(dir.path());
     h.state_mut().settings.cfg.prior.lr = 1e4;
-    h.state_mut().settings.cfg.prior.schedule = flowalign::config::Schedule::Constant;
+    h.state_mut().settings.cfg.prior.schedule = flowalign::train::Schedule::Constant;
     click(&mut h, "Start");
     wait_for(&mut h, "the divergence", |a| a.state.error.is_some());
     let err = h.state().state.error.clone().unwrap();

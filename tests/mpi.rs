@@ -11,7 +11,8 @@ use burn::prelude::Device;
 use flowalign::ae::config::AeConfig;
 use flowalign::ae::train::AeRun;
 use flowalign::checkpoint;
-use flowalign::train::{load_prior, param_values};
+use flowalign::flow::store::load_prior;
+use flowalign::params::param_values;
 
 mod common;
 use common::{ae_args, draw_images, flowalign, prior_args, set, train_prior, write_table};
@@ -282,7 +283,7 @@ fn two_ranks_train_the_autoencoder_of_one() {
     let weights = |dir: &Path| {
         let cfg: AeConfig = checkpoint::read_config(dir, "ae train").unwrap();
         param_values(
-            &AeRun::open(cfg, dir, true, &Device::flex())
+            &AeRun::open(cfg, dir, true, &Device::flex(), None)
                 .unwrap()
                 .frozen(),
         )

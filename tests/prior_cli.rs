@@ -6,7 +6,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use burn::prelude::Device;
-use flowalign::train::{load_prior, param_values};
+use flowalign::flow::store::load_prior;
+use flowalign::params::param_values;
 
 mod common;
 use common::{flowalign, one_line_error, prior_args, write_table};
@@ -131,10 +132,10 @@ fn train_kill_resume_eval_and_sample() {
         serde_json::from_str(&std::fs::read_to_string(whole.join("eval.json")).unwrap()).unwrap();
     for key in [
         "fm_loss",
-        "nll_holdout",
+        "nll_data",
         "nll_samples",
         "log_rk_samples",
-        "log_rk_holdout",
+        "log_rk_data",
     ] {
         assert!(report[key].as_f64().unwrap().is_finite(), "{key}: {report}");
     }
@@ -181,15 +182,16 @@ fn bad_input_is_one_line_and_leaves_no_checkpoint() {
     assert!(err.contains("--drop-nonfinite"), "{err}");
     assert!(!out_dir.join("checkpoint.toml").exists());
 
-    // A latent dim above the feature dim, a missing tensor name, a missing file.
+    // Pooling to a latent dim above the feature dim, a missing tensor name, a missing file.
     data[16 * 7 + 3] = 1.0;
     let clean = tmp.path().join("clean.npy");
     flowalign::features::write_npy(&clean, 500, 16, &data).unwrap();
     let mut args = prior_args(clean.to_str().unwrap(), out_dir.to_str().unwrap(), "20");
     let at = args.iter().position(|a| *a == "--latent-dim").unwrap();
     args[at + 1] = "32";
+    args.extend(["--projection", "avgpool"]);
     let err = one_line_error(&flowalign(&args));
-    assert!(err.contains("latent"), "{err}");
+    assert!(err.contains("latent dim (32)"), "{err}");
     let st = tmp.path().join("t.safetensors");
     write_table(&st, 100, 16);
     let spec = format!("{}:nope", st.display());

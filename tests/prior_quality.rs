@@ -3,9 +3,10 @@
 //! within 0.1 nats/dim, and L_align ranks in-distribution rows below out-of-distribution rows.
 
 use burn::prelude::Device;
-use flowalign::align::{align_heatmap, linspace};
+use flowalign::align::align_heatmap;
 use flowalign::features::projection::ProjectionKind;
 use flowalign::features::write_npy;
+use flowalign::grid::linspace;
 use flowalign::prior::eval::nll;
 use flowalign::prior::{FeaturePriorConfig, PriorPreset, PriorRun};
 use flowalign::rng::{Stream, rng_for};
@@ -105,17 +106,17 @@ fn prior_matches_a_known_32d_density() {
     cfg.data.holdout = 1_000;
     cfg.model.width = env("Q_WIDTH", 128);
     cfg.model.depth = env("Q_DEPTH", 2);
-    cfg.train.steps = env("Q_STEPS", 1_500);
-    cfg.train.batch = env("Q_BATCH", 256);
+    cfg.train.run.steps = env("Q_STEPS", 1_500);
+    cfg.train.run.batch = env("Q_BATCH", 256);
     cfg.train.mc = 1;
-    cfg.train.lr = env("Q_LR_E4", 20) as f64 * 1e-4;
-    cfg.train.warmup = 100;
-    cfg.train.ema = 0.995;
-    cfg.train.checkpoint_every = cfg.train.steps;
-    cfg.train.log_every = 100;
+    cfg.train.run.lr = env("Q_LR_E4", 20) as f64 * 1e-4;
+    cfg.train.run.warmup = 100;
+    cfg.train.run.ema = 0.995;
+    cfg.train.run.checkpoint_every = cfg.train.run.steps;
+    cfg.train.run.log_every = 100;
     let dev = Device::flex();
     let start = std::time::Instant::now();
-    let mut run = PriorRun::open(cfg, &tmp.path().join("run"), false, &dev).unwrap();
+    let mut run = PriorRun::open(cfg, &tmp.path().join("run"), false, &dev, None).unwrap();
     run.run(|| false, |_| {}).unwrap();
     let trained = start.elapsed().as_secs_f64();
     let prior = run.frozen();

@@ -6,8 +6,8 @@ use std::path::Path;
 use burn::prelude::Device;
 use flowalign::features::projection::ProjectionKind;
 use flowalign::features::write_npy;
+use flowalign::params::param_values;
 use flowalign::prior::{FeaturePriorConfig, PriorPreset, PriorRun};
-use flowalign::train::param_values;
 
 /// A 600 x 12 table of two Gaussian blobs.
 fn table(path: &Path) {
@@ -28,12 +28,12 @@ fn config(features: &Path) -> FeaturePriorConfig {
     cfg.data.holdout = 50;
     cfg.model.width = 32;
     cfg.model.depth = 2;
-    cfg.train.steps = 30;
-    cfg.train.batch = 64;
+    cfg.train.run.steps = 30;
+    cfg.train.run.batch = 64;
     cfg.train.mc = 2;
-    cfg.train.warmup = 5;
-    cfg.train.checkpoint_every = 10;
-    cfg.train.log_every = 5;
+    cfg.train.run.warmup = 5;
+    cfg.train.run.checkpoint_every = 10;
+    cfg.train.run.log_every = 5;
     cfg
 }
 
@@ -58,14 +58,14 @@ fn resumed_runs_end_with_the_uninterrupted_weights() {
     let dev = Device::flex();
 
     let whole = tmp.path().join("whole");
-    let mut run = PriorRun::open(cfg.clone(), &whole, false, &dev).unwrap();
+    let mut run = PriorRun::open(cfg.clone(), &whole, false, &dev, None).unwrap();
     let done = run.run(|| false, |_| {}).unwrap();
-    assert_eq!((done.step, done.interrupted), (30, false));
+    assert_eq!((done.run.step, done.run.interrupted), (30, false));
     let want = (param_values(&run.frozen()), metrics(&whole));
 
     // Stopped at step 13 (a checkpoint is written there), then killed at step 17 without one.
     let parts = tmp.path().join("parts");
-    let mut run = PriorRun::open(cfg.clone(), &parts, false, &dev).unwrap();
+    let mut run = PriorRun::open(cfg.clone(), &parts, false, &dev, None).unwrap();
     let polls = std::cell::Cell::new(0); // one poll per step
     let stopped = run
         .run(
@@ -76,9 +76,9 @@ fn resumed_runs_end_with_the_uninterrupted_weights() {
             |_| {},
         )
         .unwrap();
-    assert_eq!((stopped.step, stopped.interrupted), (13, true));
+    assert_eq!((stopped.run.step, stopped.run.interrupted), (13, true));
     drop(run);
-    let mut run = PriorRun::open(cfg.clone(), &parts, true, &dev).unwrap();
+    let mut run = PriorRun::open(cfg.clone(), &parts, true, &dev, None).unwrap();
     assert_eq!(run.step(), 13);
     for _ in 0..4 {
         run.train_step().unwrap();
@@ -86,24 +86,27 @@ fn resumed_runs_end_with_the_uninterrupted_weights() {
     drop(run); // killed: steps 14..17 are lost, the checkpoint at 13 is intact
 
     // A new run may not overwrite the checkpoint.
-    let err = PriorRun::open(cfg.clone(), &parts, false, &dev)
+    let err = PriorRun::open(cfg.clone(), &parts, false, &dev, None)
         .err()
         .unwrap()
         .to_string();
-    assert!(err.contains("--resume"), "{err}");
+    assert!(
+        err.contains("already holds a run") && err.contains("step 13"),
+        "{err}"
+    );
     // Nor may a resume change the projection.
     let mut other = cfg.clone();
     other.data.projection_seed = 7;
-    let err = PriorRun::open(other, &parts, true, &dev)
+    let err = PriorRun::open(other, &parts, true, &dev, None)
         .err()
         .unwrap()
         .to_string();
     assert!(err.contains("data.projection_seed"), "{err}");
 
-    let mut run = PriorRun::open(cfg, &parts, true, &dev).unwrap();
+    let mut run = PriorRun::open(cfg, &parts, true, &dev, None).unwrap();
     assert_eq!(run.step(), 13);
     let done = run.run(|| false, |_| {}).unwrap();
-    assert_eq!((done.resumed_from, done.step), (13, 30));
+    assert_eq!((done.run.resumed_from, done.run.step), (13, 30));
     let got = (param_values(&run.frozen()), metrics(&parts));
     assert_eq!(got.0.len(), want.0.len());
     assert!(
@@ -132,16 +135,16 @@ fn resume_refuses_a_changed_table() {
     let features = tmp.path().join("features.npy");
     table(&features);
     let mut cfg = config(&features);
-    cfg.train.steps = 10;
+    cfg.train.run.steps = 10;
     let dir = tmp.path().join("run");
     let dev = Device::flex();
-    PriorRun::open(cfg.clone(), &dir, false, &dev)
+    PriorRun::open(cfg.clone(), &dir, false, &dev, None)
         .unwrap()
         .run(|| false, |_| {})
         .unwrap();
     let data: Vec<f32> = (0..300 * 12).map(|i| (i % 7) as f32).collect();
     write_npy(&features, 300, 12, &data).unwrap();
-    let err = PriorRun::open(cfg, &dir, true, &dev)
+    let err = PriorRun::open(cfg, &dir, true, &dev, None)
         .err()
         .unwrap()
         .to_string();
@@ -154,12 +157,12 @@ fn two_replicas_train_the_same_weights_as_one() {
     let features = tmp.path().join("features.npy");
     table(&features);
     let mut cfg = config(&features);
-    cfg.train.steps = 20;
+    cfg.train.run.steps = 20;
     let dev = Device::flex();
-    let mut one = PriorRun::open(cfg.clone(), &tmp.path().join("one"), false, &dev).unwrap();
+    let mut one = PriorRun::open(cfg.clone(), &tmp.path().join("one"), false, &dev, None).unwrap();
     one.run(|| false, |_| {}).unwrap();
     // Two replicas (on the one CPU device, each with its own thread and autodiff graph).
-    let mut two = PriorRun::open(cfg, &tmp.path().join("two"), false, &dev)
+    let mut two = PriorRun::open(cfg, &tmp.path().join("two"), false, &dev, None)
         .unwrap()
         .with_replicas(vec![dev.clone(), dev.clone()]);
     two.run(|| false, |_| {}).unwrap();
@@ -181,7 +184,7 @@ fn bf16_runs_resume_exactly_and_may_resume_at_f32() {
     let features = tmp.path().join("features.npy");
     table(&features);
     let mut cfg = config(&features);
-    cfg.train.precision = Precision::Bf16;
+    cfg.train.run.precision = Precision::Bf16;
     let dev = Device::flex();
     let stop_at_13 = || {
         let polls = std::cell::Cell::new(0);
@@ -192,30 +195,30 @@ fn bf16_runs_resume_exactly_and_may_resume_at_f32() {
     };
 
     let whole = tmp.path().join("whole");
-    let mut run = PriorRun::open(cfg.clone(), &whole, false, &dev).unwrap();
+    let mut run = PriorRun::open(cfg.clone(), &whole, false, &dev, None).unwrap();
     let done = run.run(|| false, |_| {}).unwrap();
     let want = param_values(&run.frozen());
     assert!(done.val_loss.is_finite());
 
     // bf16 is deterministic on the CPU: a stopped and resumed run ends with the same weights.
     let parts = tmp.path().join("parts");
-    let mut run = PriorRun::open(cfg.clone(), &parts, false, &dev).unwrap();
-    assert!(run.run(stop_at_13(), |_| {}).unwrap().interrupted);
+    let mut run = PriorRun::open(cfg.clone(), &parts, false, &dev, None).unwrap();
+    assert!(run.run(stop_at_13(), |_| {}).unwrap().run.interrupted);
     drop(run);
-    let mut run = PriorRun::open(cfg.clone(), &parts, true, &dev).unwrap();
+    let mut run = PriorRun::open(cfg.clone(), &parts, true, &dev, None).unwrap();
     run.run(|| false, |_| {}).unwrap();
     assert!(param_values(&run.frozen()) == want);
 
     // The checkpoint holds f32 state only, so the rest of the run may compute in f32.
     let switched = tmp.path().join("switched");
-    let mut run = PriorRun::open(cfg.clone(), &switched, false, &dev).unwrap();
-    assert!(run.run(stop_at_13(), |_| {}).unwrap().interrupted);
+    let mut run = PriorRun::open(cfg.clone(), &switched, false, &dev, None).unwrap();
+    assert!(run.run(stop_at_13(), |_| {}).unwrap().run.interrupted);
     drop(run);
     let mut f32_cfg = cfg.clone();
-    f32_cfg.train.precision = Precision::F32;
-    let mut run = PriorRun::open(f32_cfg, &switched, true, &dev).unwrap();
+    f32_cfg.train.run.precision = Precision::F32;
+    let mut run = PriorRun::open(f32_cfg, &switched, true, &dev, None).unwrap();
     let end = run.run(|| false, |_| {}).unwrap();
-    assert_eq!((end.resumed_from, end.step), (13, 30));
+    assert_eq!((end.run.resumed_from, end.run.step), (13, 30));
     assert!(
         (end.val_loss - done.val_loss).abs() < 0.05 * done.val_loss,
         "{} vs {}",

@@ -2,10 +2,12 @@
 //! latents, and the L_align landscape mirrors the NLL landscape.
 
 use std::ops::ControlFlow;
+use std::sync::Arc;
 
 use burn::prelude::*;
-use flowalign::config::{Preset, Schedule, ToyConfig};
 use flowalign::toy::{Event, TargetKind, ToyRun};
+use flowalign::toy::{Preset, ToyConfig};
+use flowalign::train::Schedule;
 
 #[test]
 fn short_mog_run_aligns_latents_and_heatmaps_agree() {
@@ -23,12 +25,12 @@ fn short_mog_run_aligns_latents_and_heatmaps_agree() {
     cfg.eval.bound_points = 50;
     cfg.eval.bound_draws = 64;
     cfg.eval.likelihood_steps = 20;
-    let run = ToyRun::new(cfg, Device::flex(), "cpu").unwrap();
+    let run = Arc::new(ToyRun::new(cfg, Device::flex(), "cpu").unwrap());
     let mut prior_losses = Vec::new();
     let outcome = run
         .run(None, &mut |e| {
             if let Event::PriorStep { loss, .. } = e {
-                prior_losses.push(loss);
+                prior_losses.push(*loss);
             }
             ControlFlow::Continue(())
         })
@@ -65,7 +67,7 @@ fn a_run_can_be_cancelled_between_steps() {
     let mut cfg = ToyConfig::preset(Preset::Interactive, TargetKind::Grid);
     cfg.prior.width = 16;
     cfg.prior.depth = 1;
-    let run = ToyRun::new(cfg, Device::flex(), "cpu").unwrap();
+    let run = Arc::new(ToyRun::new(cfg, Device::flex(), "cpu").unwrap());
     let mut seen = 0;
     let err = run
         .run(None, &mut |e| {

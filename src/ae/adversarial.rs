@@ -1,4 +1,4 @@
-//! The adversarial term of stage 2 (SPEC section 6): DiffAugment, the hinge losses, the LeCAM and
+//! The adversarial term of stage 2 (METHOD.md section 6): DiffAugment, the hinge losses, the LeCAM and
 //! consistency regularisers, and the discriminator's optimiser step.
 //!
 //! As in SoftVQ-VAE's `VQLoss` (the recipe the paper follows), each step first trains the
@@ -33,14 +33,12 @@ use std::ops::Range;
 use std::path::Path;
 
 use burn::prelude::*;
-use burn::tensor::activation::relu;
 use rand::RngExt;
 
 use super::config::{AdvConfig, AeConfig};
 use super::data::ImageBatch;
 use super::discriminator::{DinoTrunk, Discriminator};
-use super::train::Frozen;
-use crate::config::{Reduction, Schedule};
+use super::loss::{Frozen, LecamEma, consistency, discriminator_hinge, lecam};
 use crate::error::{Error, Result};
 use crate::rng::{Rng, Stream, rng_for};
 use crate::train::Trainer;
@@ -212,47 +210,6 @@ impl AdvDraws {
     }
 }
 
-/// The generator's hinge loss: `-mean D(fake)`.
-pub fn generator_hinge(fake: Tensor<2>) -> Tensor<1> {
-    fake.mean().neg()
-}
-
-/// The discriminator's hinge loss: `mean relu(1 - D(real)) + mean relu(1 + D(fake))`.
-pub fn discriminator_hinge(real: Tensor<2>, fake: Tensor<2>) -> Tensor<1> {
-    relu(real.neg() + 1.0).mean() + relu(fake + 1.0).mean()
-}
-
-/// LeCAM's running means of the discriminator's real and fake logits.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
-pub struct LecamEma {
-    pub real: f64,
-    pub fake: f64,
-}
-
-impl LecamEma {
-    /// Blends in one step's mean logits: `ema = decay * ema + (1 - decay) * mean`.
-    pub fn update(&mut self, decay: f64, real: f64, fake: f64) {
-        self.real = decay * self.real + (1.0 - decay) * real;
-        self.fake = decay * self.fake + (1.0 - decay) * fake;
-    }
-}
-
-/// The LeCAM regulariser: `mean relu(D(real) - ema_fake)^2 + mean relu(ema_real - D(fake))^2`.
-pub fn lecam(real: Tensor<2>, fake: Tensor<2>, ema: &LecamEma) -> Tensor<1> {
-    relu(real - ema.fake).square().mean() + relu(fake.neg() + ema.real).square().mean()
-}
-
-/// Consistency regularisation: the mean of `(D(x) - D(T x))^2` over the real and fake logits
-/// together (SoftVQ's `mse_loss` of the concatenation; both have the same size).
-pub fn consistency(
-    real: Tensor<2>,
-    real_t: Tensor<2>,
-    fake: Tensor<2>,
-    fake_t: Tensor<2>,
-) -> Tensor<1> {
-    ((real - real_t).square().mean() + (fake - fake_t).square().mean()) * 0.5
-}
-
 /// What one discriminator step measured (batch means, before the step).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DiscStats {
@@ -291,7 +248,7 @@ impl Adversary {
     /// `start_step`, where the discriminator starts, and then equals the autoencoder's.
     pub fn new(cfg: &AeConfig, device: &Device) -> Result<(Adversary, DinoTrunk)> {
         let adv = &cfg.loss.adv;
-        let seed = cfg.train.seed;
+        let seed = cfg.train.run.seed;
         let heads = adv.model.init(
             &mut rng_for(seed, Stream::DiscInit, 0),
             &device.clone().autodiff(),
@@ -314,21 +271,11 @@ impl Adversary {
                 );
             }
             None => tracing::info!(
-                "the discriminator's DINO trunk is random (and frozen): pass --disc-init FILE (Hugging Face Dinov2Model safetensors of loss.adv.model.size) for DINOv2 features"
+                "the discriminator's DINO trunk is random (and frozen): set disc_init to a Hugging Face Dinov2Model safetensors file of loss.adv.model.size for DINOv2 features"
             ),
         }
-        let t = &cfg.train;
-        let mut trainer = Trainer::new(
-            heads,
-            adv.lr,
-            Schedule::Cosine {
-                warmup: t.warmup,
-                final_frac: t.final_lr_frac,
-            },
-            t.steps,
-            Reduction::Mean,
-        )
-        .with_optim(adv.optim);
+        let t = &cfg.train.run;
+        let mut trainer = Trainer::new(heads, adv.lr, t.schedule(), t.steps).with_optim(adv.optim);
         trainer.step = adv.start_step;
         Ok((
             Adversary {
@@ -337,6 +284,32 @@ impl Adversary {
             },
             trunk,
         ))
+    }
+
+    /// This rank's copy of rank 0's discriminator: its trainer state and LeCAM's means, so every
+    /// rank's anchors stay equal (see [`Trainer::adopt`]).
+    pub fn adopt(mut self, comm: &std::sync::Arc<crate::dist::Comm>) -> Result<Adversary> {
+        let (trainer, _) = self.trainer.adopt(comm)?;
+        self.trainer = trainer;
+        let lecam: Vec<u8> = [self.lecam.real, self.lecam.fake]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let lecam = comm.broadcast(lecam, "LeCAM means")?;
+        if !comm.leads() {
+            let value = |i: usize| {
+                lecam
+                    .get(i * 8..i * 8 + 8)
+                    .and_then(|b| b.try_into().ok())
+                    .map(f64::from_le_bytes)
+                    .ok_or_else(|| Error::Distributed("rank 0 sent malformed LeCAM means".into()))
+            };
+            self.lecam = LecamEma {
+                real: value(0)?,
+                fake: value(1)?,
+            };
+        }
+        Ok(self)
     }
 
     /// The discriminator's parameters without autodiff, for the generator's step.
@@ -373,7 +346,7 @@ pub fn disc_step(
         start += n;
     }
     if start != b || fakes.len() > replicas.len() {
-        return Err(Error::Config(format!(
+        return Err(Error::Numeric(format!(
             "the discriminator step got reconstructions of {start} images in {} shards for a batch of {b} on {} devices",
             fakes.len(),
             replicas.len()
@@ -474,9 +447,11 @@ mod tests {
     use super::*;
     use crate::ae::config::AePreset;
     use crate::ae::discriminator::tests::tiny;
+    use crate::ae::loss::generator_hinge;
     use crate::ae::train::{GenAdv, ae_step, new_trainer};
     use crate::flow::VelocityMlpConfig;
-    use crate::train::{OptimSpec, param_values};
+    use crate::params::param_values;
+    use crate::train::OptimSpec;
     use burn::optim::GradientsParams;
 
     fn t2(v: &[f32], dev: &Device) -> Tensor<2> {
@@ -621,12 +596,12 @@ mod tests {
         cfg.loss.adv.start_step = 0;
         cfg.loss.adv.model = tiny();
         // No weight decay: a parameter changes only where a gradient reached it.
-        cfg.train.optim = OptimSpec {
+        cfg.train.run.optim = OptimSpec {
             weight_decay: 0.0,
             ..OptimSpec::PAPER_ADAMW
         };
-        cfg.loss.adv.optim = cfg.train.optim;
-        cfg.train.warmup = 0;
+        cfg.loss.adv.optim = cfg.train.run.optim;
+        cfg.train.run.warmup = 0;
         cfg.validate().unwrap();
         cfg
     }
@@ -747,7 +722,7 @@ mod tests {
         cfg.loss.adv.start_step = 30;
         let (adv, _) = Adversary::new(&cfg, &dev).unwrap();
         let state = adv.trainer.state_bytes().unwrap();
-        cfg.train.seed = 1; // other initial weights, replaced by the restore
+        cfg.train.run.seed = 1; // other initial weights, replaced by the restore
         let (mut back, _) = Adversary::new(&cfg, &dev).unwrap();
         assert_ne!(
             param_values(back.trainer.model()),
@@ -876,7 +851,7 @@ mod tests {
         cfg.loss.adv.lr = 3e-3;
         cfg.loss.adv.diffaug_p = p;
         cfg.loss.adv.cr_weight = cr_weight;
-        cfg.train.steps = 40;
+        cfg.train.run.steps = 40;
         let (mut adv, trunk) = Adversary::new(&cfg, &dev).unwrap();
         let frozen = replicas(trunk, &dev);
         let (s, b) = (16, 8);

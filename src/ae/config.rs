@@ -1,23 +1,24 @@
-//! The configuration of an autoencoder run (stage 2 of SPEC section 6), as data.
+//! The configuration of an autoencoder run (stage 2 of METHOD.md section 6), as data.
 
 use serde::{Deserialize, Serialize};
 
 use super::model::{AeModelConfig, VitSize};
 use crate::error::{Error, Result};
 use crate::precision::Precision;
+use crate::run::{Extra, RunConfig, RunSettings};
 use crate::train::OptimSpec;
 
 /// Named starting points for an autoencoder run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum AePreset {
-    /// SPEC section 6: ViT-L at 256 px, patch 16, batch 256, 50k steps, lambda 0.01.
+    /// METHOD.md section 6: ViT-L at 256 px, patch 16, batch 256, 50k steps, lambda 0.01.
     Paper,
     /// A CPU smoke run: the tiny ViT at 64 px, patch 8, batch 16, 500 steps.
     Small,
 }
 
-/// The adversarial term (SPEC section 6): a DINO-feature discriminator with the hinge loss,
+/// The adversarial term (METHOD.md section 6): a DINO-feature discriminator with the hinge loss,
 /// DiffAugment, consistency regularisation and LeCAM, as SoftVQ-VAE trains it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -42,7 +43,7 @@ pub struct AdvConfig {
 }
 
 impl AdvConfig {
-    /// SPEC section 6 with SoftVQ-VAE's discriminator (DINO ViT-S, taps 2, 5, 8, 11, kernel 9):
+    /// METHOD.md section 6 with SoftVQ-VAE's discriminator (DINO ViT-S, taps 2, 5, 8, 11, kernel 9):
     /// weight 0.2 from step 20k, DiffAugment p 0.5, CR 4.0, LeCAM 0.001 (decay 0.99), the
     /// discriminator on AdamW with the autoencoder's settings.
     pub fn paper() -> AdvConfig {
@@ -85,7 +86,7 @@ impl Default for AdvConfig {
     }
 }
 
-/// The loss weights (SPEC section 6).
+/// The loss weights (METHOD.md section 6).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AeLossConfig {
@@ -105,22 +106,12 @@ pub struct AeLossConfig {
     pub adv: AdvConfig,
 }
 
-/// The optimisation.
+/// The optimisation: the shared loop settings plus the autoencoder's monitors.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct AeTrainConfig {
-    pub steps: usize,
-    /// Images per step.
-    pub batch: usize,
-    pub lr: f64,
-    pub warmup: usize,
-    pub final_lr_frac: f64,
-    pub optim: OptimSpec,
-    /// EMA decay of the weights used for evaluation and encoding (0 = none).
-    pub ema: f64,
-    pub seed: u64,
-    pub checkpoint_every: usize,
-    pub log_every: usize,
+    /// Steps, images per step (`batch`), learning rate and the rest of the loop.
+    #[serde(flatten)]
+    pub run: RunSettings,
     /// Write `recon.png` (8 images and their reconstructions) every this many steps.
     pub recon_every: usize,
     /// Log L_align and log r_k of the latent tokens of fixed images every this many steps
@@ -131,11 +122,9 @@ pub struct AeTrainConfig {
     /// Images smaller than the crop: upscale (default), skip or error.
     #[serde(default)]
     pub small_images: super::data::SmallImages,
-    /// The forward pass's dtype (`f32` or `bf16`); weights, gradients, optimiser state and EMA
-    /// stay f32 either way, so it may change on resume. The paper trained in bf16 on GPUs; the
-    /// presets keep f32, which every backend computes natively.
-    #[serde(default)]
-    pub precision: Precision,
+    /// Unknown keys, refused by [`AeConfig::validate`].
+    #[serde(flatten, skip_serializing)]
+    pub extra: Extra,
 }
 
 /// A complete autoencoder run: what `--config` reads and every run writes as `config.toml`.
@@ -188,22 +177,25 @@ impl AeConfig {
                 adv: AdvConfig::paper(),
             },
             train: AeTrainConfig {
-                steps: 50_000,
-                batch: 256,
-                lr: 1e-4,
-                warmup: 2_500,
-                final_lr_frac: 0.1,
-                optim: OptimSpec::PAPER_ADAMW,
-                ema: 0.9999,
-                seed: 0,
-                checkpoint_every: 2_000,
-                log_every: 50,
+                run: RunSettings {
+                    steps: 50_000,
+                    batch: 256,
+                    lr: 1e-4,
+                    warmup: 2_500,
+                    final_lr_frac: 0.1,
+                    optim: OptimSpec::PAPER_ADAMW,
+                    ema: 0.9999,
+                    seed: 0,
+                    checkpoint_every: 2_000,
+                    log_every: 50,
+                    // The paper trains in bf16 on GPUs; the precision setting asks for it.
+                    precision: Precision::F32,
+                },
                 recon_every: 1_000,
                 monitor_every: 1_000,
                 monitor_images: 157, // 10,048 latent tokens
                 small_images: super::data::SmallImages::Upscale,
-                // SPEC section 6 trains in bf16 on GPUs; `--precision bf16` asks for it.
-                precision: Precision::F32,
+                extra: Extra::new(),
             },
         };
         match preset {
@@ -232,17 +224,20 @@ impl AeConfig {
                     ..paper.loss.clone()
                 },
                 train: AeTrainConfig {
-                    steps: 500,
-                    batch: 16,
-                    lr: 1e-3,
-                    warmup: 50,
-                    ema: 0.999,
-                    checkpoint_every: 100,
-                    log_every: 10,
+                    run: RunSettings {
+                        steps: 500,
+                        batch: 16,
+                        lr: 1e-3,
+                        warmup: 50,
+                        ema: 0.999,
+                        checkpoint_every: 100,
+                        log_every: 10,
+                        ..paper.train.run.clone()
+                    },
                     recon_every: 100,
                     monitor_every: 100,
                     monitor_images: 32,
-                    ..paper.train
+                    ..paper.train.clone()
                 },
                 ..paper
             },
@@ -256,19 +251,17 @@ impl AeConfig {
 
     /// Checks every value is usable, naming the offending key.
     pub fn validate(&self) -> Result<()> {
-        self.model.validate().map_err(Error::Config)?;
+        self.model
+            .validate()
+            .map_err(|msg| Error::setting("model", msg))?;
         let t = &self.train;
+        t.run.validate(&t.extra)?;
         crate::config::require_counts(&[
-            ("train.steps", t.steps),
-            ("train.batch", t.batch),
             ("loss.mc", self.loss.mc),
-            ("train.checkpoint_every", t.checkpoint_every),
-            ("train.log_every", t.log_every),
             ("train.recon_every", t.recon_every),
             ("train.monitor_every", t.monitor_every),
             ("train.monitor_images", t.monitor_images),
         ])?;
-        crate::config::require_positive(&[("train.lr", t.lr)])?;
         let adv = &self.loss.adv;
         for (key, v) in [
             ("loss.l2", self.loss.l2),
@@ -279,40 +272,49 @@ impl AeConfig {
             ("loss.adv.lecam_weight", adv.lecam_weight),
         ] {
             if !(v.is_finite() && v >= 0.0) {
-                return Err(Error::Config(format!("{key} must be at least 0, got {v}")));
+                return Err(Error::setting(key, format!("must be at least 0, got {v}")));
             }
-        }
-        if !(0.0..1.0).contains(&t.ema) || !(0.0..=1.0).contains(&t.final_lr_frac) {
-            return Err(Error::Config(
-                "train.ema must lie in [0, 1) and train.final_lr_frac in [0, 1]".into(),
-            ));
         }
         if adv.enabled() {
             crate::config::require_positive(&[("loss.adv.lr", adv.lr)])?;
-            if !(0.0..=1.0).contains(&adv.diffaug_p) || !(0.0..1.0).contains(&adv.lecam_decay) {
-                return Err(Error::Config(format!(
-                    "loss.adv.diffaug_p must lie in [0, 1] (got {}) and loss.adv.lecam_decay in [0, 1) (got {})",
-                    adv.diffaug_p, adv.lecam_decay
-                )));
+            if !(0.0..=1.0).contains(&adv.diffaug_p) {
+                return Err(Error::setting(
+                    "loss.adv.diffaug_p",
+                    format!("must lie in [0, 1], got {}", adv.diffaug_p),
+                ));
+            }
+            if !(0.0..1.0).contains(&adv.lecam_decay) {
+                return Err(Error::setting(
+                    "loss.adv.lecam_decay",
+                    format!("must lie in [0, 1), got {}", adv.lecam_decay),
+                ));
             }
             adv.model
                 .validate(self.model.image_size)
-                .map_err(Error::Config)?;
+                .map_err(|msg| Error::setting("loss.adv.model", msg))?;
         }
         Ok(())
     }
+}
+
+impl RunConfig for AeConfig {
+    const COMMAND: &'static str = "ae train";
+
+    fn settings(&self) -> &RunSettings {
+        &self.train.run
+    }
 
     /// Fails with the first field a resume may not change.
-    pub fn check_resumable(&self, saved: &AeConfig) -> Result<()> {
+    fn check_resumable(&self, saved: &AeConfig) -> Result<()> {
         let fields = |c: &AeConfig| {
             vec![
                 ("data", c.data.clone()),
                 ("prior", c.prior.clone()),
                 ("model", format!("{:?}", c.model)),
                 ("loss", format!("{:?}", c.loss)),
-                ("train.batch", c.train.batch.to_string()),
-                ("train.seed", c.train.seed.to_string()),
-                ("train.ema", c.train.ema.to_string()),
+                ("train.batch", c.train.run.batch.to_string()),
+                ("train.seed", c.train.run.seed.to_string()),
+                ("train.ema", c.train.run.ema.to_string()),
                 // The discriminator's frozen trunk is rebuilt from it at every start.
                 ("disc_init", format!("{:?}", c.disc_init)),
             ]
@@ -338,7 +340,7 @@ mod tests {
         assert_eq!((p.model.latent_tokens, p.model.latent_dim), (64, 32));
         assert_eq!((p.loss.lambda, p.loss.mc), (0.01, 4));
         assert_eq!(
-            (p.train.batch, p.train.steps, p.train.lr),
+            (p.train.run.batch, p.train.run.steps, p.train.run.lr),
             (256, 50_000, 1e-4)
         );
         let text = p.to_toml().replace("[loss]", "[loss]\nlambdaa = 1");

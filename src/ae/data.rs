@@ -1,5 +1,5 @@
 //! ImageNet-style image folders (`class/xxx.JPEG`, any depth; JPEG or PNG): scanning, decoding and the
-//! augmentation of SPEC section 6 (resize the shorter side, random crop, horizontal flip), in
+//! augmentation of METHOD.md section 6 (resize the shorter side, random crop, horizontal flip), in
 //! parallel and ahead of the training step.
 //!
 //! Every batch is a pure function of (seed, step), so a resumed run sees the same images and crops.
@@ -14,9 +14,18 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use image::imageops::FilterType;
 use rand::RngExt;
 use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::rng::{Rng, Stream, rng_for};
+
+/// What an autoencoder checkpoint records about its images.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageInfo {
+    pub images: usize,
+    pub classes: usize,
+}
 
 /// The images under a folder with their class labels.
 #[derive(Debug, Clone)]

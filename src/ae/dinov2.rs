@@ -1,5 +1,5 @@
 //! Initialising the encoder from DINOv2 weights in the Hugging Face `Dinov2Model` safetensors layout
-//! (SPEC section 6: the paper starts from DINOv2 ViT-L/14).
+//! (METHOD.md section 6: the paper starts from DINOv2 ViT-L/14).
 //!
 //! The patch embedding is resampled from DINOv2's patch (14) to ours (16) by bilinear interpolation
 //! of each filter, scaled by `(14 / 16)^2` so a flat patch gives the same response; the position

@@ -1,4 +1,4 @@
-//! The DINO-feature discriminator of SPEC section 6's adversarial loss: a frozen DINO ViT trunk whose
+//! The DINO-feature discriminator of METHOD.md section 6's adversarial loss: a frozen DINO ViT trunk whose
 //! token features at a few depths feed small trainable heads that score every token.
 //!
 //! Pure architecture: the hinge, LeCAM and consistency terms and the discriminator's step live in

@@ -20,7 +20,7 @@ use crate::rng::{Stream, rng_for};
 pub fn load_autoencoder(dir: &Path, device: &Device) -> Result<(AeConfig, Autoencoder, usize)> {
     let cfg: AeConfig = checkpoint::read_config(dir, "ae train")?;
     cfg.validate()?;
-    let Some((manifest, state)) = checkpoint::load::<super::train::ImageInfo>(dir)? else {
+    let Some((manifest, state)) = checkpoint::load::<super::data::ImageInfo>(dir)? else {
         return Err(Error::Checkpoint {
             path: dir.join(checkpoint::MANIFEST),
             msg: "not found; the run has not written a checkpoint yet".into(),
@@ -28,7 +28,7 @@ pub fn load_autoencoder(dir: &Path, device: &Device) -> Result<(AeConfig, Autoen
     };
     let mut model = cfg.model.init(&mut rng_for(0, Stream::Init, 0), device);
     let bytes = state.ema.as_ref().unwrap_or(&state.model);
-    crate::train::load_module_bytes(&mut model, bytes, "autoencoder")?;
+    crate::params::load_module_bytes(&mut model, bytes, "autoencoder")?;
     Ok((cfg, model, manifest.step))
 }
 
@@ -198,7 +198,7 @@ pub fn evaluate(
                 .map(|(x, y)| f64::from(x - y).powi(2))
                 .sum::<f64>()
                 / px as f64;
-            psnr_sum += super::train::psnr(mse);
+            psnr_sum += super::loss::psnr(mse);
             let to01 = |v: &[f32]| v.iter().map(|x| (x + 1.0) / 2.0).collect::<Vec<f32>>();
             let (a01, b01) = (to01(a), to01(b));
             let plane = size * size;
@@ -246,29 +246,7 @@ pub fn evaluate(
     ))
 }
 
-/// Writes a grid PNG: originals over reconstructions, `[n, 3, size, size]` each in [-1, 1].
-pub fn write_grid(path: &Path, top: &[f32], bottom: &[f32], size: usize) -> Result<()> {
-    let px = 3 * size * size;
-    let n = (top.len() / px).min(bottom.len() / px).max(1);
-    let (w, h) = (n * size, 2 * size);
-    let mut rgb = vec![0u8; w * h * 3];
-    for (row, src) in [top, bottom].iter().enumerate() {
-        for i in 0..(src.len() / px).min(n) {
-            for y in 0..size {
-                for x in 0..size {
-                    for c in 0..3 {
-                        let v = src[((i * 3 + c) * size + y) * size + x];
-                        let byte = ((v + 1.0) * 127.5).round().clamp(0.0, 255.0) as u8;
-                        rgb[((row * size + y) * w + i * size + x) * 3 + c] = byte;
-                    }
-                }
-            }
-        }
-    }
-    crate::report::write_png_rgb(path, &rgb, (w as u32, h as u32))
-}
-
-/// Statistics of cached latents, for scaling them before a generator (SPEC section 6: 1/std).
+/// Statistics of cached latents, for scaling them before a generator (METHOD.md section 6: 1/std).
 #[derive(Debug, Clone, Serialize)]
 pub struct LatentStats {
     pub images: usize,
@@ -361,7 +339,7 @@ pub fn encode_folder(
         ]);
         let bytes = safetensors::serialize(views, None)
             .map_err(|e| Error::input(out.join(&name), format!("could not encode: {e}")))?;
-        crate::report::write_atomic(&out.join(&name), &bytes)?;
+        crate::files::write_atomic(&out.join(&name), &bytes)?;
         shards.push(name);
     }
     if images == 0 {
@@ -384,8 +362,8 @@ pub fn encode_folder(
             .collect(),
         shards,
     };
-    crate::report::write_json(&out.join("stats.json"), &stats)?;
-    crate::report::write_atomic(
+    crate::files::write_json(&out.join("stats.json"), &stats)?;
+    crate::files::write_atomic(
         &out.join("classes.txt"),
         (folder.classes.join("\n") + "\n").as_bytes(),
     )?;

@@ -87,7 +87,7 @@ impl FeatureStats {
 /// `d x d` eigen-decomposition.
 pub fn fid(a: &FeatureStats, b: &FeatureStats) -> Result<f64> {
     let (Some(s1), Some(s2)) = (a.covariance(), b.covariance()) else {
-        return Err(Error::Config(format!(
+        return Err(Error::Numeric(format!(
             "FID needs at least 2 images per set, got {} and {}",
             a.count, b.count
         )));

@@ -1,5 +1,5 @@
 //! The LPIPS perceptual distance (Zhang et al. 2018) with its VGG16 backbone, loaded from a
-//! user-supplied safetensors file and frozen (SPEC section 6: LPIPS-VGG, weight 1.0).
+//! user-supplied safetensors file and frozen (METHOD.md section 6: LPIPS-VGG, weight 1.0).
 //!
 //! Expected names are those of the `lpips` package's `LPIPS(net="vgg").state_dict()`:
 //! `net.slice{1..5}.{i}.weight|bias` for torchvision's `vgg16().features[i]` convolutions and

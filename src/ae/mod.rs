@@ -1,4 +1,4 @@
-//! Stage 2 of the ImageNet recipe (SPEC section 6): an image autoencoder whose latents are aligned to
+//! Stage 2 of the ImageNet recipe (METHOD.md section 6): an image autoencoder whose latents are aligned to
 //! a frozen flow prior.
 
 pub mod adversarial;
@@ -9,6 +9,7 @@ pub mod discriminator;
 pub mod eval;
 pub mod fid;
 pub mod inception;
+pub mod loss;
 pub mod lpips;
 pub mod model;
 pub mod train;

@@ -1,4 +1,4 @@
-//! The 1-D tokenizer of SPEC section 6, stage 2: a ViT encoder that reads image patches plus learnable
+//! The 1-D tokenizer of METHOD.md section 6, stage 2: a ViT encoder that reads image patches plus learnable
 //! latent tokens and keeps the latent tokens' outputs (projected to 32 dims), and a ViT decoder from
 //! those latents back to pixels.
 //!
@@ -58,9 +58,9 @@ pub struct AeModelConfig {
     pub image_size: usize,
     /// Patch side in pixels.
     pub patch: usize,
-    /// Learnable latent tokens (SPEC: 64).
+    /// Learnable latent tokens (METHOD.md section 6: 64).
     pub latent_tokens: usize,
-    /// Dimension of each latent token after the projection (SPEC: 32).
+    /// Dimension of each latent token after the projection (METHOD.md section 6: 32).
     pub latent_dim: usize,
 }
 
@@ -135,7 +135,7 @@ impl Block {
     }
 }
 
-/// Draws a `[1, n, width]` embedding from N(0, 0.02^2) (SPEC section 6's latent-token init).
+/// Draws a `[1, n, width]` embedding from N(0, 0.02^2) (METHOD.md section 6's latent-token init).
 pub(crate) fn embedding(
     n: usize,
     width: usize,

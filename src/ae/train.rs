@@ -1,41 +1,34 @@
-//! Training the autoencoder with the alignment loss (SPEC section 6, stage 2): reconstruction plus
-//! `lambda * L_align` of every latent token under the frozen prior (plus LPIPS and the adversarial
-//! term of [`crate::ae::adversarial`]), with checkpoints, resume, the alignment monitor of paper
-//! Fig. 4 and reconstruction grids.
+//! Training the autoencoder with the alignment loss (METHOD.md section 6, stage 2): reconstruction
+//! plus `lambda * L_align` of every latent token under the frozen prior (plus LPIPS and the
+//! adversarial term of [`crate::ae::adversarial`]), run by the shared harness ([`crate::run`]) with
+//! the alignment monitor of paper Fig. 4 and reconstruction grids.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
 
 use burn::prelude::*;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use super::adversarial::{self, AdvDraws, Adversary, AugDraws, DiscStats, disc_step};
 use super::config::{AeConfig, AeLossConfig};
-use super::data::{Crop, ImageBatch, ImageFolder, ImageLoader};
-use super::discriminator::{DinoTrunk, Discriminator};
+use super::data::{Crop, ImageBatch, ImageFolder, ImageInfo, ImageLoader};
+use super::discriminator::Discriminator;
+use super::loss::{Frozen, LecamEma, generator_hinge, psnr};
 use super::lpips::Lpips;
 use super::model::Autoencoder;
-use crate::align::{align_loss, flow_loss};
-use crate::checkpoint::{self, MetricsLog};
-use crate::config::{Reduction, Schedule};
+use crate::align::{Reduction, align_loss, align_loss_with};
+use crate::checkpoint;
 use crate::dist::{self, Comm};
 use crate::error::{Error, Result};
-use crate::flow::VelocityMlp;
+use crate::flow::store::load_prior;
 use crate::precision::Precision;
 use crate::prior::FeaturePriorConfig;
 use crate::prior::data::PriorData;
-use crate::prior::eval::knn_log_r;
+use crate::prior::eval::{knn_log_r, reference_rows};
+use crate::report::write_image_grid;
 use crate::rng::{Stream, rng_for};
-use crate::train::{StepStats, Trainer, load_prior};
-
-/// What an autoencoder checkpoint records about its images.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ImageInfo {
-    pub images: usize,
-    pub classes: usize,
-}
+use crate::run::{self, Context, Job};
+use crate::train::{StepStats, Trainer};
 
 /// One line of the metrics log.
 #[derive(Debug, Clone, Serialize)]
@@ -151,11 +144,6 @@ const METRICS: [&str; 18] = [
     "skipped_images",
 ];
 
-/// PSNR in dB of a mean squared error measured on [-1, 1] images.
-pub fn psnr(mse: f64) -> f64 {
-    10.0 * (4.0 / mse.max(1e-12)).log10()
-}
-
 /// What one step measured.
 #[derive(Debug, Clone, Copy)]
 pub struct AeStepStats {
@@ -170,40 +158,11 @@ pub struct AeStepStats {
     pub disc: Option<DiscStats>,
 }
 
-/// How a run ended.
+/// How a run ended: the harness's summary and the last monitor values (L_align, log r_k).
 #[derive(Debug, Clone, PartialEq)]
 pub struct AeSummary {
-    pub resumed_from: usize,
-    pub step: usize,
-    pub interrupted: bool,
-    /// The last monitor values (L_align, log r_k).
+    pub run: run::Summary,
     pub monitor: Option<(f32, Option<f32>)>,
-}
-
-/// The frozen networks of the loss (prior, LPIPS, the discriminator's DINO trunk), replicated on
-/// one data-parallel device.
-#[derive(Debug, Clone)]
-pub struct Frozen {
-    pub device: Device,
-    pub prior: VelocityMlp,
-    pub lpips: Option<Lpips>,
-    /// The discriminator's trunk, when the adversarial term is on (no autodiff).
-    pub dino: Option<DinoTrunk>,
-}
-
-impl Frozen {
-    /// Copies of `self` on each of `devices`.
-    pub fn replicate(&self, devices: &[Device]) -> Vec<Frozen> {
-        devices
-            .iter()
-            .map(|d| Frozen {
-                device: d.clone(),
-                prior: self.prior.clone().to_device(d),
-                lpips: self.lpips.as_ref().map(|l| l.to_device(d)),
-                dino: self.dino.clone().map(|t| t.to_device(d)),
-            })
-            .collect()
-    }
 }
 
 /// The generator's side of the adversarial term in one step: the discriminator's current heads
@@ -238,7 +197,7 @@ pub fn ae_step(
     // The draws of the whole global batch, so a rank's share does not depend on the split.
     let draws = crate::flow::path::HostDraws::sample(rng, batch.total * k, dz, loss_cfg.mc);
     let first = batch.first;
-    // LPIPS ramps up linearly over its warm-up (SPEC section 6).
+    // LPIPS ramps up linearly over its warm-up (METHOD.md section 6).
     let ramp = ((trainer.step + 1) as f64 / loss_cfg.lpips_warmup.max(1) as f64).min(1.0);
     let lambda = loss_cfg.lambda;
     let n_shards = replicas.len().min(b).max(1);
@@ -279,20 +238,23 @@ pub fn ae_step(
             let diff = rec - x;
             let l2 = (diff.clone() * diff).mean();
             let tokens = z.reshape([n * k, dz]);
+            let rows = (first + a) * k..(first + e) * k;
+            // With lambda 0 the term is measured off the graph.
             let la = if lambda > 0.0 {
-                let y = tokens.repeat_dim(0, loss_cfg.mc);
-                flow_loss(
+                align_loss_with(
                     &fr.prior,
-                    y,
-                    &draws.shard((first + a) * k..(first + e) * k, &ad),
+                    tokens,
+                    loss_cfg.mc,
+                    &draws.shard(rows, &ad),
                     Reduction::Mean,
                 )
             } else {
-                let y = tokens.inner().repeat_dim(0, loss_cfg.mc);
-                flow_loss(
+                let draws = draws.shard(rows, &fr.device);
+                align_loss_with(
                     &fr.prior,
-                    y,
-                    &draws.shard((first + a) * k..(first + e) * k, &fr.device),
+                    tokens.inner(),
+                    loss_cfg.mc,
+                    &draws,
                     Reduction::Mean,
                 )
             };
@@ -314,9 +276,8 @@ pub fn ae_step(
                     .as_ref()
                     .expect("replicas carry the trunk when the adversarial term is on");
                 // Through the frozen trunk and heads (no autodiff on either) to the decoder.
-                let g_adv = adversarial::generator_hinge(
-                    disc.logits(trunk, g.aug.apply(fake, first + a..first + e)),
-                );
+                let g_adv =
+                    generator_hinge(disc.logits(trunk, g.aug.apply(fake, first + a..first + e)));
                 adv_v = Some(g_adv.clone().into_scalar::<f32>() * w as f32);
                 loss = loss + g_adv * (adv_weight * w);
             }
@@ -340,7 +301,7 @@ pub fn ae_step(
 /// from DINOv2 weights when `cfg.encoder_init` names them.
 pub fn new_trainer(cfg: &AeConfig, device: &Device) -> Result<Trainer<Autoencoder>> {
     let ad = device.clone().autodiff();
-    let mut rng = rng_for(cfg.train.seed, Stream::Init, 0);
+    let mut rng = rng_for(cfg.train.run.seed, Stream::Init, 0);
     let mut model = cfg.model.init(&mut rng, &ad);
     if let Some(file) = &cfg.encoder_init {
         let (encoder, report) = super::dinov2::init_encoder(model.encoder, Path::new(file), &ad)?;
@@ -357,26 +318,13 @@ pub fn new_trainer(cfg: &AeConfig, device: &Device) -> Result<Trainer<Autoencode
             }
         );
     }
-    let t = &cfg.train;
-    Ok(Trainer::new(
-        model,
-        t.lr,
-        Schedule::Cosine {
-            warmup: t.warmup,
-            final_frac: t.final_lr_frac,
-        },
-        t.steps,
-        Reduction::Mean,
-    )
-    .with_optim(t.optim)
-    .with_ema(t.ema)
-    .with_precision(t.precision))
+    Ok(cfg.train.run.trainer(model))
 }
 
 /// An autoencoder run: images, frozen prior, trainer and folder.
 pub struct AeRun {
     cfg: AeConfig,
-    dir: PathBuf,
+    ctx: Context,
     loader: Arc<ImageLoader>,
     /// The frozen prior, LPIPS and DINO trunk on each data-parallel device (the first is the run's
     /// device).
@@ -389,116 +337,125 @@ pub struct AeRun {
     fixed: ImageBatch,
     /// The prior's target rows, for log r_k (absent when its features cannot be read).
     reference: Option<(Vec<f32>, usize)>,
-    resumed_from: usize,
-    /// The other processes of a multi-process run (rank 0 alone writes `dir`).
-    comm: Option<Arc<Comm>>,
+    /// Batches decoded ahead of the step on their own thread (started at the first step).
+    prefetch: Option<Prefetch>,
+    /// Sums since the last metrics line, and the last monitor values.
+    sums: LineSums,
+    monitor: Option<(f32, Option<f32>)>,
+    monitored_at: Option<usize>,
+}
+
+/// What a metrics line averages over the steps since the previous one.
+#[derive(Debug, Clone, Default)]
+struct LineSums {
+    loss: f64,
+    l2: f64,
+    l_align: f64,
+    lpips: Option<f64>,
+    adv: AdvSums,
+    steps: usize,
+    last: Option<StepStats>,
+}
+
+/// Image batches decoded on a producer thread, two steps ahead.
+struct Prefetch {
+    rx: Option<std::sync::mpsc::Receiver<Result<ImageBatch>>>,
+    producer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Prefetch {
+    /// Batches of steps `from..to` (rows `part` of each global batch of `batch`).
+    fn start(
+        loader: Arc<ImageLoader>,
+        from: usize,
+        to: usize,
+        batch: usize,
+        part: std::ops::Range<usize>,
+    ) -> Prefetch {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<ImageBatch>>(2);
+        let producer = std::thread::spawn(move || {
+            for s in from..to {
+                if tx
+                    .send(loader.batch_part(s as u64, batch, part.clone()))
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        Prefetch {
+            rx: Some(rx),
+            producer: Some(producer),
+        }
+    }
+
+    fn next(&self) -> Result<ImageBatch> {
+        self.rx
+            .as_ref()
+            .and_then(|rx| rx.recv().ok())
+            .ok_or(Error::Stopped("image loader"))?
+    }
+}
+
+impl Drop for Prefetch {
+    fn drop(&mut self) {
+        // Closing the channel ends the producer at its next batch.
+        self.rx = None;
+        if let Some(p) = self.producer.take() {
+            let _ = p.join();
+        }
+    }
 }
 
 impl AeRun {
-    /// Opens a new run in `dir`, or continues its checkpoint when `resume` is set.
-    pub fn open(cfg: AeConfig, dir: &Path, resume: bool, device: &Device) -> Result<AeRun> {
-        Self::open_as(cfg, dir, resume, device, true)
-    }
-
-    /// Opens one rank of a multi-process run: rank 0 opens `dir` as [`AeRun::open`] does (new or
-    /// resumed) and broadcasts its trainer state; the other ranks load the same prior and images,
-    /// never touch `dir`, and start from rank 0's state. Every rank must pass rank 0's `cfg`.
-    pub fn open_rank(
+    /// Opens a new run in `dir`, or continues its checkpoint when `resume` is set; with `comm`,
+    /// one rank of a multi-process run (rank 0 alone reads and writes `dir`; every rank starts
+    /// from its state, the discriminator's and LeCAM's included).
+    pub fn open(
         cfg: AeConfig,
         dir: &Path,
         resume: bool,
         device: &Device,
-        comm: Arc<Comm>,
-    ) -> Result<AeRun> {
-        dist::check_batch(cfg.train.batch, comm.rank().size, "images")?;
-        let mut run = Self::open_as(cfg, dir, resume, device, comm.leads())?;
-        let (trainer, step) = dist::adopt(run.trainer, &comm)?;
-        (run.trainer, run.resumed_from) = (trainer, step);
-        if let Some(adv) = run.adversary.take() {
-            let (disc, _) = dist::adopt(adv.trainer, &comm)?;
-            let lecam: Vec<u8> = [adv.lecam.real, adv.lecam.fake]
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect();
-            let lecam = comm.broadcast(lecam, "LeCAM means")?;
-            let mut adv = adversarial::Adversary {
-                trainer: disc,
-                lecam: adv.lecam,
-            };
-            if !comm.leads() {
-                let value = |i: usize| {
-                    lecam
-                        .get(i * 8..i * 8 + 8)
-                        .and_then(|b| b.try_into().ok())
-                        .map(f64::from_le_bytes)
-                        .ok_or_else(|| {
-                            Error::Distributed("rank 0 sent malformed LeCAM means".into())
-                        })
-                };
-                adv.lecam = adversarial::LecamEma {
-                    real: value(0)?,
-                    fake: value(1)?,
-                };
-            }
-            run.adversary = Some(adv);
-        }
-        run.comm = Some(comm);
-        Ok(run)
-    }
-
-    /// Whether this process writes the run folder (rank 0, or the only process).
-    pub fn leads(&self) -> bool {
-        self.comm.as_ref().is_none_or(|c| c.leads())
-    }
-
-    /// [`AeRun::open`]; with `lead` false the run folder is neither read nor written.
-    fn open_as(
-        cfg: AeConfig,
-        dir: &Path,
-        resume: bool,
-        device: &Device,
-        lead: bool,
+        comm: Option<Arc<Comm>>,
     ) -> Result<AeRun> {
         cfg.validate()?;
-        let (old, saved) = if lead {
-            checkpoint::open::<AeConfig, ImageInfo>(dir, resume, "ae train")?
-        } else {
-            (None, None)
-        };
-        if let Some(old) = &old {
-            cfg.check_resumable(old)?;
+        if let Some(c) = &comm {
+            dist::check_batch(cfg.train.run.batch, c.rank().size, "images")?;
         }
+        let lead = comm.as_ref().is_none_or(|c| c.leads());
+        let opened = run::open::<_, ImageInfo>(&cfg, dir, resume, lead)?;
+        let seed = cfg.train.run.seed;
         let prior_dir = Path::new(&cfg.prior);
         let (prior, meta) = load_prior(prior_dir, device)?;
         if meta.dim != cfg.model.latent_dim {
-            return Err(Error::Config(format!(
-                "the prior in {} models {}-dim vectors but the autoencoder's latent tokens have {} (model.latent_dim); \
-                 train the prior with --latent-dim {} or pass --latent-dim {}",
-                cfg.prior, meta.dim, cfg.model.latent_dim, cfg.model.latent_dim, meta.dim
-            )));
+            return Err(Error::setting(
+                "model.latent_dim",
+                format!(
+                    "is {} but the prior in {} models {}-dim vectors; train the prior at latent dim {} or set the autoencoder's to {}",
+                    cfg.model.latent_dim, cfg.prior, meta.dim, cfg.model.latent_dim, meta.dim
+                ),
+            ));
         }
         let folder = ImageFolder::scan(Path::new(&cfg.data))?;
         let info = ImageInfo {
             images: folder.len(),
             classes: folder.classes.len(),
         };
-        if let Some((m, _)) = &saved
+        if let Some((m, _)) = &opened.saved
             && m.data != info
         {
-            return Err(Error::Config(format!(
-                "--resume: {} now holds {} images in {} classes but the checkpoint trained on {} in {}; pass the same --data",
-                cfg.data, info.images, info.classes, m.data.images, m.data.classes
-            )));
+            return Err(Error::input_fixed_by(
+                &cfg.data,
+                format!(
+                    "resuming: the folder now holds {} images in {} classes but the checkpoint trained on {} in {}; give the same images (data)",
+                    info.images, info.classes, m.data.images, m.data.classes
+                ),
+                "data",
+            ));
         }
         let fixed_n = cfg.train.monitor_images.max(8).min(folder.len());
-        let centre = ImageLoader::new(
-            folder.clone(),
-            cfg.model.image_size,
-            cfg.train.seed,
-            Crop::Centre,
-        )
-        .with_small_images(cfg.train.small_images);
-        // Spread over the sorted folder, so every class shows.
+        let centre = ImageLoader::new(folder.clone(), cfg.model.image_size, seed, Crop::Centre)
+            .with_small_images(cfg.train.small_images);
         let spread: Vec<usize> = (0..fixed_n).map(|i| i * folder.len() / fixed_n).collect();
         let fixed = centre.gather(&spread, 0)?;
         let reference = if lead {
@@ -506,9 +463,7 @@ impl AeRun {
         } else {
             None
         };
-        if lead {
-            checkpoint::write_config(dir, &cfg)?;
-        }
+        run::write_config(dir, &cfg, lead)?;
         let mut trainer = new_trainer(&cfg, device)?;
         let (mut adversary, dino) = match cfg.loss.adv.enabled() {
             true => {
@@ -518,52 +473,56 @@ impl AeRun {
             false => {
                 if let Some(file) = &cfg.disc_init {
                     tracing::warn!(
-                        "{file} is not used: the adversarial term is off (pass --adv-weight to turn it on)"
+                        "{file} is not used: the adversarial term is off (loss.adv.weight is 0)"
                     );
                 }
                 (None, None)
             }
         };
-        let resumed_from = match saved {
-            Some((manifest, state)) => {
-                trainer.restore(&state)?;
-                if let Some(adv) = &mut adversary {
-                    let part = checkpoint::load_part(dir, &manifest, adversarial::PART)?;
-                    let (Some(part), Some(real), Some(fake)) = (
-                        part,
-                        manifest.values.get(adversarial::LECAM_REAL),
-                        manifest.values.get(adversarial::LECAM_FAKE),
-                    ) else {
-                        return Err(Error::Checkpoint {
-                            path: dir.join(checkpoint::MANIFEST),
-                            msg: "holds no discriminator state although loss.adv is on; resume with the config the run was started with, or start a new --out".into(),
-                        });
-                    };
-                    adv.trainer.restore(&part)?;
-                    adv.lecam = adversarial::LecamEma {
-                        real: *real,
-                        fake: *fake,
-                    };
-                }
-                state.step
+        if let Some((manifest, state)) = &opened.saved {
+            trainer.restore(state)?;
+            if let Some(adv) = &mut adversary {
+                let part = checkpoint::load_part(dir, manifest, adversarial::PART)?;
+                let (Some(part), Some(real), Some(fake)) = (
+                    part,
+                    manifest.values.get(adversarial::LECAM_REAL),
+                    manifest.values.get(adversarial::LECAM_FAKE),
+                ) else {
+                    return Err(Error::Checkpoint {
+                        path: dir.join(checkpoint::MANIFEST),
+                        msg: "holds no discriminator state although loss.adv is on; resume with the config the run was started with, or start a new run".into(),
+                    });
+                };
+                adv.trainer.restore(&part)?;
+                adv.lecam = LecamEma {
+                    real: *real,
+                    fake: *fake,
+                };
             }
-            None => 0,
-        };
+        }
+        let (trainer, _) = run::adopt(trainer, comm.as_ref())?;
+        if let Some(c) = &comm {
+            adversary = adversary.map(|a| a.adopt(c)).transpose()?;
+        }
         let lpips = match (&cfg.lpips_weights, cfg.loss.lpips > 0.0) {
             (Some(file), true) => Some(Lpips::load(Path::new(file), device)?),
             (None, true) => {
                 tracing::info!(
-                    "LPIPS is off: pass --lpips-weights FILE (the lpips package's VGG weights as safetensors) to add it"
+                    "LPIPS is off: set lpips_weights to the lpips package's VGG weights as safetensors to add it"
                 );
                 None
             }
             _ => None,
         };
-        let loader = ImageLoader::new(folder, cfg.model.image_size, cfg.train.seed, Crop::Train)
+        let loader = ImageLoader::new(folder, cfg.model.image_size, seed, Crop::Train)
             .with_small_images(cfg.train.small_images);
         Ok(AeRun {
             cfg,
-            dir: dir.to_path_buf(),
+            ctx: Context {
+                dir: dir.to_path_buf(),
+                comm,
+                columns: &METRICS,
+            },
             loader: Arc::new(loader),
             replicas: vec![Frozen {
                 device: device.clone(),
@@ -576,9 +535,16 @@ impl AeRun {
             device: device.clone(),
             fixed,
             reference,
-            resumed_from,
-            comm: None,
+            prefetch: None,
+            sums: LineSums::default(),
+            monitor: None,
+            monitored_at: None,
         })
+    }
+
+    /// Whether this process writes the run folder (rank 0, or the only process).
+    pub fn leads(&self) -> bool {
+        self.ctx.leads()
     }
 
     /// Steps taken so far.
@@ -591,7 +557,7 @@ impl AeRun {
         self.loader.folder.len()
     }
 
-    /// The weights used for evaluation (EMA when kept), without autodiff.
+    /// The autoencoder to evaluate and encode with (EMA weights when kept).
     pub fn frozen(&self) -> Autoencoder {
         self.trainer.frozen()
     }
@@ -601,16 +567,14 @@ impl AeRun {
         self.adversary.as_ref().map(|a| &a.trainer)
     }
 
-    /// One training step on `batch`: the autoencoder on `l2 * MSE + lpips * LPIPS + lambda *
-    /// L_align (+ adv.weight * the generator's hinge)`, then, once the adversarial term has
-    /// started, the discriminator on the same step's reconstructions.
+    /// One step on `batch`: the autoencoder's, then (when the adversarial term is active) the
+    /// discriminator's on the same images and the step's reconstructions.
     pub fn train_step(&mut self, batch: &ImageBatch) -> Result<AeStepStats> {
         let step = self.trainer.step;
-        let seed = self.cfg.train.seed;
+        let seed = self.cfg.train.run.seed;
         let adv_cfg = &self.cfg.loss.adv;
         let mut rng = rng_for(seed, Stream::Align, step as u64);
         let active = self.adversary.as_ref().filter(|_| adv_cfg.active(step));
-        // The draws of the whole global batch: a rank of a multi-process run uses its share.
         let draws = active
             .map(|_| AdvDraws::for_step(seed, step, batch.total, batch.size, adv_cfg.diffaug_p));
         let heads = active.map(Adversary::frozen);
@@ -626,8 +590,7 @@ impl AeRun {
             gen_adv,
             &mut rng,
         )?;
-        if let Some(comm) = &self.comm {
-            // Each rank measured its share; the log shows the global batch's means.
+        if let Some(comm) = &self.ctx.comm {
             let n = comm.rank().size as f64;
             let terms = [
                 Some(stats.l2),
@@ -663,8 +626,7 @@ impl AeRun {
         Ok(stats)
     }
 
-    /// Trains data-parallel over `devices` (the first must be the run's device): the batch is
-    /// split between them, and the result does not depend on their number.
+    /// Trains data-parallel over `devices` (the frozen networks replicated on each).
     pub fn with_replicas(mut self, devices: &[Device]) -> Self {
         if devices.len() > 1 {
             self.replicas = self.replicas[0].replicate(devices);
@@ -672,7 +634,8 @@ impl AeRun {
         self
     }
 
-    /// L_align (mc draws, fixed seed) and mean log r_k of the fixed images' latent tokens.
+    /// The alignment monitor of paper Fig. 4 on the fixed images' latent tokens: L_align under the
+    /// frozen prior, and the mean log r_5 among the prior's target rows (when they can be read).
     pub fn monitor(&self) -> (f32, Option<f32>) {
         let model = self.frozen();
         let n = self.cfg.train.monitor_images.min(self.fixed.len());
@@ -684,7 +647,7 @@ impl AeRun {
         let z = model.encode(x);
         let [b, k, dz] = z.dims();
         let tokens = z.reshape([b * k, dz]);
-        let mut rng = rng_for(self.cfg.train.seed, Stream::Eval, 0);
+        let mut rng = rng_for(self.cfg.train.run.seed, Stream::Eval, 0);
         let la = align_loss(
             &self.replicas[0].prior,
             tokens.clone(),
@@ -701,7 +664,7 @@ impl AeRun {
         (la, log_rk)
     }
 
-    /// Writes `recon.png`: 8 fixed images over their reconstructions by the frozen weights.
+    /// Writes `recon.png`: 8 fixed images over their reconstructions.
     pub fn recon_grid(&self) -> Result<()> {
         let n = 8.min(self.fixed.len());
         let s = self.fixed.size;
@@ -714,18 +677,17 @@ impl AeRun {
             .decode(model.encode(x))
             .try_into_vec_as::<f32>()
             .expect("f32 readback");
-        super::eval::write_grid(
-            &self.dir.join("recon.png"),
+        write_image_grid(
+            &self.ctx.dir.join("recon.png"),
             &self.fixed.pixels[..n * 3 * s * s],
             &rec,
             s,
         )
     }
 
-    /// Writes `alignment.png` (paper Fig. 4): the monitor's L_align and log r_k over steps, from
-    /// `metrics.jsonl`.
+    /// Redraws `alignment.png` (the monitor's curves) from the metrics log.
     pub fn alignment_plot(&self) -> Result<()> {
-        let text = std::fs::read_to_string(self.dir.join("metrics.jsonl")).unwrap_or_default();
+        let text = std::fs::read_to_string(self.ctx.dir.join("metrics.jsonl")).unwrap_or_default();
         let (mut la, mut rk) = (Vec::new(), Vec::new());
         for line in text.lines() {
             let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
@@ -739,7 +701,7 @@ impl AeRun {
                 rk.push((step, r as f32));
             }
         }
-        crate::report::save_png(&self.dir.join("alignment.png"), (900, 500), |root| {
+        crate::report::save_png(&self.ctx.dir.join("alignment.png"), (900, 500), |root| {
             crate::report::twin_curves_panel(
                 root,
                 "alignment of the latent tokens (paper Fig. 4)",
@@ -749,11 +711,98 @@ impl AeRun {
         })
     }
 
-    /// Writes a checkpoint (weights, EMA, optimiser, step; the discriminator's weights,
-    /// optimiser and LeCAM means when the adversarial term is on); on ranks other than 0 it only
-    /// checks that this rank's weights equal rank 0's.
-    pub fn checkpoint(&self) -> Result<()> {
-        if let Some(comm) = &self.comm {
+    /// Trains to `train.steps` through the harness (see [`run::train`]): `stop` is polled every
+    /// step, `on_log` sees every metrics line.
+    pub fn run(
+        &mut self,
+        stop: impl Fn() -> bool,
+        on_log: impl FnMut(&AeMetrics),
+    ) -> Result<AeSummary> {
+        let (settings, ctx) = (self.cfg.train.run.clone(), self.ctx.clone());
+        let result = run::train(self, &settings, &ctx, stop, on_log);
+        // Stop the loader before reporting.
+        self.prefetch = None;
+        let summary = result?;
+        let skipped = self.loader.skipped();
+        if skipped > 0 {
+            tracing::warn!(
+                "{skipped} image reads were skipped (unreadable files; each named once above)"
+            );
+        }
+        Ok(AeSummary {
+            run: summary,
+            monitor: self.monitor,
+        })
+    }
+}
+
+impl Job for AeRun {
+    type Line = AeMetrics;
+
+    fn step(&self) -> usize {
+        self.trainer.step
+    }
+
+    fn step_size(&self) -> String {
+        format!("batch {}", self.cfg.train.run.batch)
+    }
+
+    fn train_step(&mut self) -> Result<()> {
+        if self.prefetch.is_none() {
+            let batch = self.cfg.train.run.batch;
+            let part = match &self.ctx.comm {
+                Some(c) => dist::part(batch, c.rank().rank, c.rank().size),
+                None => 0..batch,
+            };
+            self.prefetch = Some(Prefetch::start(
+                Arc::clone(&self.loader),
+                self.trainer.step,
+                self.cfg.train.run.steps,
+                batch,
+                part,
+            ));
+        }
+        let batch = match &self.prefetch {
+            Some(p) => p.next()?,
+            None => return Err(Error::Stopped("image loader")),
+        };
+        let stats = AeRun::train_step(self, &batch)?;
+        let s = &mut self.sums;
+        s.loss += f64::from(stats.step.loss);
+        s.l2 += f64::from(stats.l2);
+        s.l_align += f64::from(stats.l_align);
+        s.steps += 1;
+        if let Some(p) = stats.lpips {
+            *s.lpips.get_or_insert(0.0) += f64::from(p);
+        }
+        if let (Some(g), Some(d)) = (stats.g_adv, &stats.disc) {
+            s.adv.add(g, d);
+        }
+        s.last = Some(stats.step);
+        Ok(())
+    }
+
+    fn after_step(&mut self, step: usize, lead: bool) -> Result<()> {
+        let t = &self.cfg.train;
+        let end = step == t.run.steps;
+        if lead && (step.is_multiple_of(t.recon_every) || end) {
+            self.recon_grid()?;
+        }
+        if lead && (step.is_multiple_of(t.monitor_every) || end) {
+            self.monitor = Some(self.monitor());
+            self.monitored_at = Some(step);
+        }
+        Ok(())
+    }
+
+    fn log_now(&self, step: usize) -> bool {
+        step.is_multiple_of(self.cfg.train.monitor_every) || step == self.cfg.train.run.steps
+    }
+
+    /// Saves the autoencoder, the discriminator and LeCAM's means (rank 0), or checks on the
+    /// other ranks that their weights equal rank 0's.
+    fn checkpoint(&mut self) -> Result<()> {
+        if let Some(comm) = &self.ctx.comm {
             let mut sum = dist::weights_checksum(self.trainer.model());
             if let Some(adv) = &self.adversary {
                 sum = sum.rotate_left(1) ^ dist::weights_checksum(adv.trainer.model());
@@ -770,7 +819,7 @@ impl AeRun {
         let state = self.trainer.state_bytes()?;
         match &self.adversary {
             Some(adv) => checkpoint::save_with(
-                &self.dir,
+                &self.ctx.dir,
                 &info,
                 &state,
                 &[(adversarial::PART, &adv.trainer.state_bytes()?)],
@@ -779,163 +828,67 @@ impl AeRun {
                     (adversarial::LECAM_FAKE, adv.lecam.fake),
                 ],
             ),
-            None => checkpoint::save(&self.dir, &info, &state),
+            None => checkpoint::save(&self.ctx.dir, &info, &state),
         }
     }
 
-    /// Trains to `train.steps` with batches decoded ahead on a background thread. `stop` is
-    /// polled every step: when it turns true a checkpoint is written and the run returns early.
-    pub fn run(
-        &mut self,
-        stop: impl Fn() -> bool,
-        mut on_log: impl FnMut(&AeMetrics),
-    ) -> Result<AeSummary> {
-        let t = self.cfg.train.clone();
-        let lead = self.leads();
-        let log = lead
-            .then(|| MetricsLog::open(&self.dir, self.trainer.step, &METRICS))
-            .transpose()?;
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<ImageBatch>>(2);
-        let loader = Arc::clone(&self.loader);
-        let (from, to, batch) = (self.trainer.step, t.steps, t.batch);
-        let part = match &self.comm {
-            Some(c) => dist::part(batch, c.rank().rank, c.rank().size),
-            None => 0..batch,
-        };
-        let producer = std::thread::spawn(move || {
-            for s in from..to {
-                if tx
-                    .send(loader.batch_part(s as u64, batch, part.clone()))
-                    .is_err()
-                {
-                    break;
-                }
-            }
-        });
-        let mut sums = (0.0f64, 0.0f64, 0.0f64, 0usize);
-        let mut lpips_sum: Option<f64> = None;
-        let mut adv_sums = AdvSums::default();
-        let mut window = Instant::now();
-        let mut interrupted = false;
-        let mut monitor = None;
-        let result = (|| -> Result<()> {
-            if let (0, Some(log)) = (self.trainer.step, &log) {
-                // Where the latents start, for the alignment curve.
-                let (la, rk) = self.monitor();
-                log.append(&AeMetrics {
-                    step: 0,
-                    loss: f32::NAN,
-                    l2: f32::NAN,
-                    psnr: f32::NAN,
-                    l_align: f32::NAN,
-                    lpips: None,
-                    adv: AdvMetrics::default(),
-                    lr: 0.0,
-                    grad_norm: None,
-                    images_per_s: 0.0,
-                    monitor_l_align: Some(la),
-                    monitor_log_rk: rk,
-                    skipped_images: 0,
-                })?;
-            }
-            while self.trainer.step < t.steps {
-                let batch = rx
-                    .recv()
-                    .map_err(|_| Error::Config("the image loader stopped unexpectedly".into()))??;
-                let images = self.cfg.train.batch;
-                let stats = crate::train::oom_guard(&format!("batch {images}"), images, || {
-                    self.train_step(&batch)
-                })?;
-                sums.0 += f64::from(stats.step.loss);
-                sums.1 += f64::from(stats.l2);
-                sums.2 += f64::from(stats.l_align);
-                sums.3 += 1;
-                if let Some(p) = stats.lpips {
-                    *lpips_sum.get_or_insert(0.0) += f64::from(p);
-                }
-                if let (Some(g), Some(d)) = (stats.g_adv, &stats.disc) {
-                    adv_sums.add(g, d);
-                }
-                let step = self.trainer.step;
-                let ckpt = step.is_multiple_of(t.checkpoint_every) || step == t.steps;
-                interrupted = stop();
-                if let Some(comm) = &self.comm {
-                    // Every rank stops at the same step, whichever saw the request.
-                    interrupted = comm.any(interrupted, step)?;
-                }
-                let mon = step.is_multiple_of(t.monitor_every) || step == t.steps;
-                if lead && (step.is_multiple_of(t.recon_every) || step == t.steps) {
-                    self.recon_grid()?;
-                }
-                if lead && mon {
-                    monitor = Some(self.monitor());
-                }
-                if ckpt || interrupted {
-                    self.checkpoint()?;
-                }
-                if step.is_multiple_of(t.log_every) || ckpt || mon || interrupted {
-                    let n = sums.3 as f64;
-                    let m = AeMetrics {
-                        step,
-                        loss: (sums.0 / n) as f32,
-                        l2: (sums.1 / n) as f32,
-                        psnr: psnr(sums.1 / n) as f32,
-                        l_align: (sums.2 / n) as f32,
-                        lpips: lpips_sum.map(|p| (p / n) as f32),
-                        adv: adv_sums.means(),
-                        lr: stats.step.lr,
-                        grad_norm: stats.step.grad_norm,
-                        images_per_s: (sums.3 * t.batch) as f64 / window.elapsed().as_secs_f64(),
-                        monitor_l_align: mon.then(|| monitor.map(|m| m.0)).flatten(),
-                        monitor_log_rk: mon.then(|| monitor.and_then(|m| m.1)).flatten(),
-                        skipped_images: self.loader.skipped(),
-                    };
-                    if let Some(log) = &log {
-                        log.append(&m)?;
-                        if mon {
-                            self.alignment_plot()?;
-                        }
-                    }
-                    on_log(&m);
-                    sums = (0.0, 0.0, 0.0, 0);
-                    lpips_sum = None;
-                    adv_sums = AdvSums::default();
-                    window = Instant::now();
-                }
-                if interrupted {
-                    break;
-                }
-            }
-            Ok(())
-        })();
-        drop(rx);
-        let _ = producer.join();
-        result?;
-        let skipped = self.loader.skipped();
-        if skipped > 0 {
-            tracing::warn!(
-                "{skipped} image reads were skipped (unreadable files; each named once above)"
-            );
-        }
-        Ok(AeSummary {
-            resumed_from: self.resumed_from,
-            step: self.trainer.step,
-            interrupted,
-            monitor,
+    fn line(&mut self, step: usize, secs: f64, _checkpointed: bool) -> Result<AeMetrics> {
+        let s = std::mem::take(&mut self.sums);
+        let last = s.last.ok_or(Error::Stopped("autoencoder step"))?;
+        let n = s.steps.max(1) as f64;
+        let mon = self.monitored_at == Some(step);
+        Ok(AeMetrics {
+            step,
+            loss: (s.loss / n) as f32,
+            l2: (s.l2 / n) as f32,
+            psnr: psnr(s.l2 / n) as f32,
+            l_align: (s.l_align / n) as f32,
+            lpips: s.lpips.map(|p| (p / n) as f32),
+            adv: s.adv.means(),
+            lr: last.lr,
+            grad_norm: last.grad_norm,
+            images_per_s: (s.steps * self.cfg.train.run.batch) as f64 / secs.max(1e-9),
+            monitor_l_align: mon.then(|| self.monitor.map(|m| m.0)).flatten(),
+            monitor_log_rk: mon.then(|| self.monitor.and_then(|m| m.1)).flatten(),
+            skipped_images: self.loader.skipped(),
         })
+    }
+
+    /// The monitor of the initial weights, before the first step of a new run.
+    fn first_line(&mut self) -> Result<Option<AeMetrics>> {
+        if !self.leads() {
+            return Ok(None);
+        }
+        let (la, rk) = self.monitor();
+        Ok(Some(AeMetrics {
+            step: 0,
+            loss: f32::NAN,
+            l2: f32::NAN,
+            psnr: f32::NAN,
+            l_align: f32::NAN,
+            lpips: None,
+            adv: AdvMetrics::default(),
+            lr: 0.0,
+            grad_norm: None,
+            images_per_s: 0.0,
+            monitor_l_align: Some(la),
+            monitor_log_rk: rk,
+            skipped_images: 0,
+        }))
+    }
+
+    fn logged(&mut self, _dir: &Path, line: &AeMetrics) -> Result<()> {
+        if line.monitor_l_align.is_some() {
+            self.alignment_plot()?;
+        }
+        Ok(())
     }
 }
 
-/// The training rows of the prior run in `prior_dir` (scaled, projected), for log r_k; `None`
-/// with a warning when its feature table cannot be read.
 fn target_rows(prior_dir: &Path, device: &Device) -> Option<(Vec<f32>, usize)> {
     let cfg: FeaturePriorConfig = checkpoint::read_config(prior_dir, "prior train").ok()?;
-    match PriorData::prepare(&cfg.data, cfg.train.seed, device) {
-        Ok(data) => {
-            let d = data.dim();
-            let n = data.train.rows.min(100_000);
-            Some((data.train.data[..n * d].to_vec(), d))
-        }
+    match PriorData::prepare(&cfg.data, cfg.train.run.seed, device) {
+        Ok(data) => Some((reference_rows(&data.train, 100_000, 0), data.dim())),
         Err(e) => {
             tracing::warn!("the alignment monitor reports L_align only: {e}");
             None
@@ -1021,10 +974,10 @@ mod tests {
         };
         let run = |precision: Precision| {
             let mut cfg = cfg.clone();
-            cfg.train.precision = precision;
+            cfg.train.run.precision = precision;
             let mut trainer = new_trainer(&cfg, &dev).unwrap();
             assert_eq!(trainer.precision(), precision);
-            let before = crate::train::param_values(trainer.model());
+            let before = crate::params::param_values(trainer.model());
             let mut rng = rng_for(2, Stream::Init, 0);
             let (stats, recs) = ae_step(
                 &mut trainer,
@@ -1036,7 +989,7 @@ mod tests {
             )
             .unwrap();
             assert_eq!(recs[0].dtype(), burn::tensor::DType::F32);
-            let after = crate::train::param_values(trainer.model());
+            let after = crate::params::param_values(trainer.model());
             let update: Vec<f32> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
             (stats, update, trainer.state_bytes().unwrap())
         };

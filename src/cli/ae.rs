@@ -1,4 +1,4 @@
-//! `flowalign ae train`: stage 2 of the ImageNet recipe (SPEC section 6).
+//! `flowalign ae train`: stage 2 of the ImageNet recipe (METHOD.md section 6).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -70,7 +70,8 @@ pub struct EncodeArgs {
 }
 
 fn eval(args: EvalArgs) -> Result<()> {
-    use flowalign::ae::eval::{evaluate, load_autoencoder, write_grid};
+    use flowalign::ae::eval::{evaluate, load_autoencoder};
+    use flowalign::report::write_image_grid;
     let (device, device_name) = select(args.device)?;
     let (cfg, model, step) = load_autoencoder(&args.ae, &device)?;
     let inception = match &args.inception {
@@ -97,8 +98,8 @@ fn eval(args: EvalArgs) -> Result<()> {
     report.step = step;
     let out = args.out.unwrap_or_else(|| args.ae.clone());
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
-    flowalign::report::write_json(&out.join("eval.json"), &report)?;
-    write_grid(&out.join("eval-recon.png"), &top, &bottom, size)?;
+    flowalign::files::write_json(&out.join("eval.json"), &report)?;
+    write_image_grid(&out.join("eval-recon.png"), &top, &bottom, size)?;
     let rfid = match report.rfid {
         // FID's bias grows as the set shrinks.
         Some(f) if report.images < 10_000 => {
@@ -166,7 +167,7 @@ pub struct TrainArgs {
     /// Continue the checkpoint in --out.
     #[arg(long)]
     resume: bool,
-    /// Starting values: `paper` (ViT-L, SPEC section 6; the default) or `small` (a CPU smoke run).
+    /// Starting values: `paper` (ViT-L, METHOD.md section 6; the default) or `small` (a CPU smoke run).
     #[arg(long, value_enum)]
     preset: Option<AePreset>,
     /// A TOML config (every run writes one as config.toml); flags override it.
@@ -193,53 +194,43 @@ pub struct TrainArgs {
     /// The LPIPS weight (paper: 1.0, reached over --lpips-warmup steps).
     #[arg(long)]
     lpips: Option<f64>,
+    /// Steps over which LPIPS ramps up linearly to its weight (paper: 10,000).
     #[arg(long)]
     lpips_warmup: Option<usize>,
     /// The ViT size of encoder and decoder.
     #[arg(long, value_enum)]
     model: Option<VitSize>,
+    /// Side of the square training crops, in pixels (paper: 256).
     #[arg(long)]
     image_size: Option<usize>,
+    /// ViT patch size (paper: 16).
     #[arg(long)]
     patch: Option<usize>,
+    /// Latent tokens per image (paper: 64).
     #[arg(long)]
     latent_tokens: Option<usize>,
+    /// Dimension of each latent token (paper: 32; the prior's latent dim).
     #[arg(long)]
     latent_dim: Option<usize>,
-    /// Images per step.
-    #[arg(long)]
-    batch: Option<usize>,
-    #[arg(long)]
-    steps: Option<usize>,
-    #[arg(long)]
-    lr: Option<f64>,
-    #[arg(long)]
-    warmup: Option<usize>,
-    /// The weight of L_align (0 = a plain autoencoder).
+    /// The weight of L_align (0 = a plain autoencoder; paper: 0.01, mean-reduced).
     #[arg(long)]
     lambda: Option<f64>,
     /// (t, eps) draws per latent token for L_align.
     #[arg(long)]
     mc: Option<usize>,
-    #[arg(long)]
-    ema: Option<f64>,
-    #[arg(long)]
-    seed: Option<u64>,
-    #[arg(long)]
-    checkpoint_every: Option<usize>,
-    #[arg(long)]
-    log_every: Option<usize>,
+    #[command(flatten)]
+    run: super::RunArgs,
+    /// Score the alignment monitor (L_align and log r_5 of fixed images' tokens) every this many
+    /// steps.
     #[arg(long)]
     monitor_every: Option<usize>,
+    /// Write recon.png (8 images over their reconstructions) every this many steps.
     #[arg(long)]
     recon_every: Option<usize>,
     /// Images smaller than the crop: upscale them (default), skip them, or stop with an error.
     #[arg(long, value_enum)]
     small_images: Option<flowalign::ae::data::SmallImages>,
-    /// The forward pass's dtype: `f32`, or `bf16` (meant for GPUs; weights, gradients, optimiser
-    /// state and EMA stay f32, so a resume may change it).
-    #[arg(long, value_enum)]
-    precision: Option<flowalign::precision::Precision>,
+    /// Compute device: auto (a GPU when built with one, else the CPU), cpu, wgpu or cuda.
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     device: DeviceChoice,
     /// Data-parallel over this many devices of --device's kind (CUDA 0..N-1 or hardware wgpu
@@ -289,34 +280,23 @@ impl TrainArgs {
         if let Some(f) = &self.disc_init {
             cfg.disc_init = Some(f.clone());
         }
-        macro_rules! set {
-            ($flag:ident => $($field:tt)+) => {
-                if let Some(v) = self.$flag { cfg.$($field)+ = v; }
-            };
-        }
-        set!(model => model.size);
-        set!(image_size => model.image_size);
-        set!(patch => model.patch);
-        set!(latent_tokens => model.latent_tokens);
-        set!(latent_dim => model.latent_dim);
-        set!(batch => train.batch);
-        set!(steps => train.steps);
-        set!(lr => train.lr);
-        set!(warmup => train.warmup);
-        set!(lambda => loss.lambda);
-        set!(mc => loss.mc);
-        set!(lpips => loss.lpips);
-        set!(lpips_warmup => loss.lpips_warmup);
-        set!(adv_weight => loss.adv.weight);
-        set!(adv_start => loss.adv.start_step);
-        set!(ema => train.ema);
-        set!(seed => train.seed);
-        set!(checkpoint_every => train.checkpoint_every);
-        set!(log_every => train.log_every);
-        set!(monitor_every => train.monitor_every);
-        set!(recon_every => train.recon_every);
-        set!(small_images => train.small_images);
-        set!(precision => train.precision);
+        crate::set_fields!(self, cfg, {
+            model => model.size,
+            image_size => model.image_size,
+            patch => model.patch,
+            latent_tokens => model.latent_tokens,
+            latent_dim => model.latent_dim,
+            lambda => loss.lambda,
+            mc => loss.mc,
+            lpips => loss.lpips,
+            lpips_warmup => loss.lpips_warmup,
+            adv_weight => loss.adv.weight,
+            adv_start => loss.adv.start_step,
+            monitor_every => train.monitor_every,
+            recon_every => train.recon_every,
+            small_images => train.small_images,
+        });
+        self.run.apply(&mut cfg.train.run);
         cfg.validate()?;
         Ok(cfg)
     }
@@ -332,16 +312,7 @@ fn train_rank(args: &TrainArgs, comm: Option<Arc<Comm>>) -> Result<(bool, usize)
     let cfg = super::shared_config(comm.as_deref(), || args.config())?;
     let (devices, device_name) = args.dist.devices(args.device, args.gpus, comm.as_deref())?;
     let lead = comm.as_ref().is_none_or(|c| c.leads());
-    let run = match &comm {
-        Some(c) => AeRun::open_rank(
-            cfg.clone(),
-            &args.out,
-            args.resume,
-            &devices[0],
-            Arc::clone(c),
-        )?,
-        None => AeRun::open(cfg.clone(), &args.out, args.resume, &devices[0])?,
-    };
+    let run = AeRun::open(cfg.clone(), &args.out, args.resume, &devices[0], comm)?;
     let mut run = run.with_replicas(&devices);
     let (depth, width, heads) = cfg.model.size.dims();
     if lead {
@@ -373,7 +344,7 @@ fn train_rank(args: &TrainArgs, comm: Option<Arc<Comm>>) -> Result<(bool, usize)
         }
     }
     let stop = super::stop_flag()?;
-    let pb = super::lead_bar(lead, "ae", cfg.train.steps, run.step());
+    let pb = super::lead_bar(lead, "ae", cfg.train.run.steps, run.step());
     let summary = run.run(
         || stop.load(Ordering::Relaxed),
         |m| {
@@ -413,7 +384,7 @@ fn train_rank(args: &TrainArgs, comm: Option<Arc<Comm>>) -> Result<(bool, usize)
         },
     );
     pb.finish_and_clear();
-    let summary = summary?;
+    let summary = summary?.run;
     if lead && !summary.interrupted {
         tracing::info!(
             "trained steps {}..{}; outputs in {}",

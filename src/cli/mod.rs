@@ -1,7 +1,13 @@
-//! Subcommand front-ends over the library, and what the training commands share.
+//! Subcommand front-ends over the library (one file per command), and what the training commands
+//! share: the loop flags, the stop flag, progress bars, joining an MPI job, and error hints.
 
 pub mod ae;
+pub mod bench;
+pub mod features;
+pub mod gui;
+pub mod hints;
 pub mod prior;
+pub mod toy;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -16,6 +22,66 @@ use serde::de::DeserializeOwned;
 
 use flowalign::backend::{DeviceChoice, select_at, select_many};
 use flowalign::dist::Comm;
+use flowalign::run::RunSettings;
+
+/// Copies each flag that was given into its config field:
+/// `set_fields!(args, cfg, { flag => field.path, ... })`.
+#[macro_export]
+macro_rules! set_fields {
+    ($args:expr, $cfg:expr, { $($flag:ident => $($field:ident).+),+ $(,)? }) => {
+        $( if let Some(v) = $args.$flag.clone() { $cfg.$($field).+ = v; } )+
+    };
+}
+
+/// The loop flags every training command shares (they set the `[train]` table's shared keys).
+#[derive(Args, Debug, Clone, Default)]
+pub struct RunArgs {
+    /// Optimiser steps.
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Items per step over all devices and ranks (feature vectors, images or latents).
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Linear warm-up steps before the cosine decay.
+    #[arg(long)]
+    warmup: Option<usize>,
+    /// EMA decay of the weights that are evaluated and exported (0 = off).
+    #[arg(long)]
+    ema: Option<f64>,
+    /// Seed of initialisation, batches and every draw.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Write a checkpoint every this many steps (and at the end, and on Ctrl-C).
+    #[arg(long)]
+    checkpoint_every: Option<usize>,
+    /// Log a metrics line every this many steps.
+    #[arg(long)]
+    log_every: Option<usize>,
+    /// The forward pass's dtype: `f32`, or `bf16` (meant for GPUs; weights, gradients, optimiser
+    /// state and EMA stay f32, so a resume may change it).
+    #[arg(long, value_enum)]
+    precision: Option<flowalign::precision::Precision>,
+}
+
+impl RunArgs {
+    /// Sets the given flags in `run`.
+    pub fn apply(&self, run: &mut RunSettings) {
+        set_fields!(self, run, {
+            steps => steps,
+            batch => batch,
+            lr => lr,
+            warmup => warmup,
+            ema => ema,
+            seed => seed,
+            checkpoint_every => checkpoint_every,
+            log_every => log_every,
+            precision => precision,
+        });
+    }
+}
 
 /// A flag that the first Ctrl-C or SIGTERM sets (the trainer then checkpoints and stops); a
 /// second one exits at once with code 130.
@@ -181,7 +247,7 @@ fn in_job<T>(comm: Option<Arc<Comm>>, body: impl FnOnce() -> Result<T>) -> Resul
             eprintln!(
                 "error: rank {}: {}",
                 comm.rank().rank,
-                crate::error_line(&e)
+                hints::error_line(&e)
             );
             comm.abort(2)
         }

@@ -1,4 +1,4 @@
-//! `flowalign prior train|eval|sample`: stage 1 of the ImageNet recipe (SPEC section 6).
+//! `flowalign prior train|eval|sample`: stage 1 of the ImageNet recipe (METHOD.md section 6).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,11 +12,11 @@ use flowalign::checkpoint;
 use flowalign::dist::Comm;
 use flowalign::features::projection::ProjectionKind;
 use flowalign::features::write_npy;
+use flowalign::files::write_json;
+use flowalign::flow::store::load_prior;
 use flowalign::prior::data::PriorData;
 use flowalign::prior::eval::{EvalOptions, evaluate, pca_scatter, sample_prior};
 use flowalign::prior::{FeaturePriorConfig, PriorPreset, PriorRun};
-use flowalign::report::write_json;
-use flowalign::train::load_prior;
 
 #[derive(Subcommand)]
 pub enum PriorCommand {
@@ -36,61 +36,48 @@ pub struct TrainArgs {
     /// The run folder: config, metrics, checkpoints and the frozen prior (prior.safetensors).
     #[arg(long)]
     out: PathBuf,
-    /// Continue the checkpoint in --out (only --steps, --checkpoint-every, --log-every and
-    /// --precision may change).
+    /// Continue the checkpoint in --out (only --steps, --checkpoint-every, --log-every,
+    /// --precision and the learning-rate flags may change).
     #[arg(long)]
     resume: bool,
-    /// Starting values: `paper` (SPEC section 6, the default) or `small` (a CPU-sized run).
+    /// Starting values: `paper` (METHOD.md section 6, the default) or `small` (a CPU-sized run).
     #[arg(long, value_enum)]
     preset: Option<PriorPreset>,
     /// A TOML config (every run writes one as config.toml); flags override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// The latent dimension d1 the features are projected to (paper: 32).
     #[arg(long)]
     latent_dim: Option<usize>,
+    /// How features reach the latent dimension: auto (identity when the dims are equal, else
+    /// random), random (the paper's fixed Gaussian map), avgpool, pca or identity.
     #[arg(long, value_enum)]
     projection: Option<ProjectionKind>,
+    /// Seed of the random projection (the paper's is 42).
     #[arg(long)]
     projection_seed: Option<u64>,
     /// Multiply the features by this instead of 1/std.
     #[arg(long)]
     scale: Option<f64>,
-    /// Rows held out for `prior eval` (at most a tenth of the table).
+    /// Rows to hold out from training for `prior eval` (at most a tenth of the table; default 0:
+    /// train on every row, as the paper's code does).
     #[arg(long)]
     holdout: Option<usize>,
     /// Drop rows holding NaN or infinity instead of refusing the table.
     #[arg(long)]
     drop_nonfinite: bool,
+    /// Hidden width C of the AdaLN MLP (paper: 1024).
     #[arg(long)]
     width: Option<usize>,
+    /// Residual AdaLN blocks (paper: 6).
     #[arg(long)]
     depth: Option<usize>,
-    #[arg(long)]
-    steps: Option<usize>,
-    /// Feature vectors per step.
-    #[arg(long)]
-    batch: Option<usize>,
-    /// Peak learning rate.
-    #[arg(long)]
-    lr: Option<f64>,
     /// (t, eps) draws per vector per step.
     #[arg(long)]
     mc: Option<usize>,
-    #[arg(long)]
-    warmup: Option<usize>,
-    /// EMA decay of the weights that become the frozen prior (0 = off).
-    #[arg(long)]
-    ema: Option<f64>,
-    #[arg(long)]
-    seed: Option<u64>,
-    #[arg(long)]
-    checkpoint_every: Option<usize>,
-    #[arg(long)]
-    log_every: Option<usize>,
-    /// The forward pass's dtype: `f32`, or `bf16` (meant for GPUs; weights, gradients, optimiser
-    /// state and EMA stay f32, so a resume may change it).
-    #[arg(long, value_enum)]
-    precision: Option<flowalign::precision::Precision>,
+    #[command(flatten)]
+    run: super::RunArgs,
+    /// Compute device: auto (a GPU when built with one, else the CPU), cpu, wgpu or cuda.
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     device: DeviceChoice,
     /// Data-parallel over this many devices of --device's kind (CUDA 0..N-1 or hardware wgpu
@@ -122,27 +109,16 @@ impl TrainArgs {
         if let Some(f) = &self.features {
             cfg.data.features = f.clone();
         }
-        macro_rules! set {
-            ($flag:ident => $($field:tt)+) => {
-                if let Some(v) = self.$flag { cfg.$($field)+ = v; }
-            };
-        }
-        set!(latent_dim => data.latent_dim);
-        set!(projection => data.projection);
-        set!(projection_seed => data.projection_seed);
-        set!(holdout => data.holdout);
-        set!(width => model.width);
-        set!(depth => model.depth);
-        set!(steps => train.steps);
-        set!(batch => train.batch);
-        set!(lr => train.lr);
-        set!(mc => train.mc);
-        set!(warmup => train.warmup);
-        set!(ema => train.ema);
-        set!(seed => train.seed);
-        set!(checkpoint_every => train.checkpoint_every);
-        set!(log_every => train.log_every);
-        set!(precision => train.precision);
+        crate::set_fields!(self, cfg, {
+            latent_dim => data.latent_dim,
+            projection => data.projection,
+            projection_seed => data.projection_seed,
+            holdout => data.holdout,
+            width => model.width,
+            depth => model.depth,
+            mc => train.mc,
+        });
+        self.run.apply(&mut cfg.train.run);
         if self.scale.is_some() {
             cfg.data.scale = self.scale;
         }
@@ -163,18 +139,10 @@ fn train_rank(args: &TrainArgs, comm: Option<Arc<Comm>>) -> Result<(bool, usize)
     let (devices, device_name) = args.dist.devices(args.device, args.gpus, comm.as_deref())?;
     let lead = comm.as_ref().is_none_or(|c| c.leads());
     let start = std::time::Instant::now();
-    let run = match &comm {
-        Some(c) => PriorRun::open_rank(
-            cfg.clone(),
-            &args.out,
-            args.resume,
-            &devices[0],
-            Arc::clone(c),
-        )?,
-        None => PriorRun::open(cfg.clone(), &args.out, args.resume, &devices[0])?,
-    };
+    let run = PriorRun::open(cfg.clone(), &args.out, args.resume, &devices[0], comm)?;
     let mut run = run.with_replicas(devices);
     let data = run.data();
+    let data_held = data.holdout.rows > 0;
     if lead {
         tracing::info!(
             device = %device_name,
@@ -184,7 +152,7 @@ fn train_rank(args: &TrainArgs, comm: Option<Arc<Comm>>) -> Result<(bool, usize)
             data.info.std,
             data.info.scale,
             data.dim(),
-            cfg.data.projection,
+            data.projection.kind,
             data.train.rows,
             data.holdout.rows,
             start.elapsed().as_secs_f64()
@@ -194,8 +162,8 @@ fn train_rank(args: &TrainArgs, comm: Option<Arc<Comm>>) -> Result<(bool, usize)
         }
     }
     let stop = super::stop_flag()?;
-    let pb = super::lead_bar(lead, "prior", cfg.train.steps, run.step());
-    let batch = cfg.train.batch;
+    let pb = super::lead_bar(lead, "prior", cfg.train.run.steps, run.step());
+    let batch = cfg.train.run.batch;
     let summary = run.run(
         || stop.load(Ordering::Relaxed),
         |m| {
@@ -224,17 +192,23 @@ fn train_rank(args: &TrainArgs, comm: Option<Arc<Comm>>) -> Result<(bool, usize)
     );
     pb.finish_and_clear();
     let summary = summary?;
-    if lead && !summary.interrupted {
+    let run_summary = summary.run;
+    if lead && !run_summary.interrupted {
         tracing::info!(
-            "trained steps {}..{} in {:.1}s; held-out flow-matching loss {:.4}; prior in {}",
-            summary.resumed_from,
-            summary.step,
+            "trained steps {}..{} in {:.1}s; {} flow-matching loss {:.4}; prior in {}",
+            run_summary.resumed_from,
+            run_summary.step,
             start.elapsed().as_secs_f64(),
+            if data_held {
+                "held-out"
+            } else {
+                "training-row"
+            },
             summary.val_loss,
             args.out.join("prior.safetensors").display()
         );
     }
-    Ok((summary.interrupted, summary.step))
+    Ok((run_summary.interrupted, run_summary.step))
 }
 
 #[derive(Args)]
@@ -265,7 +239,7 @@ fn open_run(
     if let Some(f) = features {
         cfg.data.features = f.clone();
     }
-    let data = PriorData::prepare(&cfg.data, cfg.train.seed, device)?;
+    let data = PriorData::prepare(&cfg.data, cfg.train.run.seed, device)?;
     Ok((cfg, data))
 }
 
@@ -296,18 +270,19 @@ fn eval(args: EvalArgs) -> Result<()> {
         &data.train
     };
     pca_scatter(&out.join("pca.png"), held, &samples, &device)?;
+    let scored = report.scored;
     tracing::info!(
-        "held-out FM loss {:.4} ({} rows); exact NLL held-out {:.3} +- {:.3} nats ({:.4}/dim), samples {:.3}; \
-         log r_{} samples {:.3} vs held-out {:.3}; {:.1}s -> {}",
+        "FM loss {:.4} ({} {scored} rows); exact NLL of {scored} rows {:.3} +- {:.3} nats ({:.4}/dim), samples {:.3}; \
+         log r_{} samples {:.3} vs {scored} rows {:.3}; {:.1}s -> {}",
         report.fm_loss,
         report.fm_rows,
-        report.nll_holdout,
-        report.nll_holdout_sem,
-        report.nll_holdout_per_dim,
+        report.nll_data,
+        report.nll_data_sem,
+        report.nll_data_per_dim,
         report.nll_samples,
         report.k,
         report.log_rk_samples,
-        report.log_rk_holdout,
+        report.log_rk_data,
         start.elapsed().as_secs_f64(),
         out.join("eval.json").display()
     );

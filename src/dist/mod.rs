@@ -12,8 +12,8 @@
 //! and lets the MPI thread poll its non-blocking collectives with a deadline: a rank that dies or
 //! hangs stops the whole job (`MPI_Abort`) with a message naming it, never a silent hang.
 
+use std::sync::Mutex;
 use std::sync::mpsc::{Receiver, Sender};
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -22,7 +22,6 @@ use burn::optim::GradientsParams;
 use burn::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::train::{Trainer, TrainerState};
 
 #[cfg(feature = "mpi")]
 mod mpi_thread;
@@ -239,57 +238,6 @@ fn gone() -> Error {
     Error::Distributed("the MPI thread has stopped (see the message above)".into())
 }
 
-/// Rank 0's trainer state on every rank (the others pass `None`): how a run starts from the same
-/// weights everywhere, new or resumed, with only rank 0 reading the run folder.
-pub fn share_state(comm: &Comm, state: Option<TrainerState>) -> Result<TrainerState> {
-    let mut head = Vec::new();
-    if let Some(s) = &state {
-        head.extend_from_slice(&(s.step as u64).to_le_bytes());
-        head.push(u8::from(s.ema.is_some()));
-    }
-    let head = comm.broadcast(head, "trainer state")?;
-    let (step, has_ema) = match head.as_slice() {
-        [s @ .., e] if s.len() == 8 => (
-            u64::from_le_bytes(s.try_into().unwrap_or_default()) as usize,
-            *e == 1,
-        ),
-        _ => {
-            return Err(Error::Distributed(
-                "rank 0 sent a malformed trainer state".into(),
-            ));
-        }
-    };
-    let (model, ema, optim) = match state {
-        Some(s) => (s.model, s.ema.unwrap_or_default(), s.optim),
-        None => Default::default(),
-    };
-    let model = comm.broadcast(model, "initial weights")?;
-    let ema = if has_ema {
-        Some(comm.broadcast(ema, "initial EMA weights")?)
-    } else {
-        None
-    };
-    let optim = comm.broadcast(optim, "optimiser state")?;
-    Ok(TrainerState {
-        step,
-        model,
-        ema,
-        optim,
-    })
-}
-
-/// `trainer` as one rank's copy of rank 0's: every rank ends with rank 0's state (weights, EMA,
-/// optimiser, step) and averages its gradients over `comm`. Returns the step the state was at.
-pub fn adopt<M: Module>(trainer: Trainer<M>, comm: &Arc<Comm>) -> Result<(Trainer<M>, usize)> {
-    let mut trainer = trainer;
-    let state = comm.leads().then(|| trainer.state_bytes()).transpose()?;
-    let state = share_state(comm, state)?;
-    if !comm.leads() {
-        trainer.restore(&state)?;
-    }
-    Ok((trainer.with_comm(Arc::clone(comm)), state.step))
-}
-
 /// The rows `[a, b)` of a global batch of `batch` that rank `rank` of `size` trains on.
 ///
 /// The split is even: a global batch that `size` does not divide is refused up front by
@@ -302,10 +250,13 @@ pub fn part(batch: usize, rank: usize, size: usize) -> std::ops::Range<usize> {
 /// Refuses a global batch that the ranks cannot share evenly.
 pub fn check_batch(batch: usize, size: usize, what: &str) -> Result<()> {
     if !batch.is_multiple_of(size) || batch < size {
-        return Err(Error::Config(format!(
-            "the global batch of {batch} {what} does not split evenly over {size} ranks; use a multiple of {size} (e.g. --batch {})",
-            (batch / size).max(1) * size
-        )));
+        return Err(Error::setting(
+            "train.batch",
+            format!(
+                "the global batch of {batch} {what} does not split evenly over {size} ranks; use a multiple of {size} (e.g. {})",
+                (batch / size).max(1) * size
+            ),
+        ));
     }
     Ok(())
 }
@@ -315,7 +266,7 @@ pub fn check_batch(batch: usize, size: usize, what: &str) -> Result<()> {
 pub fn weights_checksum<M: Module>(module: &M) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    for v in crate::train::param_values(module) {
+    for v in crate::params::param_values(module) {
         v.to_bits().hash(&mut h);
     }
     h.finish()

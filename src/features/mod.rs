@@ -1,4 +1,4 @@
-//! Target feature tables (SPEC section 6, stage 1): a 2-D float tensor read from `.safetensors`, `.npy`
+//! Target feature tables (METHOD.md section 6, stage 1): a 2-D float tensor read from `.safetensors`, `.npy`
 //! or `.npz` (f32, f16, bf16 or f64), checked, scaled by 1/std and projected to the latent dimension.
 //!
 //! Files are memory-mapped and converted to f32 in one pass, so a table costs one f32 copy in memory.
@@ -68,7 +68,7 @@ pub fn write_npy(path: &Path, rows: usize, cols: usize, data: &[f32]) -> Result<
         .map_err(encode)?;
     w.extend(data.iter().copied()).map_err(encode)?;
     w.finish().map_err(encode)?;
-    crate::report::write_atomic(path, &bytes)
+    crate::files::write_atomic(path, &bytes)
 }
 
 /// What to do with rows holding NaN or infinity.
@@ -116,7 +116,7 @@ pub fn parse_spec(spec: &str) -> (PathBuf, Option<String>) {
 }
 
 fn open(path: &Path) -> Result<File> {
-    File::open(path).map_err(|e| Error::io(path, "check the --features path", e))
+    File::open(path).map_err(|e| Error::io(path, "check the feature file's path", e))
 }
 
 /// Maps `path` into memory read-only.
@@ -126,7 +126,7 @@ fn map(path: &Path) -> Result<memmap2::Mmap> {
     // underneath by another process would give wrong numbers, not memory unsafety in safe code we run
     // afterwards, since every value is copied out before the map is dropped.
     unsafe { memmap2::Mmap::map(&file) }
-        .map_err(|e| Error::io(path, "check the --features path", e))
+        .map_err(|e| Error::io(path, "check the feature file's path", e))
 }
 
 fn safetensors_dtype(d: Dtype) -> String {
@@ -387,9 +387,10 @@ fn check_finite(path: &Path, table: FeatureTable, non_finite: NonFinite) -> Resu
         if bad.len() > 5 { ", ..." } else { "" }
     );
     match non_finite {
-        NonFinite::Refuse => Err(Error::input(
+        NonFinite::Refuse => Err(Error::input_fixed_by(
             path,
-            format!("{what}; fix the file or pass --drop-nonfinite"),
+            format!("{what}; fix the file or drop such rows (data.drop_nonfinite)"),
+            "data.drop_nonfinite",
         )),
         NonFinite::Drop => {
             tracing::warn!("{}: {what}; dropping them", path.display());
@@ -594,7 +595,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("2 of 5 rows") && e.contains("rows 1, 4"), "{e}");
-        assert!(e.contains("--drop-nonfinite"), "{e}");
+        assert!(e.contains("data.drop_nonfinite"), "{e}");
         let t = load(&path, None, NonFinite::Drop).unwrap();
         assert_eq!(t.rows, 3);
         assert!(t.data.iter().all(|x| x.is_finite()));

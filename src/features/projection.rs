@@ -1,4 +1,4 @@
-//! Maps target features of dimension d2 to the latent dimension d1 (SPEC section 2): the paper's fixed
+//! Maps target features of dimension d2 to the latent dimension d1 (METHOD.md section 2): the paper's fixed
 //! random projection, and the ablation's average pooling and PCA.
 
 use burn::prelude::*;
@@ -10,14 +10,18 @@ use crate::error::{Error, Result};
 use crate::flow::{rows_to_tensor, tensor_to_rows};
 use crate::rng::{Stream, rng_for};
 
-/// The seed of the paper's random projection (SPEC section 2).
+/// The seed of the paper's random projection (METHOD.md section 2).
 pub const PAPER_SEED: u64 = 42;
 
 /// How d2-dimensional features become d1-dimensional.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum ProjectionKind {
-    /// `W x` with `W_ij ~ N(0, 1/d2)` from a fixed seed: keeps the per-dimension variance.
+    /// `identity` when the feature dim equals the latent dim (a square Gaussian map would squeeze
+    /// its weakest direction about 50x at 32 dims), else `random`. The default.
+    Auto,
+    /// `W x` with `W_ij ~ N(0, 1/d2)` from a fixed seed: keeps the per-dimension variance, mapping
+    /// down (the paper's 896 -> 32) or up (its VQ codebook's 8 -> 32) alike.
     Random,
     /// The mean of each of d1 contiguous groups of dimensions (adaptive average pooling).
     Avgpool,
@@ -50,27 +54,37 @@ impl Projection {
     ) -> Result<Projection> {
         let d_in = table.cols;
         if d_out == 0 {
-            return Err(Error::Config("--latent-dim must be at least 1".into()));
+            return Err(Error::setting(
+                "data.latent_dim",
+                "must be at least 1, got 0",
+            ));
         }
+        let kind = match kind {
+            ProjectionKind::Auto if d_in == d_out => {
+                tracing::info!(
+                    "the features already have the latent dim {d_out}: using them as they are (identity), \
+                     since a square random map would squeeze one direction; choose the random projection to force it"
+                );
+                ProjectionKind::Identity
+            }
+            ProjectionKind::Auto => ProjectionKind::Random,
+            k => k,
+        };
         let (matrix, bias) = match kind {
             ProjectionKind::Identity => {
                 if d_in != d_out {
-                    return Err(Error::Config(format!(
-                        "--projection identity needs the feature dim ({d_in}) to equal --latent-dim ({d_out}); \
-                         use --projection random"
-                    )));
+                    return Err(Error::setting(
+                        "data.projection",
+                        format!(
+                            "identity needs the feature dim ({d_in}) to equal the latent dim ({d_out}); use random"
+                        ),
+                    ));
                 }
                 let mut m = vec![0.0; d_in * d_in];
                 (0..d_in).for_each(|i| m[i * d_in + i] = 1.0);
                 (m, vec![0.0; d_out])
             }
             ProjectionKind::Random => {
-                if d_in < d_out {
-                    return Err(Error::Config(format!(
-                        "a random projection maps features down: their dim {d_in} is below --latent-dim {d_out}; \
-                         use a latent dim of at most {d_in}, or --projection identity when they are equal"
-                    )));
-                }
                 let mut rng = rng_for(seed, Stream::Projection, 0);
                 let normal =
                     Normal::new(0.0f32, (1.0 / d_in as f32).sqrt()).expect("a positive std");
@@ -79,9 +93,12 @@ impl Projection {
             }
             ProjectionKind::Avgpool => {
                 if d_in < d_out {
-                    return Err(Error::Config(format!(
-                        "average pooling needs the feature dim ({d_in}) to be at least --latent-dim ({d_out})"
-                    )));
+                    return Err(Error::setting(
+                        "data.projection",
+                        format!(
+                            "average pooling needs the feature dim ({d_in}) to be at least the latent dim ({d_out})"
+                        ),
+                    ));
                 }
                 let mut m = vec![0.0; d_out * d_in];
                 for i in 0..d_out {
@@ -94,6 +111,7 @@ impl Projection {
                 (m, vec![0.0; d_out])
             }
             ProjectionKind::Pca => pca(table, d_out, device)?,
+            ProjectionKind::Auto => unreachable!("resolved above"),
         };
         Ok(Projection {
             kind,
@@ -110,7 +128,7 @@ impl Projection {
     /// - `table`: `[rows, d_in]`; output `[rows, d_out]`
     pub fn apply(&self, table: &FeatureTable, device: &Device) -> Result<FeatureTable> {
         if table.cols != self.d_in {
-            return Err(Error::Config(format!(
+            return Err(Error::Numeric(format!(
                 "the projection expects {}-dim features, got {}",
                 self.d_in, table.cols
             )));
@@ -145,12 +163,16 @@ impl Projection {
 fn pca(table: &FeatureTable, k: usize, device: &Device) -> Result<(Vec<f32>, Vec<f32>)> {
     let d = table.cols;
     if k > d {
-        return Err(Error::Config(format!(
-            "PCA gives at most {d} components (the feature dim), not --latent-dim {k}"
-        )));
+        return Err(Error::setting(
+            "data.latent_dim",
+            format!("is {k} but PCA gives at most {d} components (the feature dim)"),
+        ));
     }
     if table.rows < 2 {
-        return Err(Error::Config("PCA needs at least 2 rows".into()));
+        return Err(Error::setting(
+            "data.projection",
+            "PCA needs at least 2 rows",
+        ));
     }
     let n = table.rows as f64;
     let mut mean = vec![0.0f64; d];
@@ -226,16 +248,37 @@ mod tests {
         // Unit-variance features stay unit-variance per dimension (W_ij ~ N(0, 1/d2)).
         let var = y.data.iter().map(|v| f64::from(v * v)).sum::<f64>() / y.data.len() as f64;
         assert!((var - 1.0).abs() < 0.1, "variance {var}");
-        let e = Projection::fit(
-            ProjectionKind::Random,
-            &gaussian_table(10, 16, 0),
-            32,
-            42,
-            &dev,
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(e.contains("16 is below --latent-dim 32"), "{e}");
+    }
+
+    #[test]
+    fn random_projection_maps_up_like_the_vq_codebook() {
+        // Table 1's VQ prior: a 16,384 x 8 codebook projected up to 32 dims.
+        let dev = Device::flex();
+        let t = gaussian_table(16_384, 8, 3);
+        let p = Projection::fit(ProjectionKind::Random, &t, 32, PAPER_SEED, &dev).unwrap();
+        let y = p.apply(&t, &dev).unwrap();
+        assert_eq!((y.rows, y.cols), (16_384, 32));
+        // Each output dim is a unit-variance mix of the 8 inputs: variance 1 on average.
+        let var = y.data.iter().map(|v| f64::from(v * v)).sum::<f64>() / y.data.len() as f64;
+        assert!((var - 1.0).abs() < 0.35, "variance {var}");
+        // The image is the 8-dim column space of W: rank 8, not 32.
+        let col = |j: usize| (0..32).map(|i| p.matrix[i * 8 + j]).collect::<Vec<f32>>();
+        let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((0..8).all(|j| norm(&col(j)) > 0.5));
+    }
+
+    #[test]
+    fn auto_is_identity_for_equal_dims_and_random_otherwise() {
+        let dev = Device::flex();
+        let square = gaussian_table(100, 32, 4);
+        let p = Projection::fit(ProjectionKind::Auto, &square, 32, PAPER_SEED, &dev).unwrap();
+        assert_eq!(p.kind, ProjectionKind::Identity);
+        assert_eq!(p.apply(&square, &dev).unwrap().data, square.data);
+        let wide = gaussian_table(100, 64, 4);
+        let p = Projection::fit(ProjectionKind::Auto, &wide, 32, PAPER_SEED, &dev).unwrap();
+        assert_eq!(p.kind, ProjectionKind::Random);
+        let r = Projection::fit(ProjectionKind::Random, &wide, 32, PAPER_SEED, &dev).unwrap();
+        assert_eq!(p.matrix, r.matrix, "auto draws the same matrix as random");
     }
 
     #[test]

@@ -1,9 +1,10 @@
-//! The exact log-likelihood of a flow model by the instantaneous change of variables (SPEC section 3):
+//! The exact log-likelihood of a flow model by the instantaneous change of variables (METHOD.md section 3):
 //! `log p_1(x) = log N(z_0; 0, I) - integral_0^1 Tr grad v(z_s, s) ds`, integrated backwards from x at t = 1.
 
 use burn::prelude::*;
 
 use super::VelocityField;
+use super::solver::{Solver, step_with};
 
 /// The velocity and its exact divergence `Tr grad_z v(z, t)` at each row.
 ///
@@ -69,20 +70,15 @@ pub fn log_prob(field: &impl VelocityField, x: Tensor<2>, steps: usize) -> Tenso
     let [batch, d] = x.dims();
     let dev = x.device().inner();
     let h = -1.0 / steps as f32;
-    let mut z = x.inner();
-    // integral of the divergence from t = 1 down to the current time.
-    let mut div_integral = Tensor::<1>::zeros([batch], &dev);
+    // The state: z, and the integral of the divergence from t = 1 down to the current time.
+    let mut state = (x.inner(), Tensor::<1>::zeros([batch], &dev));
+    let slope =
+        |s: &(Tensor<2>, Tensor<1>), t: f32| velocity_and_divergence_at(field, s.0.clone(), t);
     for k in 0..steps {
         let t = 1.0 + k as f32 * h;
-        let (k1, d1) = velocity_and_divergence_at(field, z.clone(), t);
-        let (k2, d2) =
-            velocity_and_divergence_at(field, z.clone() + k1.clone() * (h / 2.0), t + h / 2.0);
-        let (k3, d3) =
-            velocity_and_divergence_at(field, z.clone() + k2.clone() * (h / 2.0), t + h / 2.0);
-        let (k4, d4) = velocity_and_divergence_at(field, z.clone() + k3.clone() * h, t + h);
-        z = z + (k1 + k2 * 2.0 + k3 * 2.0 + k4) * (h / 6.0);
-        div_integral = div_integral + (d1 + d2 * 2.0 + d3 * 2.0 + d4) * (h / 6.0);
+        state = step_with(slope, &state, t, h, Solver::Rk4);
     }
+    let (z, div_integral) = state;
     // div_integral = integral_1^0 div = -integral_0^1 div.
     let log_normal = (z.clone() * z).sum_dim(1).reshape([batch]) * (-0.5)
         - 0.5 * d as f32 * (2.0 * std::f32::consts::PI).ln();

@@ -6,12 +6,13 @@ pub mod likelihood;
 pub mod model;
 pub mod path;
 pub mod solver;
+pub mod store;
 
 use burn::prelude::*;
 
 pub use model::{VelocityMlp, VelocityMlpConfig};
 
-/// A time-dependent velocity field `v(z, t)` on R^d (SPEC section 1).
+/// A time-dependent velocity field `v(z, t)` on R^d (METHOD.md section 1).
 pub trait VelocityField {
     /// The velocity at each row of `z` at the matching time in `t`.
     ///

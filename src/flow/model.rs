@@ -1,4 +1,4 @@
-//! The velocity network of SPEC section 4: an MLP with adaptive LayerNorm on a sinusoidal time embedding.
+//! The velocity network of METHOD.md section 4: an MLP with adaptive LayerNorm on a sinusoidal time embedding.
 //!
 //! Pure architecture: losses and training steps live in [`crate::align`] and [`crate::train`].
 
@@ -11,9 +11,9 @@ use rand_distr::StandardNormal;
 
 use crate::rng::Rng;
 
-/// Features of the sinusoidal time embedding (SPEC section 4).
+/// Features of the sinusoidal time embedding (METHOD.md section 4).
 pub const FREQ_DIM: usize = 256;
-/// LayerNorm epsilon (SPEC section 4).
+/// LayerNorm epsilon (METHOD.md section 4).
 const LN_EPS: f64 = 1e-6;
 
 /// Hyperparameters of [`VelocityMlp`].
@@ -44,7 +44,7 @@ pub struct FinalLayer {
     out: Linear,
 }
 
-/// The AdaLN MLP velocity field `v_theta(z, t)` ("SimpleMLPAdaLN", SPEC section 4).
+/// The AdaLN MLP velocity field `v_theta(z, t)` ("SimpleMLPAdaLN", METHOD.md section 4).
 #[derive(Module, Debug)]
 pub struct VelocityMlp {
     input_proj: Linear,
@@ -54,7 +54,7 @@ pub struct VelocityMlp {
     final_layer: FinalLayer,
 }
 
-/// How a linear layer's weight is drawn (SPEC section 4, Init).
+/// How a linear layer's weight is drawn (METHOD.md section 4, Init).
 #[derive(Clone, Copy)]
 pub(crate) enum Init {
     XavierUniform,
@@ -95,7 +95,7 @@ pub(crate) fn linear(
 }
 
 impl VelocityMlpConfig {
-    /// Builds the network with SPEC section 4's initialisation, drawing from `rng`.
+    /// Builds the network with METHOD.md section 4's initialisation, drawing from `rng`.
     ///
     /// Every modulation layer and the output layer start at zero, so the initial velocity is exactly 0.
     pub fn init(&self, rng: &mut Rng, device: &Device) -> VelocityMlp {
@@ -121,7 +121,7 @@ impl VelocityMlpConfig {
     }
 }
 
-/// Sinusoidal embedding of the raw time t in [0, 1] (not scaled by 1000), SPEC section 4.
+/// Sinusoidal embedding of the raw time t in [0, 1] (not scaled by 1000), METHOD.md section 4.
 ///
 /// # Shapes
 /// - `t`: `[batch]`
@@ -235,7 +235,7 @@ mod tests {
     fn parameter_count_matches_the_paper_toy() {
         let mut rng = rng_for(0, Stream::Init, 0);
         let m = VelocityMlpConfig::new(2, 512, 4).init(&mut rng, &Device::flex());
-        assert_eq!(m.num_params(), 6_179_330); // SPEC section 4: 6.18 M
+        assert_eq!(m.num_params(), 6_179_330); // METHOD.md section 4: 6.18 M
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The linear (rectified-flow) path of SPEC section 1: `z_t = (1 - t) eps + t x`, target `u = x - eps`.
+//! The linear (rectified-flow) path of METHOD.md section 1: `z_t = (1 - t) eps + t x`, target `u = x - eps`.
 
 use burn::prelude::*;
 use rand::RngExt;
@@ -6,7 +6,7 @@ use rand_distr::StandardNormal;
 
 use crate::rng::Rng;
 
-/// One (t, eps) draw per row: t ~ U[0, 1], eps ~ N(0, I) (SPEC section 1).
+/// One (t, eps) draw per row: t ~ U[0, 1], eps ~ N(0, I) (METHOD.md section 1).
 #[derive(Debug, Clone)]
 pub struct PathDraws {
     /// `[batch]`

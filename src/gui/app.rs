@@ -19,12 +19,14 @@ use super::panels::{
     self, CurveStyle, HeatTexture, LATENT_COLOUR, Overlay, PanelResponse, TARGET_COLOUR,
 };
 use super::worker::{Analysis, Command, SLOW_GRID_MAX, Stage, Update, ViewRequest, Worker};
-use crate::config::{LatentInit, Preset, Reduction, ToyConfig};
+use crate::align::Reduction;
 use crate::error::Result;
+use crate::files::{write_atomic, write_json};
 use crate::flow::solver::Solver;
-use crate::report::{write_atomic, write_csv, write_json, write_png_rgb};
+use crate::grid::Point;
+use crate::report::write_png_rgb;
 use crate::toy::targets::{Target, read_points_csv};
-use crate::toy::{Point, TargetKind};
+use crate::toy::{Curves, Event, LatentInit, Preset, TargetKind, ToyConfig};
 
 /// How the window was launched (command-line options); the default is an interactive session.
 #[derive(Debug, Clone, Default)]
@@ -167,12 +169,9 @@ pub struct RunState {
     pub range: ((f32, f32), (f32, f32)),
     pub prior_total: usize,
     pub align_total: usize,
-    /// `(step, loss)` of the prior.
-    pub prior_loss: Vec<[f64; 2]>,
-    pub prior_lr: f64,
-    /// `(step, L_align)` and `(step, NLL of y)`.
-    pub align_loss: Vec<[f64; 2]>,
-    pub align_nll: Vec<[f64; 2]>,
+    /// The loss curves of both stages, recorded from the session's events as `flowalign toy`
+    /// records them.
+    pub curves: Curves,
     pub history: History,
     /// Landscapes of the prior at the steps they were taken (the prior's checkpoints), newest last.
     pub analyses: Vec<Arc<Analysis>>,
@@ -189,12 +188,12 @@ pub struct RunState {
 impl RunState {
     /// The prior step reached so far.
     pub fn prior_step(&self) -> usize {
-        self.prior_loss.last().map_or(0, |p| p[0] as usize)
+        self.curves.prior.last().map_or(0, |p| p.0)
     }
 
     /// The alignment step reached so far.
     pub fn align_step(&self) -> usize {
-        self.align_loss.last().map_or(0, |p| p[0] as usize)
+        self.curves.align.last().map_or(0, |p| p.0)
     }
 
     /// The landscapes on display: the chosen checkpoint or the newest.
@@ -461,8 +460,8 @@ impl FlowAlignApp {
 
     fn reset_alignment(&mut self) {
         let s = &mut self.state;
-        s.align_loss.clear();
-        s.align_nll.clear();
+        s.curves.align.clear();
+        s.curves.nll.clear();
         s.history = History::default();
         s.align_rate.restart();
         s.replay_index = None;
@@ -519,34 +518,12 @@ impl FlowAlignApp {
         format!("{target}-seed{}", cfg.seed)
     }
 
-    /// Writes the curves as CSV (`stage, step, loss, nll_y`, the format of `flowalign toy`).
+    /// Writes the curves as CSV: the same writer and format as `flowalign toy`'s `curves.csv`.
     pub fn export_curves(&mut self) -> Result<PathBuf> {
         let path = self
             .export_dir()?
             .join(format!("curves-{}.csv", self.stem()));
-        let s = &self.state;
-        let prior = s.prior_loss.iter().map(|p| {
-            vec![
-                "prior".into(),
-                (p[0] as usize).to_string(),
-                p[1].to_string(),
-                String::new(),
-            ]
-        });
-        let align = s.align_loss.iter().map(|p| {
-            let step = p[0] as usize;
-            let nll = s
-                .align_nll
-                .iter()
-                .find(|q| q[0] as usize == step)
-                .map_or(String::new(), |q| q[1].to_string());
-            vec!["align".into(), step.to_string(), p[1].to_string(), nll]
-        });
-        write_csv(
-            &path,
-            &["stage", "step", "loss", "nll_y"],
-            prior.chain(align),
-        )?;
+        self.state.curves.write_csv(&path)?;
         Ok(path)
     }
 
@@ -652,33 +629,25 @@ impl FlowAlignApp {
                 }
                 Update::Stage(stage) => s.stage = stage,
                 Update::Paused(p) => s.paused = p,
-                Update::PriorStep { step, loss, lr } => {
-                    s.prior_loss.push([step as f64, f64::from(loss)]);
-                    s.prior_lr = lr;
-                    s.prior_rate.record(step);
-                }
-                Update::AlignStart {
-                    latents,
-                    nll,
-                    align,
-                } => {
-                    s.align_nll.push([0.0, f64::from(nll)]);
-                    s.history.push(0, latents);
-                    s.align_total = align.steps;
-                    if let Some(cfg) = &mut s.session_cfg {
-                        cfg.align = align;
+                Update::Progress(event) => {
+                    s.curves.record(&event);
+                    match event {
+                        Event::PriorStep { step, .. } => s.prior_rate.record(step),
+                        Event::AlignStart { latents, align, .. } => {
+                            s.history = History::default();
+                            s.history.push(0, latents);
+                            s.align_rate.restart();
+                            s.align_total = align.steps;
+                            if let Some(cfg) = &mut s.session_cfg {
+                                cfg.align = align;
+                            }
+                        }
+                        Event::AlignStep { step, latents, .. } => {
+                            s.history.push(step, latents);
+                            s.align_rate.record(step);
+                        }
+                        Event::Done => {}
                     }
-                }
-                Update::AlignStep {
-                    step,
-                    loss,
-                    nll,
-                    latents,
-                } => {
-                    s.align_loss.push([step as f64, f64::from(loss)]);
-                    s.align_nll.push([step as f64, f64::from(nll)]);
-                    s.history.push(step, latents);
-                    s.align_rate.record(step);
                 }
                 Update::Analysis(a) => {
                     let a: Arc<Analysis> = Arc::from(a);
@@ -951,21 +920,19 @@ impl FlowAlignApp {
             ui.label(RichText::new(format!("stage: {stage}")).strong().color(GREEN));
             match s.stage {
                 Stage::Prior => {
-                    if let Some(l) = s.prior_loss.last() {
+                    if let Some(&(_, loss, lr)) = s.curves.prior.last() {
                         ui.label(format!(
-                            "loss {:.3}  lr {:.1e}  {:.0} steps/s",
-                            l[1],
-                            s.prior_lr,
+                            "loss {loss:.3}  lr {lr:.1e}  {:.0} steps/s",
                             s.prior_rate.per_sec()
                         ));
                     }
                 }
                 Stage::Align | Stage::Done => {
-                    if let (Some(l), Some(n)) = (s.align_loss.last(), s.align_nll.last()) {
+                    if let (Some(l), Some(n)) = (s.curves.align.last(), s.curves.nll.last()) {
                         ui.label(format!(
                             "L_align {:.3}  NLL(y) {:.3}  {:.0} steps/s",
-                            l[1],
-                            n[1],
+                            l.1,
+                            n.1,
                             s.align_rate.per_sec()
                         ));
                     }
@@ -1068,7 +1035,7 @@ impl FlowAlignApp {
                         let name = format!("{preset:?}").to_lowercase();
                         if ui
                             .selectable_label(cfg.preset == preset, &name)
-                            .on_hover_text("fill in the preset's values (SPEC section 5)")
+                            .on_hover_text("fill in the preset's values (METHOD.md section 5)")
                             .clicked()
                         {
                             let base = ToyConfig::preset(preset, cfg.target);
@@ -1183,7 +1150,7 @@ impl FlowAlignApp {
                 ui.checkbox(&mut v.prior_nll, "prior's exact NLL (ODE)")
                     .on_hover_text(format!("slow: at most {SLOW_GRID_MAX} x {SLOW_GRID_MAX}"));
                 ui.checkbox(&mut v.bound, "bound -(C(y) - L_align)")
-                    .on_hover_text("SPEC section 3, on the NLL scale; 16 draws per cell");
+                    .on_hover_text("METHOD.md section 3, on the NLL scale; 16 draws per cell");
                 ui.add(egui::Slider::new(&mut v.velocity_t, 0.0..=1.0).text("velocity t"));
                 ui.add(egui::Slider::new(&mut v.velocity_grid, 5..=40).text("arrows"));
                 egui::ComboBox::from_label("solver")
@@ -1369,9 +1336,9 @@ impl FlowAlignApp {
                 panels::heatmap_plot(ui, "align", tex("align"), &[], range, size, false)
             });
             let bound_title = if tex("prior_nll").is_some() {
-                "(d) -(C(y) - L_align), SPEC section 3"
+                "(d) -(C(y) - L_align), METHOD.md section 3"
             } else {
-                "(c) -(C(y) - L_align), SPEC section 3"
+                "(c) -(C(y) - L_align), METHOD.md section 3"
             };
             for (name, title) in [
                 ("prior_nll", "(c) the prior's exact NLL (ODE)"),
@@ -1437,16 +1404,25 @@ impl FlowAlignApp {
         let w = size * 1.2;
         let h = (size - 60.0) / 2.0;
         ui.label(RichText::new("prior loss").strong());
-        panels::prior_curve_plot(ui, &s.prior_loss, style, egui::vec2(w, h.max(60.0)));
+        let prior: Vec<[f64; 2]> = s
+            .curves
+            .prior
+            .iter()
+            .map(|p| [p.0 as f64, f64::from(p.1)])
+            .collect();
+        panels::prior_curve_plot(ui, &prior, style, egui::vec2(w, h.max(60.0)));
         ui.label(RichText::new("L_align (left) and NLL of y (right)").strong());
         let marker = s
             .replay_index
             .and_then(|i| s.history.steps.get(i))
             .map(|(step, _)| *step as f64);
+        let pairs = |v: &[(usize, f32)]| -> Vec<[f64; 2]> {
+            v.iter().map(|p| [p.0 as f64, f64::from(p.1)]).collect()
+        };
         panels::align_curve_plot(
             ui,
-            &s.align_loss,
-            &s.align_nll,
+            &pairs(&s.curves.align),
+            &pairs(&s.curves.nll),
             style,
             egui::vec2(w, h.max(60.0)),
             marker,

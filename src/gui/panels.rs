@@ -8,9 +8,10 @@ use egui_plot::{
     PlotPoints, Points,
 };
 
-use crate::report::{Heatmap, viridis};
+use crate::grid::Heatmap;
+use crate::grid::Point;
+use crate::report::viridis;
 use crate::stats::moving_average;
-use crate::toy::Point;
 
 pub const TARGET_COLOUR: Color32 = Color32::from_rgb(230, 230, 230);
 pub const LATENT_COLOUR: Color32 = Color32::from_rgb(235, 64, 52);

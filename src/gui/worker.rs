@@ -10,18 +10,18 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use burn::prelude::{Device, Module};
+use burn::prelude::Device;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{AlignConfig, ToyConfig};
 use crate::error::{Error, Result};
 use crate::flow::VelocityMlp;
 use crate::flow::solver::Solver;
-use crate::report::Heatmap;
+use crate::flow::store::load_prior;
+use crate::grid::{Heatmap, Point, Range2};
+use crate::rng::{Stream, rng_for};
 use crate::stats::{pearson, spearman};
 use crate::toy::experiment::check_prior_fits;
-use crate::toy::{Point, ToyRun};
-use crate::train::{Aligner, PriorTrainer, load_prior};
+use crate::toy::{AlignConfig, Event, SessionStage, ToyConfig, ToyRun, ToySession};
 
 /// What the landscapes show, chosen in the UI; everything else comes from the run's config.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -33,7 +33,7 @@ pub struct ViewRequest {
     pub t_values: usize,
     /// Also compute the prior's own exact NLL (ODE) on the grid (at most 40 x 40; slow).
     pub prior_nll: bool,
-    /// Also compute the bound `C(y) - L_align` of SPEC section 3 on the grid (at most 40 x 40).
+    /// Also compute the bound `C(y) - L_align` of METHOD.md section 3 on the grid (at most 40 x 40).
     pub bound: bool,
     /// Time at which the velocity field is drawn.
     pub velocity_t: f32,
@@ -111,7 +111,7 @@ pub struct Analysis {
     pub align: Heatmap,
     /// The prior's own exact NLL, when asked for.
     pub prior_nll: Option<Heatmap>,
-    /// `-(C(y) - L_align(y))`, the bound of SPEC section 3 on the NLL scale, when asked for.
+    /// `-(C(y) - L_align(y))`, the bound of METHOD.md section 3 on the NLL scale, when asked for.
     pub neg_bound: Option<Heatmap>,
     /// Correlations between the NLL and L_align maps (finite cells).
     pub pearson: f64,
@@ -127,36 +127,26 @@ pub struct Analysis {
     pub total_secs: f64,
 }
 
+/// The most target samples the window draws: a seeded random subset of the reference samples,
+/// so every component of the target shows (the samples are generated component by component).
+pub const SHOWN_SAMPLES: usize = 2000;
+
 /// Progress reports to the UI: plain data only.
 #[derive(Debug, Clone)]
 pub enum Update {
-    /// A session started: the target's samples and the view range (normalised coordinates).
+    /// A session started: a subset of the target's samples and the view range (normalised
+    /// coordinates).
     Session {
         target: String,
         samples: Vec<Point>,
-        range: ((f32, f32), (f32, f32)),
+        range: Range2,
         prior_steps: usize,
         align_steps: usize,
     },
     Stage(Stage),
     Paused(bool),
-    PriorStep {
-        step: usize,
-        loss: f32,
-        lr: f64,
-    },
-    /// Latents before the first alignment step, and the alignment settings in use.
-    AlignStart {
-        latents: Vec<Point>,
-        nll: f32,
-        align: AlignConfig,
-    },
-    AlignStep {
-        step: usize,
-        loss: f32,
-        nll: f32,
-        latents: Vec<Point>,
-    },
+    /// A step of the session (the same events `flowalign toy` records).
+    Progress(Event),
     Analysis(Box<Analysis>),
     /// The session stopped on an error (divergence, bad input); the message is one line.
     Failed(String),
@@ -276,27 +266,19 @@ struct Job {
     view: ViewRequest,
 }
 
-enum Phase {
-    Prior(Box<PriorTrainer>),
-    Align {
-        prior: VelocityMlp,
-        prior_step: usize,
-        aligner: Box<Aligner>,
-    },
-    Done {
-        prior: VelocityMlp,
-        prior_step: usize,
-    },
-}
-
 struct State {
-    run: Arc<ToyRun>,
+    session: ToySession,
     reference: Arc<Vec<Point>>,
-    phase: Phase,
     paused: bool,
     /// When the landscapes were last requested, and whether the current prior still needs them.
     last_job: Option<Instant>,
     stale: bool,
+}
+
+impl State {
+    fn training(&self) -> bool {
+        !self.paused && !self.session.is_done()
+    }
 }
 
 struct Trainer {
@@ -314,9 +296,7 @@ struct Trainer {
 impl Trainer {
     fn run(&mut self) {
         loop {
-            let working = self.state.as_ref().is_some_and(|s| {
-                !s.paused && matches!(s.phase, Phase::Prior(_) | Phase::Align { .. })
-            });
+            let working = self.state.as_ref().is_some_and(State::training);
             let waiting_on_analysis = self.state.as_ref().is_some_and(|s| s.stale);
             let cmd = if working {
                 match self.cmd_rx.try_recv() {
@@ -390,7 +370,7 @@ impl Trainer {
                 }
             }
             Command::Align(align) => {
-                if let Err(e) = self.align(align) {
+                if let Err(e) = self.realign(align) {
                     self.fail(e);
                 }
             }
@@ -409,134 +389,79 @@ impl Trainer {
     }
 
     fn start(&mut self, cfg: ToyConfig, prior: Option<PathBuf>) -> Result<()> {
-        let run = ToyRun::new(cfg, self.device.clone(), "gui")?;
+        let run = Arc::new(ToyRun::new(cfg, self.device.clone(), "gui")?);
         let loaded = match &prior {
             Some(path) => {
                 let (model, meta) = load_prior(path, &self.device)?;
                 check_prior_fits(&meta, &run.target, path)?;
-                Some((model, meta.steps))
+                Some((model, meta))
             }
             None => None,
         };
         let reference = run.reference_samples();
-        let range = run.view_range(&reference);
-        let mut shown = reference.clone();
-        shown.truncate(2000);
         self.send(Update::Session {
             target: run.target.name.clone(),
-            samples: shown,
-            range,
+            samples: shown_subset(&reference, run.cfg.seed),
+            range: run.view_range(&reference),
             prior_steps: run.cfg.prior.steps,
             align_steps: run.cfg.align.steps,
         });
-        let align = run.cfg.align.clone();
-        let phase = Phase::Prior(Box::new(run.prior_trainer()));
+        let (session, start) = match loaded {
+            Some((model, meta)) => {
+                let (session, start) = ToySession::with_prior(run, model, meta);
+                (session, Some(start))
+            }
+            None => (ToySession::new(run), None),
+        };
         self.state = Some(State {
-            run: Arc::new(run),
+            session,
             reference: Arc::new(reference),
-            phase,
             paused: false,
             last_job: None,
             stale: true,
         });
-        match loaded {
-            Some((model, steps)) => {
-                self.freeze(model, steps, align)?;
-            }
+        match start {
+            Some(event) => self.aligning(event),
             None => self.send(Update::Stage(Stage::Prior)),
         }
         Ok(())
     }
 
-    /// Switches to the alignment stage with the prior as trained so far.
-    fn align(&mut self, align: AlignConfig) -> Result<()> {
-        let Some(s) = &self.state else {
-            return Ok(());
-        };
-        let (prior, step) = match &s.phase {
-            Phase::Prior(t) => (t.frozen(), t.step),
-            Phase::Align {
-                prior, prior_step, ..
-            }
-            | Phase::Done { prior, prior_step } => (prior.clone(), *prior_step),
-        };
-        self.freeze(prior, step, align)
-    }
-
-    fn freeze(&mut self, prior: VelocityMlp, prior_step: usize, align: AlignConfig) -> Result<()> {
+    /// Freezes the prior as trained so far and aligns fresh latents with `align`.
+    fn realign(&mut self, align: AlignConfig) -> Result<()> {
         let Some(s) = &mut self.state else {
             return Ok(());
         };
-        let mut cfg = s.run.cfg.clone();
-        cfg.align = align;
-        cfg.validate()?;
-        // The run is shared with the analysis thread; a new alignment config makes a new run.
-        let run = Arc::new(ToyRun::new(cfg, self.device.clone(), "gui")?);
-        let aligner = run.aligner();
-        let align = run.cfg.align.clone();
-        let y0 = to_points(&aligner.latents());
-        let nll = run.density.mean_nll_fast(&y0) as f32;
-        s.run = run;
-        s.phase = Phase::Align {
-            prior,
-            prior_step,
-            aligner: Box::new(aligner),
-        };
+        let event = s.session.realign(align)?;
         s.paused = false;
-        s.stale = true;
-        s.last_job = None;
+        self.aligning(event);
+        Ok(())
+    }
+
+    /// Reports an alignment start (after Start with a prior, a realign, or a spent prior budget).
+    fn aligning(&mut self, event: Event) {
+        if let Some(s) = &mut self.state {
+            s.stale = true;
+            s.last_job = None;
+        }
         self.send(Update::Stage(Stage::Align));
         self.send(Update::Paused(false));
-        self.send(Update::AlignStart {
-            latents: y0,
-            nll,
-            align,
-        });
-        Ok(())
+        self.send(Update::Progress(event));
     }
 
     fn step(&mut self) -> Result<()> {
         let Some(s) = &mut self.state else {
             return Ok(());
         };
-        let run = s.run.clone();
-        match &mut s.phase {
-            Phase::Prior(trainer) => {
-                let lr = trainer.current_lr();
-                let loss = run.prior_step(trainer)?;
-                let step = trainer.step;
-                let finished = (step >= run.cfg.prior.steps).then(|| trainer.frozen());
-                self.send(Update::PriorStep { step, loss, lr });
-                if let Some(prior) = finished {
-                    // The budget is spent: align with what was trained.
-                    return self.freeze(prior, step, run.cfg.align.clone());
-                }
-            }
-            Phase::Align {
-                prior,
-                prior_step,
-                aligner,
-            } => {
-                let loss = run.align_step(aligner, prior)?;
-                let latents = to_points(&aligner.latents());
-                let nll = run.density.mean_nll_fast(&latents) as f32;
-                let step = aligner.step;
-                let done = step >= run.cfg.align.steps;
-                if done {
-                    let (prior, prior_step) = (prior.clone(), *prior_step);
-                    s.phase = Phase::Done { prior, prior_step };
-                }
-                self.send(Update::AlignStep {
-                    step,
-                    loss,
-                    nll,
-                    latents,
-                });
-                if done {
+        for event in s.session.step()? {
+            match event {
+                Event::AlignStart { .. } => self.aligning(event),
+                Event::Done => {
+                    self.send(Update::Progress(event));
                     self.send(Update::Stage(Stage::Done));
                 }
+                _ => self.send(Update::Progress(event)),
             }
-            Phase::Done { .. } => {}
         }
         Ok(())
     }
@@ -554,7 +479,7 @@ impl Trainer {
             }
             clock.last_secs
         };
-        let training = matches!(s.phase, Phase::Prior(_)) && !s.paused;
+        let training = s.session.stage() == SessionStage::Prior && !s.paused;
         if !training && !s.stale {
             return;
         }
@@ -565,17 +490,11 @@ impl Trainer {
                 return;
             }
         }
-        let (prior, prior_step) = match &s.phase {
-            Phase::Prior(t) => (t.model().valid(), t.step),
-            Phase::Align {
-                prior, prior_step, ..
-            }
-            | Phase::Done { prior, prior_step } => (prior.clone(), *prior_step),
-        };
+        let (prior, prior_step) = s.session.prior();
         self.busy.lock().unwrap_or_else(|e| e.into_inner()).busy = true;
         let job = Job {
             session,
-            run: s.run.clone(),
+            run: s.session.run().clone(),
             reference: s.reference.clone(),
             prior,
             prior_step,
@@ -589,8 +508,15 @@ impl Trainer {
     }
 }
 
-fn to_points(rows: &[f32]) -> Vec<Point> {
-    rows.chunks_exact(2).map(|c| [c[0], c[1]]).collect()
+/// A seeded random subset of at most [`SHOWN_SAMPLES`] of `reference`, in their original order.
+pub fn shown_subset(reference: &[Point], seed: u64) -> Vec<Point> {
+    if reference.len() <= SHOWN_SAMPLES {
+        return reference.to_vec();
+    }
+    let mut rng = rng_for(seed, Stream::Reference, 3);
+    let mut picked = rand::seq::index::sample(&mut rng, reference.len(), SHOWN_SAMPLES).into_vec();
+    picked.sort_unstable();
+    picked.into_iter().map(|i| reference[i]).collect()
 }
 
 /// Computes the landscapes of each job; the target's NLL map is cached per session and grid.

@@ -1,4 +1,4 @@
-//! The configuration of a feature prior run (stage 1 of SPEC section 6), as data.
+//! The configuration of a feature prior run (stage 1 of METHOD.md section 6), as data.
 
 use std::path::Path;
 
@@ -8,13 +8,14 @@ use crate::config::one_line;
 use crate::error::{Error, Result};
 use crate::features::projection::{PAPER_SEED, ProjectionKind};
 use crate::precision::Precision;
+use crate::run::{Extra, RunConfig, RunSettings};
 use crate::train::OptimSpec;
 
 /// Named starting points for a feature prior run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum PriorPreset {
-    /// SPEC section 6 exactly: 1024 x 6, 1 M steps of 32,768 vectors, lr 2e-4 (the code's), EMA 0.9999.
+    /// METHOD.md section 6 exactly: 1024 x 6, 1 M steps of 32,768 vectors, lr 2e-4 (the code's), EMA 0.9999.
     Paper,
     /// Sized for a CPU: 256 x 3, 2,000 steps of 1,024 vectors, lr 1e-3, EMA 0.999.
     Small,
@@ -31,17 +32,30 @@ pub struct DataConfig {
     pub projection: ProjectionKind,
     /// Seed of the random projection (the paper's is 42).
     pub projection_seed: u64,
-    /// Multiply the features by this; absent = 1 / std of the table (SPEC section 6).
+    /// Multiply the features by this; absent = 1 / std of the table (METHOD.md section 6).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scale: Option<f64>,
-    /// Rows held out for `prior eval` (never trained on); at most a tenth of the table.
+    /// Rows held out for `prior eval` (never trained on); at most a tenth of the table. 0 (the
+    /// default, as in the paper's code) trains on every row.
+    #[serde(default)]
     pub holdout: usize,
     /// Drop rows holding NaN or infinity instead of refusing the table.
     #[serde(default)]
     pub drop_nonfinite: bool,
 }
 
-/// The AdaLN MLP (SPEC section 4).
+impl DataConfig {
+    /// Checks the latent dim and the scale, naming the offending key.
+    pub fn validate(&self) -> Result<()> {
+        crate::config::require_counts(&[("data.latent_dim", self.latent_dim)])?;
+        match self.scale {
+            Some(s) => crate::config::require_positive(&[("data.scale", s)]),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The AdaLN MLP (METHOD.md section 4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
@@ -49,36 +63,16 @@ pub struct ModelConfig {
     pub depth: usize,
 }
 
-/// The optimisation (SPEC section 6).
+/// The optimisation (METHOD.md section 6): the shared loop settings plus the draws per vector.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct TrainConfig {
-    /// Optimiser steps.
-    pub steps: usize,
-    /// Feature vectors per step.
-    pub batch: usize,
+    #[serde(flatten)]
+    pub run: RunSettings,
     /// (t, eps) draws per vector per step.
     pub mc: usize,
-    /// Peak learning rate.
-    pub lr: f64,
-    /// Linear warm-up steps before the cosine decay.
-    pub warmup: usize,
-    /// The cosine ends at this fraction of the peak rate.
-    pub final_lr_frac: f64,
-    pub optim: OptimSpec,
-    /// EMA decay of the weights that become the frozen prior (0 = none).
-    pub ema: f64,
-    /// Seed of initialisation, batches and (t, eps) draws.
-    pub seed: u64,
-    /// Write a checkpoint every this many steps (and at the end).
-    pub checkpoint_every: usize,
-    /// Log metrics every this many steps.
-    pub log_every: usize,
-    /// The forward pass's dtype (`f32` or `bf16`); weights, gradients, optimiser state and EMA
-    /// stay f32 either way, so it may change on resume. The paper trained in bf16 on GPUs; the
-    /// presets keep f32, which every backend computes natively.
-    #[serde(default)]
-    pub precision: Precision,
+    /// Unknown keys, refused by [`FeaturePriorConfig::validate`].
+    #[serde(flatten, skip_serializing)]
+    pub extra: Extra,
 }
 
 /// A complete feature prior run: what `--config` reads and every run writes as `config.toml`.
@@ -98,16 +92,15 @@ impl FeaturePriorConfig {
         let data = DataConfig {
             features: features.to_string(),
             latent_dim: 32,
-            projection: ProjectionKind::Random,
+            projection: ProjectionKind::Auto,
             projection_seed: PAPER_SEED,
             scale: None,
-            holdout: 10_000,
+            holdout: 0,
             drop_nonfinite: false,
         };
-        let paper = TrainConfig {
+        let paper = RunSettings {
             steps: 1_000_000,
             batch: 512 * 64,
-            mc: 4,
             lr: 2e-4,
             warmup: 2_500,
             final_lr_frac: 0.1,
@@ -116,8 +109,13 @@ impl FeaturePriorConfig {
             seed: 0,
             checkpoint_every: 5_000,
             log_every: 100,
-            // SPEC section 6 trains in bf16 on GPUs; `--precision bf16` asks for it.
+            // The paper trains in bf16 on GPUs; the precision setting asks for it.
             precision: Precision::F32,
+        };
+        let train = |run: RunSettings| TrainConfig {
+            run,
+            mc: 4,
+            extra: Extra::new(),
         };
         match preset {
             PriorPreset::Paper => FeaturePriorConfig {
@@ -127,7 +125,7 @@ impl FeaturePriorConfig {
                     width: 1024,
                     depth: 6,
                 },
-                train: paper,
+                train: train(paper),
             },
             PriorPreset::Small => FeaturePriorConfig {
                 preset,
@@ -136,7 +134,7 @@ impl FeaturePriorConfig {
                     width: 256,
                     depth: 3,
                 },
-                train: TrainConfig {
+                train: train(RunSettings {
                     steps: 2_000,
                     batch: 1_024,
                     lr: 1e-3,
@@ -145,7 +143,7 @@ impl FeaturePriorConfig {
                     checkpoint_every: 500,
                     log_every: 10,
                     ..paper
-                },
+                }),
             },
         }
     }
@@ -153,7 +151,7 @@ impl FeaturePriorConfig {
     /// Reads a TOML config; unknown keys and bad values are errors naming the file.
     pub fn from_toml_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::io(path, "check the path given to --config", e))?;
+            .map_err(|e| Error::io(path, "check the config file's path", e))?;
         let cfg: FeaturePriorConfig = toml::from_str(&text).map_err(|e| {
             Error::input(
                 path,
@@ -172,46 +170,13 @@ impl FeaturePriorConfig {
 
     /// Checks every value is usable, naming the offending key.
     pub fn validate(&self) -> Result<()> {
-        let t = &self.train;
+        self.train.run.validate(&self.train.extra)?;
+        self.data.validate()?;
         crate::config::require_counts(&[
-            ("data.latent_dim", self.data.latent_dim),
             ("model.width", self.model.width),
             ("model.depth", self.model.depth),
-            ("train.steps", t.steps),
-            ("train.batch", t.batch),
-            ("train.mc", t.mc),
-            ("train.checkpoint_every", t.checkpoint_every),
-            ("train.log_every", t.log_every),
-        ])?;
-        crate::config::require_positive(&[("train.lr", t.lr)])?;
-        if !(0.0..=1.0).contains(&t.final_lr_frac) {
-            return Err(Error::Config(format!(
-                "train.final_lr_frac must lie in [0, 1], got {}",
-                t.final_lr_frac
-            )));
-        }
-        if !(0.0..1.0).contains(&t.ema) {
-            return Err(Error::Config(format!(
-                "train.ema must lie in [0, 1), got {}",
-                t.ema
-            )));
-        }
-        let o = &t.optim;
-        if !((0.0..1.0).contains(&o.beta1) && (0.0..1.0).contains(&o.beta2)) {
-            return Err(Error::Config(format!(
-                "train.optim.beta1 and beta2 must lie in [0, 1), got {} and {}",
-                o.beta1, o.beta2
-            )));
-        }
-        if !(o.eps > 0.0 && o.weight_decay >= 0.0 && o.grad_clip >= 0.0) {
-            return Err(Error::Config(
-                "train.optim: eps must be positive, weight_decay and grad_clip at least 0".into(),
-            ));
-        }
-        match self.data.scale {
-            Some(s) => crate::config::require_positive(&[("data.scale", s)]),
-            None => Ok(()),
-        }
+            ("train.mc", self.train.mc),
+        ])
     }
 
     /// The fields a resumed run must share with the run it continues, with their values as text.
@@ -229,13 +194,21 @@ impl FeaturePriorConfig {
             ("data.holdout", d.holdout.to_string()),
             ("model.width", m.width.to_string()),
             ("model.depth", m.depth.to_string()),
-            ("train.seed", t.seed.to_string()),
-            ("train.ema", t.ema.to_string()),
+            ("train.seed", t.run.seed.to_string()),
+            ("train.ema", t.run.ema.to_string()),
         ]
+    }
+}
+
+impl RunConfig for FeaturePriorConfig {
+    const COMMAND: &'static str = "prior train";
+
+    fn settings(&self) -> &RunSettings {
+        &self.train.run
     }
 
     /// Fails with the first identity field where `self` (requested) differs from `saved`.
-    pub fn check_resumable(&self, saved: &FeaturePriorConfig) -> Result<()> {
+    fn check_resumable(&self, saved: &Self) -> Result<()> {
         crate::checkpoint::check_resumable(&self.identity(), &saved.identity())
     }
 }
@@ -255,12 +228,15 @@ mod tests {
         let p = FeaturePriorConfig::preset(PriorPreset::Paper, "f");
         assert_eq!((p.model.width, p.model.depth), (1024, 6));
         assert_eq!(
-            (p.train.batch, p.train.mc, p.train.steps),
+            (p.train.run.batch, p.train.mc, p.train.run.steps),
             (32_768, 4, 1_000_000)
         );
-        assert_eq!((p.train.warmup, p.train.final_lr_frac), (2_500, 0.1));
-        assert_eq!(p.train.optim, OptimSpec::PAPER_ADAMW);
-        assert_eq!((p.train.lr, p.train.ema), (2e-4, 0.9999));
+        assert_eq!(
+            (p.train.run.warmup, p.train.run.final_lr_frac),
+            (2_500, 0.1)
+        );
+        assert_eq!(p.train.run.optim, OptimSpec::PAPER_ADAMW);
+        assert_eq!((p.train.run.lr, p.train.run.ema), (2e-4, 0.9999));
         assert_eq!(
             (p.data.latent_dim, p.data.projection_seed),
             (32, PAPER_SEED)
@@ -270,14 +246,14 @@ mod tests {
     #[test]
     fn precision_defaults_to_f32_and_may_change_on_resume() {
         let saved = FeaturePriorConfig::preset(PriorPreset::Small, "f");
-        assert_eq!(saved.train.precision, Precision::F32);
+        assert_eq!(saved.train.run.precision, Precision::F32);
         // Configs written before the key existed read as f32.
         let text = saved.to_toml().replace("precision = \"f32\"\n", "");
         assert!(!text.contains("precision"));
         let old: FeaturePriorConfig = toml::from_str(&text).unwrap();
         assert_eq!(old, saved);
         let mut asked = saved.clone();
-        asked.train.precision = Precision::Bf16;
+        asked.train.run.precision = Precision::Bf16;
         assert!(asked.to_toml().contains("precision = \"bf16\""));
         asked.check_resumable(&saved).unwrap();
         let bad = saved.to_toml().replace("\"f32\"", "\"fp8\"");
@@ -288,7 +264,7 @@ mod tests {
     fn resume_refuses_a_different_projection() {
         let saved = FeaturePriorConfig::preset(PriorPreset::Small, "f");
         let mut asked = saved.clone();
-        asked.train.steps += 100; // extending a run is fine
+        asked.train.run.steps += 100; // extending a run is fine
         asked.check_resumable(&saved).unwrap();
         asked.data.projection_seed = 7;
         let err = asked.check_resumable(&saved).unwrap_err().to_string();

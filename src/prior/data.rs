@@ -1,4 +1,4 @@
-//! The prior's training rows: a feature table scaled, projected (SPEC section 6) and split.
+//! The prior's training rows: a feature table scaled, projected (METHOD.md section 6) and split.
 
 use burn::prelude::*;
 use rand::RngExt;
@@ -40,40 +40,8 @@ impl PriorData {
     /// Loads `cfg.features`, scales it, fits and applies the projection, and holds out
     /// `cfg.holdout` rows (at most a tenth) chosen by `split_seed`.
     pub fn prepare(cfg: &DataConfig, split_seed: u64, device: &Device) -> Result<PriorData> {
-        let (path, tensor) = parse_spec(&cfg.features);
-        let non_finite = if cfg.drop_nonfinite {
-            NonFinite::Drop
-        } else {
-            NonFinite::Refuse
-        };
-        let mut table = load(&path, tensor.as_deref(), non_finite)?;
-        let std = table.std();
-        let scale = match cfg.scale {
-            Some(s) => s,
-            None if std > 0.0 => 1.0 / std,
-            None => {
-                return Err(Error::input(
-                    &path,
-                    "every feature value is the same (std 0); pass --scale",
-                ));
-            }
-        };
-        table.scale(scale as f32);
-        let projection = Projection::fit(
-            cfg.projection,
-            &table,
-            cfg.latent_dim,
-            cfg.projection_seed,
-            device,
-        )?;
-        let projected = projection.apply(&table, device)?;
-        let info = TableInfo {
-            rows: table.rows,
-            cols: table.cols,
-            std,
-            scale,
-        };
-        drop(table);
+        let (info, projection, projected) = project_table(cfg, device)?;
+        let (path, _) = parse_spec(&cfg.features);
         let holdout = cfg.holdout.min(projected.rows / 10);
         if projected.rows - holdout < 2 {
             return Err(Error::input(
@@ -108,6 +76,49 @@ impl PriorData {
         }
         out
     }
+}
+
+/// The table `cfg.features` scaled (by `cfg.scale`, or 1/std: METHOD.md section 2) and mapped to
+/// `cfg.latent_dim` by the fitted projection: the prior's rows before any split, with what was read.
+pub fn project_table(
+    cfg: &DataConfig,
+    device: &Device,
+) -> Result<(TableInfo, Projection, FeatureTable)> {
+    let (path, tensor) = parse_spec(&cfg.features);
+    let non_finite = if cfg.drop_nonfinite {
+        NonFinite::Drop
+    } else {
+        NonFinite::Refuse
+    };
+    let mut table = load(&path, tensor.as_deref(), non_finite)?;
+    let std = table.std();
+    let scale = match cfg.scale {
+        Some(s) => s,
+        None if std > 0.0 => 1.0 / std,
+        None => {
+            return Err(Error::input_fixed_by(
+                &path,
+                "every feature value is the same (std 0); give the scale explicitly (data.scale)",
+                "data.scale",
+            ));
+        }
+    };
+    table.scale(scale as f32);
+    let projection = Projection::fit(
+        cfg.projection,
+        &table,
+        cfg.latent_dim,
+        cfg.projection_seed,
+        device,
+    )?;
+    let projected = projection.apply(&table, device)?;
+    let info = TableInfo {
+        rows: table.rows,
+        cols: table.cols,
+        std,
+        scale,
+    };
+    Ok((info, projection, projected))
 }
 
 /// Splits `table` into (the rest, `n` held-out rows) by a seeded permutation.

@@ -1,4 +1,4 @@
-//! Checking a trained feature prior (SPEC section 6): held-out flow-matching loss, exact NLL, the
+//! Checking a trained feature prior (METHOD.md section 6): held-out flow-matching loss, exact NLL, the
 //! k-NN distance `log r_k` of its samples, and a PCA scatter of samples against data.
 
 use std::path::Path;
@@ -9,8 +9,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use super::data::PriorData;
-use crate::align::flow_loss;
-use crate::config::Reduction;
+use crate::align::{Reduction, flow_loss};
 use crate::error::Result;
 use crate::features::FeatureTable;
 use crate::features::projection::{Projection, ProjectionKind};
@@ -40,10 +39,11 @@ pub struct EvalOptions {
     /// Euler steps of the sampling ODE (the paper's 100).
     #[arg(long, default_value_t = 100)]
     pub sample_steps: usize,
-    /// k of the k-NN distance `log r_k` (SPEC section 6).
+    /// k of the k-NN distance `log r_k` (METHOD.md section 6).
     #[arg(long, default_value_t = 5)]
     pub k: usize,
-    /// Training rows in the k-NN reference set (SPEC section 6: 100k).
+    /// Training rows in the k-NN reference set, drawn at random (seeded) from the table (METHOD.md
+    /// section 6: 100k).
     #[arg(long, default_value_t = 100_000)]
     pub reference: usize,
     /// Seed of the evaluation draws.
@@ -67,23 +67,29 @@ impl Default for EvalOptions {
 }
 
 /// What `prior eval` reports (all NLLs in nats per vector unless named per dim).
+///
+/// The data rows scored are the run's held-out rows when it kept some (`data.holdout`), else its
+/// training rows: `scored` says which.
 #[derive(Debug, Clone, Serialize)]
 pub struct EvalReport {
     pub dim: usize,
-    /// Mean-reduced flow-matching loss on held-out rows.
+    /// `"held-out"` or `"training"`: which data rows the `*_data` figures score.
+    pub scored: &'static str,
+    /// Mean-reduced flow-matching loss on the scored rows.
     pub fm_loss: f64,
     pub fm_rows: usize,
-    /// Exact NLL of held-out rows (mean, and its standard error).
-    pub nll_holdout: f64,
-    pub nll_holdout_sem: f64,
-    pub nll_holdout_per_dim: f64,
+    /// Exact NLL of the scored rows (mean, and its standard error).
+    pub nll_data: f64,
+    pub nll_data_sem: f64,
+    pub nll_data_per_dim: f64,
     /// Exact NLL of prior samples under the prior.
     pub nll_samples: f64,
     pub nll_rows: usize,
-    /// Mean `log r_k` of prior samples against the training rows.
+    /// Mean `log r_k` of prior samples against the reference rows.
     pub log_rk_samples: f64,
-    /// Mean `log r_k` of held-out rows against the same reference: what a perfect prior scores.
-    pub log_rk_holdout: f64,
+    /// Mean `log r_k` of the scored rows against the same reference: what a perfect prior scores
+    /// (training rows sit closer to a reference drawn from themselves).
+    pub log_rk_data: f64,
     pub k: usize,
     pub reference_rows: usize,
     pub samples: usize,
@@ -165,6 +171,19 @@ pub fn knn_log_r(
     out
 }
 
+/// `n` rows of `table` drawn without replacement by `seed` (all of them when it has fewer), flat
+/// and in table order: the reference set of `log r_k`, unbiased by the table's order (the first
+/// rows of a token-embedding table are its first token ids).
+pub fn reference_rows(table: &FeatureTable, n: usize, seed: u64) -> Vec<f32> {
+    if n >= table.rows {
+        return table.data.clone();
+    }
+    let mut rng = rng_for(seed, Stream::Reference, 1);
+    let mut picked = rand::seq::index::sample(&mut rng, table.rows, n).into_vec();
+    picked.sort_unstable();
+    picked.iter().flat_map(|&i| table.row(i)).copied().collect()
+}
+
 /// Evaluates `prior` on `data`'s held-out rows (its training rows when none were held out).
 pub fn evaluate(
     prior: &VelocityMlp,
@@ -173,11 +192,13 @@ pub fn evaluate(
     device: &Device,
 ) -> (EvalReport, Vec<f32>) {
     let d = data.dim();
-    let held = if data.holdout.rows > 0 {
-        &data.holdout
+    let (held, scored) = if data.holdout.rows > 0 {
+        (&data.holdout, "held-out")
     } else {
-        tracing::warn!("the run held out no rows; scoring training rows instead");
-        &data.train
+        tracing::info!(
+            "the run held out no rows (data.holdout = 0, as in the paper): scoring training rows"
+        );
+        (&data.train, "training")
     };
     // Flow-matching loss, one (t, eps) draw per row.
     let fm = first_rows(held, opts.fm_rows);
@@ -218,22 +239,23 @@ pub fn evaluate(
         opts.ode_steps,
         device,
     ));
-    let reference = first_rows(&data.train, opts.reference);
+    let reference = reference_rows(&data.train, opts.reference, opts.seed);
     let k = opts.k.min(reference.len() / d).max(1);
     let q = opts.samples.min(held.rows);
-    let (rk_s, _) = mean_sem(&knn_log_r(&samples[..q * d], reference, d, k, device));
-    let (rk_h, _) = mean_sem(&knn_log_r(first_rows(held, q), reference, d, k, device));
+    let (rk_s, _) = mean_sem(&knn_log_r(&samples[..q * d], &reference, d, k, device));
+    let (rk_h, _) = mean_sem(&knn_log_r(first_rows(held, q), &reference, d, k, device));
     let report = EvalReport {
         dim: d,
+        scored,
         fm_loss: fm_sum / fm_n.max(1) as f64,
         fm_rows: fm_n,
-        nll_holdout: nll_h,
-        nll_holdout_sem: sem_h,
-        nll_holdout_per_dim: nll_h / d as f64,
+        nll_data: nll_h,
+        nll_data_sem: sem_h,
+        nll_data_per_dim: nll_h / d as f64,
         nll_samples: nll_s,
         nll_rows: nll_n,
         log_rk_samples: rk_s,
-        log_rk_holdout: rk_h,
+        log_rk_data: rk_h,
         k,
         reference_rows: reference.len() / d,
         samples: q,

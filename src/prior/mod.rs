@@ -1,4 +1,4 @@
-//! Stage 1 of the ImageNet recipe (SPEC section 6): a flow prior trained on target features.
+//! Stage 1 of the ImageNet recipe (METHOD.md section 6): a flow prior trained on target features.
 //!
 //! [`config`] holds the run's settings as data, [`data`] turns a feature table into projected,
 //! scaled rows, [`run`] is the training loop with its metrics and resume (its folder is

@@ -1,23 +1,25 @@
-//! Training a prior on feature rows (SPEC section 6, stage 1): the loop, its metrics and resume.
+//! Training a prior on feature rows (METHOD.md section 6, stage 1): its step and metrics, run by
+//! the shared harness ([`crate::run`]).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
 
 use burn::prelude::*;
 use serde::Serialize;
 
 use super::config::FeaturePriorConfig;
-use super::data::PriorData;
+use super::data::{PriorData, TableInfo};
 use crate::align::flow_loss;
-use crate::checkpoint::{self, Manifest, MetricsLog};
-use crate::config::{Reduction, Schedule};
+use crate::checkpoint::{self, Manifest};
 use crate::dist::{self, Comm};
 use crate::error::{Error, Result};
 use crate::flow::path::PathDraws;
+use crate::flow::store::{PriorMeta, save_prior};
 use crate::flow::{VelocityMlp, VelocityMlpConfig, rows_to_tensor};
 use crate::rng::{Stream, rng_for};
-use crate::train::{PriorMeta, PriorTrainer, StepStats, save_prior};
+use crate::run::{self, Context, Job};
+use crate::train::steps::PRIOR_REDUCTION;
+use crate::train::{PriorTrainer, StepStats};
 
 /// The columns of `metrics.csv`.
 const METRICS: [&str; 6] = [
@@ -49,35 +51,33 @@ pub struct Metrics {
     pub val_loss: Option<f32>,
 }
 
-/// How a training run ended.
+/// How a prior run ended: the harness's summary and the last held-out flow-matching loss.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Summary {
-    /// The step the run started from (0 for a new run).
-    pub resumed_from: usize,
-    /// Steps taken when it stopped.
-    pub step: usize,
-    /// Whether it stopped early because it was asked to (a checkpoint was written).
-    pub interrupted: bool,
-    /// The last held-out flow-matching loss.
+    pub run: run::Summary,
     pub val_loss: f32,
 }
 
 /// A feature prior run: its data, trainer and folder.
 pub struct PriorRun {
     cfg: FeaturePriorConfig,
-    dir: PathBuf,
+    ctx: Context,
     data: PriorData,
     trainer: PriorTrainer,
     device: Device,
     /// Data-parallel replicas' devices (empty: one replica on `device`).
     replicas: Vec<Device>,
-    resumed_from: usize,
-    /// The other processes of a multi-process run (rank 0 alone writes `dir`).
-    comm: Option<Arc<Comm>>,
+    /// Sums since the last metrics line: loss, steps; the last step's stats; the last val loss.
+    loss_sum: f64,
+    loss_n: usize,
+    last: Option<StepStats>,
+    val_loss: f32,
 }
 
 impl PriorRun {
-    /// Opens a new run in `dir`, or continues its checkpoint when `resume` is set.
+    /// Opens a new run in `dir`, or continues its checkpoint when `resume` is set; with `comm`,
+    /// one rank of a multi-process run (rank 0 alone reads and writes `dir` and every rank starts
+    /// from its state; every rank must pass rank 0's `cfg`).
     ///
     /// A new run refuses a folder that already holds a checkpoint; a resumed one refuses a config
     /// or table that differs from the checkpoint's in anything but its length and logging.
@@ -86,79 +86,45 @@ impl PriorRun {
         dir: &Path,
         resume: bool,
         device: &Device,
-    ) -> Result<PriorRun> {
-        Self::open_as(cfg, dir, resume, device, true)
-    }
-
-    /// [`PriorRun::open`]; with `lead` false the run folder is neither read nor written.
-    fn open_as(
-        cfg: FeaturePriorConfig,
-        dir: &Path,
-        resume: bool,
-        device: &Device,
-        lead: bool,
+        comm: Option<Arc<Comm>>,
     ) -> Result<PriorRun> {
         cfg.validate()?;
-        let (old, saved) = if lead {
-            checkpoint::open::<FeaturePriorConfig, super::data::TableInfo>(
-                dir,
-                resume,
-                "prior train",
-            )?
-        } else {
-            (None, None)
-        };
-        if let Some(old) = &old {
-            cfg.check_resumable(old)?;
+        if let Some(c) = &comm {
+            dist::check_batch(cfg.train.run.batch, c.rank().size, "feature vectors")?;
         }
-        let data = PriorData::prepare(&cfg.data, cfg.train.seed, device)?;
-        if let Some((m, _)) = &saved {
+        let lead = comm.as_ref().is_none_or(|c| c.leads());
+        let opened = run::open::<_, TableInfo>(&cfg, dir, resume, lead)?;
+        let data = PriorData::prepare(&cfg.data, cfg.train.run.seed, device)?;
+        if let Some((m, _)) = &opened.saved {
             check_same_table(&cfg, m, &data)?;
         }
-        if lead {
-            checkpoint::write_config(dir, &cfg)?;
-        }
+        run::write_config(dir, &cfg, lead)?;
         let mut trainer = new_trainer(&cfg, data.dim(), device);
-        let resumed_from = match saved {
-            Some((_, state)) => {
-                trainer.restore(&state)?;
-                state.step
-            }
-            None => 0,
-        };
+        if let Some((_, state)) = &opened.saved {
+            trainer.restore(state)?;
+        }
+        let (trainer, _) = run::adopt(trainer, comm.as_ref())?;
         Ok(PriorRun {
             cfg,
-            dir: dir.to_path_buf(),
+            ctx: Context {
+                dir: dir.to_path_buf(),
+                comm,
+                columns: &METRICS,
+            },
             data,
             trainer,
             device: device.clone(),
             replicas: Vec::new(),
-            resumed_from,
-            comm: None,
+            loss_sum: 0.0,
+            loss_n: 0,
+            last: None,
+            val_loss: f32::NAN,
         })
-    }
-
-    /// Opens one rank of a multi-process run: rank 0 opens `dir` as [`PriorRun::open`] does (new
-    /// or resumed) and broadcasts its trainer state; the other ranks prepare the same data, never
-    /// touch `dir`, and start from rank 0's state. Every rank must pass rank 0's `cfg`.
-    pub fn open_rank(
-        cfg: FeaturePriorConfig,
-        dir: &Path,
-        resume: bool,
-        device: &Device,
-        comm: Arc<Comm>,
-    ) -> Result<PriorRun> {
-        dist::check_batch(cfg.train.batch, comm.rank().size, "feature vectors")?;
-        let mut run = Self::open_as(cfg, dir, resume, device, comm.leads())?;
-        let (trainer, step) = dist::adopt(run.trainer, &comm)?;
-        (run.trainer, run.resumed_from) = (trainer, step);
-        run.comm = Some(comm);
-        Ok(run)
     }
 
     /// Whether this process writes the run folder (rank 0, or the only process).
     pub fn leads(&self) -> bool {
-        self.comm.as_ref().is_none_or(|c| c.leads())
+        self.ctx.leads()
     }
 
     /// Trains data-parallel over `devices` (one replica and thread each; the first holds the
@@ -185,14 +151,14 @@ impl PriorRun {
 
     /// One optimiser step: `batch` rows and `batch * mc` (t, eps) draws, all seeded by the step.
     pub fn train_step(&mut self) -> Result<StepStats> {
-        let t = &self.cfg.train;
+        let (t, mc) = (&self.cfg.train.run, self.cfg.train.mc);
         let mut rng = rng_for(t.seed, Stream::Prior, self.trainer.step as u64);
         let rows = self.data.batch(t.batch, &mut rng);
         let d = self.data.dim();
-        let part = match &self.comm {
+        let part = match &self.ctx.comm {
             Some(c) => dist::part(t.batch, c.rank().rank, c.rank().size),
             None if self.replicas.is_empty() => {
-                return step_on_rows(&mut self.trainer, &rows, d, t.mc, &mut rng, &self.device);
+                return step_on_rows(&mut self.trainer, &rows, d, mc, &mut rng, &self.device);
             }
             None => 0..t.batch,
         };
@@ -201,7 +167,7 @@ impl PriorRun {
         } else {
             &self.replicas
         };
-        step_on_rows_sharded(&mut self.trainer, &rows, part, d, t.mc, &mut rng, devices)
+        step_on_rows_sharded(&mut self.trainer, &rows, part, d, mc, &mut rng, devices)
     }
 
     /// The flow-matching loss of the frozen prior on up to 4,096 held-out rows, with fixed draws.
@@ -214,23 +180,72 @@ impl PriorRun {
         let n = rows.rows.min(VAL_ROWS);
         let d = rows.cols;
         let prior = self.trainer.frozen();
-        let mut rng = rng_for(self.cfg.train.seed, Stream::Eval, 0);
+        let mut rng = rng_for(self.cfg.train.run.seed, Stream::Eval, 0);
         let x = rows_to_tensor(&rows.data[..n * d], d, &self.device);
         let draws = PathDraws::sample(&mut rng, n, d, &self.device);
-        flow_loss(&prior, x, &draws, Reduction::Mean).into_scalar::<f32>()
+        flow_loss(&prior, x, &draws, PRIOR_REDUCTION).into_scalar::<f32>()
     }
 
-    /// Writes a checkpoint and exports the frozen prior (`prior.safetensors`, `prior.toml`); on
-    /// ranks other than 0 it only checks that this rank's weights equal rank 0's.
-    pub fn checkpoint(&self) -> Result<()> {
-        if let Some(comm) = &self.comm {
+    /// Trains to `train.steps` through the harness (see [`run::train`]); `stop` is polled every
+    /// step, `on_log` sees every metrics line.
+    pub fn run(
+        &mut self,
+        stop: impl Fn() -> bool,
+        on_log: impl FnMut(&Metrics),
+    ) -> Result<Summary> {
+        let (settings, ctx) = (self.cfg.train.run.clone(), self.ctx.clone());
+        let summary = run::train(self, &settings, &ctx, stop, on_log)?;
+        if summary.step == summary.resumed_from {
+            // Nothing to train (resumed at the end): still report the prior.
+            self.val_loss = self.val_loss();
+        }
+        Ok(Summary {
+            run: summary,
+            val_loss: self.val_loss,
+        })
+    }
+
+    /// The frozen prior (EMA weights when kept).
+    pub fn frozen(&self) -> VelocityMlp {
+        self.trainer.frozen()
+    }
+}
+
+impl Job for PriorRun {
+    type Line = Metrics;
+
+    fn step(&self) -> usize {
+        self.trainer.step
+    }
+
+    fn step_size(&self) -> String {
+        format!(
+            "batch {} x mc {}",
+            self.cfg.train.run.batch, self.cfg.train.mc
+        )
+    }
+
+    fn train_step(&mut self) -> Result<()> {
+        let stats = PriorRun::train_step(self)?;
+        self.loss_sum += f64::from(stats.loss);
+        self.loss_n += 1;
+        self.last = Some(stats);
+        Ok(())
+    }
+
+    /// Scores the held-out rows, writes a checkpoint and exports the frozen prior
+    /// (`prior.safetensors`, `prior.toml`); ranks other than 0 only check that their weights equal
+    /// rank 0's.
+    fn checkpoint(&mut self) -> Result<()> {
+        self.val_loss = self.val_loss();
+        if let Some(comm) = &self.ctx.comm {
             let sum = dist::weights_checksum(self.trainer.model());
             comm.verify_same(sum, self.trainer.step)?;
             if !comm.leads() {
                 return Ok(());
             }
         }
-        checkpoint::save(&self.dir, &self.data.info, &self.trainer.state_bytes()?)?;
+        checkpoint::save(&self.ctx.dir, &self.data.info, &self.trainer.state_bytes()?)?;
         let meta = PriorMeta {
             dim: self.data.dim(),
             width: self.cfg.model.width,
@@ -238,85 +253,23 @@ impl PriorRun {
             target: self.cfg.data.features.clone(),
             scale: self.data.info.scale as f32,
             steps: self.trainer.step,
-            seed: self.cfg.train.seed,
+            seed: self.cfg.train.run.seed,
         };
-        save_prior(&self.dir, &self.trainer.frozen(), &meta)
+        save_prior(&self.ctx.dir, &self.trainer.frozen(), &meta)
     }
 
-    /// Trains to `train.steps`, logging every `log_every` steps and checkpointing every
-    /// `checkpoint_every` steps and at the end. `stop` is polled every step: when it turns true a
-    /// checkpoint is written and the run returns early. `on_log` sees every metrics line.
-    pub fn run(
-        &mut self,
-        stop: impl Fn() -> bool,
-        mut on_log: impl FnMut(&Metrics),
-    ) -> Result<Summary> {
-        let t = self.cfg.train.clone();
-        let log = self
-            .leads()
-            .then(|| MetricsLog::open(&self.dir, self.trainer.step, &METRICS))
-            .transpose()?;
-        let (mut loss_sum, mut loss_n) = (0.0f64, 0usize);
-        let mut window = Instant::now();
-        let mut val_loss = f32::NAN;
-        let mut interrupted = false;
-        while self.trainer.step < t.steps {
-            let stats = self.guarded_step()?;
-            loss_sum += f64::from(stats.loss);
-            loss_n += 1;
-            let step = self.trainer.step;
-            let ckpt = step.is_multiple_of(t.checkpoint_every) || step == t.steps;
-            interrupted = stop();
-            if let Some(comm) = &self.comm {
-                // Every rank stops at the same step, whichever saw the request.
-                interrupted = comm.any(interrupted, step)?;
-            }
-            if step.is_multiple_of(t.log_every) || ckpt || interrupted {
-                if ckpt || interrupted {
-                    val_loss = self.val_loss();
-                    self.checkpoint()?;
-                }
-                let m = Metrics {
-                    step,
-                    loss: (loss_sum / loss_n as f64) as f32,
-                    lr: stats.lr,
-                    grad_norm: stats.grad_norm,
-                    vectors_per_s: (loss_n * t.batch) as f64 / window.elapsed().as_secs_f64(),
-                    val_loss: (ckpt || interrupted).then_some(val_loss),
-                };
-                if let Some(log) = &log {
-                    log.append(&m)?;
-                }
-                on_log(&m);
-                (loss_sum, loss_n, window) = (0.0, 0, Instant::now());
-            }
-            if interrupted {
-                break;
-            }
-        }
-        if self.trainer.step == self.resumed_from {
-            // Nothing to train (resumed at the end): still report the prior.
-            val_loss = self.val_loss();
-        }
-        Ok(Summary {
-            resumed_from: self.resumed_from,
-            step: self.trainer.step,
-            interrupted,
-            val_loss,
-        })
-    }
-
-    /// A training step that turns a backend's out-of-memory panic into an error naming the batch.
-    fn guarded_step(&mut self) -> Result<StepStats> {
-        let (batch, mc) = (self.cfg.train.batch, self.cfg.train.mc);
-        crate::train::oom_guard(&format!("batch {batch} x mc {mc}"), batch, || {
-            self.train_step()
-        })
-    }
-
-    /// The frozen prior (EMA weights when kept).
-    pub fn frozen(&self) -> VelocityMlp {
-        self.trainer.frozen()
+    fn line(&mut self, step: usize, secs: f64, checkpointed: bool) -> Result<Metrics> {
+        let last = self.last.ok_or(Error::Stopped("prior step"))?;
+        let m = Metrics {
+            step,
+            loss: (self.loss_sum / self.loss_n.max(1) as f64) as f32,
+            lr: last.lr,
+            grad_norm: last.grad_norm,
+            vectors_per_s: (self.loss_n * self.cfg.train.run.batch) as f64 / secs.max(1e-9),
+            val_loss: checkpointed.then_some(self.val_loss),
+        };
+        (self.loss_sum, self.loss_n) = (0.0, 0);
+        Ok(m)
     }
 }
 
@@ -370,37 +323,29 @@ pub fn step_on_rows_sharded(
 
 /// A trainer for `cfg` on latent dimension `dim`, freshly initialised.
 pub fn new_trainer(cfg: &FeaturePriorConfig, dim: usize, device: &Device) -> PriorTrainer {
-    let t = &cfg.train;
+    let t = &cfg.train.run;
     let mut rng = rng_for(t.seed, Stream::Init, 0);
     let model = VelocityMlpConfig::new(dim, cfg.model.width, cfg.model.depth)
         .init(&mut rng, &device.clone().autodiff());
-    PriorTrainer::new(
-        model,
-        t.lr,
-        Schedule::Cosine {
-            warmup: t.warmup,
-            final_frac: t.final_lr_frac,
-        },
-        t.steps,
-        Reduction::Mean,
-    )
-    .with_optim(t.optim)
-    .with_ema(t.ema)
-    .with_precision(t.precision)
+    t.trainer(model)
 }
 
 fn check_same_table(
     cfg: &FeaturePriorConfig,
-    m: &Manifest<super::data::TableInfo>,
+    m: &Manifest<TableInfo>,
     data: &PriorData,
 ) -> Result<()> {
     let (a, b) = (&m.data, &data.info);
     if (a.rows, a.cols) != (b.rows, b.cols) || (a.std - b.std).abs() > 1e-9 * a.std.abs().max(1.0) {
-        return Err(Error::Config(format!(
-            "--resume: {} now holds {} x {} rows (std {:.6}) but the checkpoint trained on {} x {} (std {:.6}); \
-             pass the same feature table",
-            cfg.data.features, b.rows, b.cols, b.std, a.rows, a.cols, a.std
-        )));
+        return Err(Error::input_fixed_by(
+            &cfg.data.features,
+            format!(
+                "resuming: the table now holds {} x {} rows (std {:.6}) but the checkpoint trained on {} x {} (std {:.6}); \
+                 give the same feature table (data.features)",
+                b.rows, b.cols, b.std, a.rows, a.cols, a.std
+            ),
+            "data.features",
+        ));
     }
     Ok(())
 }

@@ -1,15 +1,15 @@
-//! Log-densities of the normalised targets (SPEC section 5): analytic mixtures and a Gaussian KDE.
+//! Log-densities of the normalised targets (METHOD.md section 5): analytic mixtures and a Gaussian KDE.
 
 use rayon::prelude::*;
 
 use super::targets::{Point, Target};
 use crate::rng::{Stream, rng_for};
 
-/// Bandwidth of the KDE in normalised coordinates (SPEC section 5).
+/// Bandwidth of the KDE in normalised coordinates (METHOD.md section 5).
 pub const KDE_BANDWIDTH: f32 = 0.1;
-/// Reference samples of the KDE (SPEC section 5).
+/// Reference samples of the KDE (METHOD.md section 5).
 pub const KDE_SAMPLES: usize = 100_000;
-/// Floor added to the KDE mean before the log (SPEC section 5).
+/// Floor added to the KDE mean before the log (METHOD.md section 5).
 const KDE_FLOOR: f64 = 1e-10;
 
 /// The log-density `log p(x)` of a normalised target.
@@ -22,7 +22,7 @@ pub enum Density {
 }
 
 impl Density {
-    /// The density SPEC section 5 prescribes for `target`: analytic for mog and grid, else a KDE on
+    /// The density METHOD.md section 5 prescribes for `target`: analytic for mog and grid, else a KDE on
     /// 100,000 normalised samples (the user's own points when there are fewer than that).
     pub fn for_target(target: &Target) -> Self {
         if let Some((means, std)) = target.kind().and_then(|k| k.mixture()) {
@@ -106,7 +106,7 @@ fn mixture_log_prob(p: &Point, means: &[Point], std: f32) -> f32 {
     (lse - norm) as f32
 }
 
-/// A Gaussian KDE in 2D (SPEC section 5):
+/// A Gaussian KDE in 2D (METHOD.md section 5):
 /// `log p(x) = log(mean_i exp(-||x - x_i||^2 / (2 h^2)) + 1e-10) - log(2 pi h^2)`.
 #[derive(Debug, Clone)]
 pub struct Kde {
@@ -222,7 +222,7 @@ impl Kde {
         (2.0 * std::f64::consts::PI * (self.bandwidth as f64).powi(2)).ln()
     }
 
-    /// Exact log-density (SPEC section 5), parallel over query points. Kernel terms beyond 8.6
+    /// Exact log-density (METHOD.md section 5), parallel over query points. Kernel terms beyond 8.6
     /// bandwidths (below 1e-16 each) are skipped; [`Kde::log_prob_full`] sums every sample.
     pub fn log_prob(&self, points: &[Point]) -> Vec<f32> {
         let inv = 1.0 / (2.0 * self.bandwidth * self.bandwidth);

@@ -1,8 +1,7 @@
-//! The toy experiment driver (SPEC section 5): train the prior, align 1,000 latents, evaluate.
-//!
-//! Front-ends observe progress through plain-data [`Event`]s and may cancel between steps.
+//! The toy experiment (METHOD.md section 5): a configured target with its density on a device
+//! ([`ToyRun`]), the landscapes of a prior over it, and the numbers and plain data a finished run
+//! reports ([`ToyOutcome`]; the session module evaluates a session into one).
 
-use std::ops::ControlFlow;
 use std::path::Path;
 use std::time::Instant;
 
@@ -11,30 +10,21 @@ use rand::RngExt;
 use rand_distr::StandardNormal;
 use serde::Serialize;
 
+use super::config::{AlignConfig, LatentInit, ToyConfig, View};
 use super::density::Density;
-use super::targets::{Point, Target};
-use crate::align::{align_heatmap, align_loss, bound, linspace};
-use crate::config::{LatentInit, Reduction, ToyConfig, View};
+use super::events::Curves;
+use super::targets::Target;
+use crate::align::{Reduction, align_heatmap, bound};
 use crate::error::{Error, Result};
 use crate::flow::likelihood::log_prob;
 use crate::flow::path::PathDraws;
 use crate::flow::solver::{Solver, integrate_with};
+use crate::flow::store::PriorMeta;
 use crate::flow::{VelocityField, VelocityMlp, VelocityMlpConfig, rows_to_tensor, tensor_to_rows};
-use crate::report::Heatmap;
+use crate::grid::{Heatmap, Point, Range2, linspace, to_points};
 use crate::rng::{Rng, Stream, rng_for};
-use crate::stats::{mean_sem, pearson, spearman};
-use crate::train::{Aligner, PriorMeta, PriorTrainer};
-
-/// Progress of a run, as plain data.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Event {
-    /// A stage begins; `steps` is its length where it has one.
-    Stage { name: &'static str, steps: usize },
-    /// A prior training step finished.
-    PriorStep { step: usize, loss: f32, lr: f64 },
-    /// An alignment step finished; `nll` is the mean NLL of y after it.
-    AlignStep { step: usize, loss: f32, nll: f32 },
-}
+use crate::stats::mean_sem;
+use crate::train::PriorTrainer;
 
 /// Mean NLL of y before and after alignment, and the step timings.
 #[derive(Debug, Clone, Serialize)]
@@ -87,7 +77,7 @@ pub struct HeatmapSummary {
     pub evals_per_sec: f64,
 }
 
-/// The bound of SPEC section 3 next to the exact log-likelihood, on the first `points` final latents.
+/// The bound of METHOD.md section 3 next to the exact log-likelihood, on the first `points` final latents.
 #[derive(Debug, Clone, Serialize)]
 pub struct BoundSummary {
     pub points: usize,
@@ -105,7 +95,7 @@ pub struct BoundSummary {
     pub violations: usize,
     /// Largest `(elbo - log p) / sem` over the latents (negative when the bound holds everywhere).
     pub max_excess_sem: f64,
-    /// `mean_elbo` plus the base term `E[log N(eps; 0, I)] = -(d / 2)(1 + ln 2 pi)`, which SPEC
+    /// `mean_elbo` plus the base term `E[log N(eps; 0, I)] = -(d / 2)(1 + ln 2 pi)`, which METHOD.md section 3
     /// section 3's `C(y)` leaves out (see README: without it the bound fails even for the exact field).
     pub mean_elbo_with_base: f64,
     /// Latents where the bound with the base term exceeds `log p` by more than 3 standard errors.
@@ -132,12 +122,8 @@ pub struct Summary {
 #[derive(Debug, Clone)]
 pub struct ToyOutcome {
     pub summary: Summary,
-    /// Prior loss per step.
-    pub prior_loss: Vec<f32>,
-    /// L_align per alignment step.
-    pub align_loss: Vec<f32>,
-    /// Mean NLL of y after each step (step 0 = initial latents).
-    pub align_nll: Vec<(usize, f32)>,
+    /// The loss curves of both stages.
+    pub curves: Curves,
     /// 10 evenly spaced snapshots of y.
     pub snapshots: Vec<(usize, Vec<Point>)>,
     /// 5,000 target samples (plot overlays, heatmap range).
@@ -153,7 +139,7 @@ pub struct ToyOutcome {
     pub prior_meta: PriorMeta,
 }
 
-/// The t values of the velocity-field figure (SPEC section 5).
+/// The t values of the velocity-field figure (METHOD.md section 5).
 pub const VELOCITY_TIMES: [f32; 5] = [0.1, 0.3, 0.5, 0.7, 0.9];
 
 /// A configured toy run on one device.
@@ -161,19 +147,8 @@ pub struct ToyRun {
     pub cfg: ToyConfig,
     pub target: Target,
     pub density: Density,
-    device: Device,
-    device_name: String,
-}
-
-fn to_points(rows: &[f32]) -> Vec<Point> {
-    rows.chunks_exact(2).map(|c| [c[0], c[1]]).collect()
-}
-
-fn cancelled(flow: ControlFlow<()>) -> Result<()> {
-    match flow {
-        ControlFlow::Continue(()) => Ok(()),
-        ControlFlow::Break(()) => Err(Error::Cancelled),
-    }
+    pub(crate) device: Device,
+    pub(crate) device_name: String,
 }
 
 impl ToyRun {
@@ -212,14 +187,7 @@ impl ToyRun {
     /// A prior trainer over the configured number of steps.
     pub fn prior_trainer(&self) -> PriorTrainer {
         let p = &self.cfg.prior;
-        PriorTrainer::new(
-            self.init_prior(),
-            p.lr,
-            p.schedule,
-            p.steps,
-            Reduction::Mean,
-        )
-        .with_ema(p.ema)
+        PriorTrainer::new(self.init_prior(), p.lr, p.schedule, p.steps).with_ema(p.ema)
     }
 
     /// One prior step: a fresh batch of target samples and (t, eps) draws seeded by the step number.
@@ -232,13 +200,12 @@ impl ToyRun {
         trainer.train_step(x, &draws).map(|s| s.loss)
     }
 
-    /// The initial latents of the alignment stage.
-    pub fn initial_latents(&self) -> Vec<f32> {
-        let n = self.cfg.align.n_latents;
+    /// The initial latents of an alignment with `align`.
+    pub fn initial_latents(&self, align: &AlignConfig) -> Vec<f32> {
         let mut rng = rng_for(self.cfg.seed, Stream::LatentInit, 0);
         let normal = |rng: &mut Rng| -> f32 { rng.sample(StandardNormal) };
-        (0..n)
-            .flat_map(|_| match self.cfg.align.init {
+        (0..align.n_latents)
+            .flat_map(|_| match align.init {
                 LatentInit::Normal => [normal(&mut rng), normal(&mut rng)],
                 LatentInit::Box => [rng.random_range(-3.0..3.0), rng.random_range(-3.0..3.0)],
                 LatentInit::Corner => {
@@ -248,33 +215,14 @@ impl ToyRun {
             .collect()
     }
 
-    /// An aligner starting from [`ToyRun::initial_latents`].
-    pub fn aligner(&self) -> Aligner {
-        let a = &self.cfg.align;
-        Aligner::new(
-            &self.initial_latents(),
-            2,
-            a.lr,
-            a.mc,
-            a.reduction,
-            &self.device,
-        )
-    }
-
-    /// One alignment step against the frozen `prior` (plain parameters).
-    pub fn align_step(&self, aligner: &mut Aligner, prior: &VelocityMlp) -> Result<f32> {
-        let mut rng = rng_for(self.cfg.seed, Stream::Align, aligner.step as u64);
-        aligner.align_step(prior, &mut rng)
-    }
-
     /// The heatmap grid: `(xs, ys)` over the configured view.
     pub fn grid_axes(&self, reference: &[Point], n: usize) -> (Vec<f32>, Vec<f32>) {
         let ((x0, x1), (y0, y1)) = self.view_range(reference);
         (linspace(x0, x1, n), linspace(y0, y1, n))
     }
 
-    /// The plotting range: data range plus 20 % padding, or the fixed [-6, 6]^2 (SPEC section 5).
-    pub fn view_range(&self, reference: &[Point]) -> ((f32, f32), (f32, f32)) {
+    /// The plotting range: data range plus 20 % padding, or the fixed [-6, 6]^2 (METHOD.md section 5).
+    pub fn view_range(&self, reference: &[Point]) -> Range2 {
         match self.cfg.eval.view {
             View::Fixed => ((-6.0, 6.0), (-6.0, 6.0)),
             View::Data => {
@@ -318,7 +266,7 @@ impl ToyRun {
     }
 
     /// The L_align heatmap of `prior` (plain parameters) on an `n x n` grid, averaged over
-    /// `t_values` times evenly spaced in [0.1, 0.9] (SPEC section 5).
+    /// `t_values` times evenly spaced in [0.1, 0.9] (METHOD.md section 5).
     pub fn align_heatmap(
         &self,
         prior: &VelocityMlp,
@@ -348,7 +296,7 @@ impl ToyRun {
         (nll, align, start.elapsed().as_secs_f64())
     }
 
-    /// The prior's own NLL (exact likelihood by the ODE, SPEC section 1) on an `n x n` grid.
+    /// The prior's own NLL (exact likelihood by the ODE, METHOD.md section 1) on an `n x n` grid.
     pub fn prior_nll_heatmap(&self, prior: &VelocityMlp, reference: &[Point], n: usize) -> Heatmap {
         self.grid_map(reference, n, |pts| {
             let x = rows_to_tensor(pts.as_flattened(), 2, &self.device);
@@ -361,7 +309,7 @@ impl ToyRun {
         })
     }
 
-    /// The bound `C(y) - L_align(y)` of SPEC section 3 on an `n x n` grid, `draws` draws per cell.
+    /// The bound `C(y) - L_align(y)` of METHOD.md section 3 on an `n x n` grid, `draws` draws per cell.
     pub fn bound_heatmap(
         &self,
         prior: &VelocityMlp,
@@ -403,7 +351,7 @@ impl ToyRun {
             .collect()
     }
 
-    /// Samples from the prior by the Euler ODE (SPEC section 1).
+    /// Samples from the prior by the Euler ODE (METHOD.md section 1).
     pub fn prior_samples(
         &self,
         prior: &VelocityMlp,
@@ -443,7 +391,8 @@ impl ToyRun {
         (to_points(&tensor_to_rows(z)), trajectories)
     }
 
-    fn exact_nll(&self, prior: &VelocityMlp, points: &[Point]) -> f64 {
+    /// The prior's exact mean NLL (ODE) of `points`.
+    pub fn exact_nll(&self, prior: &VelocityMlp, points: &[Point]) -> f64 {
         let x = rows_to_tensor(points.as_flattened(), 2, &self.device);
         let lp: Vec<f32> = log_prob(prior, x, self.cfg.eval.likelihood_steps)
             .try_into_vec_as::<f32>()
@@ -451,206 +400,7 @@ impl ToyRun {
         -lp.iter().map(|&v| v as f64).sum::<f64>() / lp.len().max(1) as f64
     }
 
-    /// Runs the whole experiment. With `prior = Some(..)` the training stage is skipped.
-    pub fn run(
-        &self,
-        prior: Option<(VelocityMlp, PriorMeta)>,
-        on: &mut dyn FnMut(Event) -> ControlFlow<()>,
-    ) -> Result<ToyOutcome> {
-        let run_start = Instant::now();
-        let cfg = &self.cfg;
-
-        // Stage 1: the flow prior.
-        let mut prior_loss = Vec::new();
-        let mut prior_secs = 0.0;
-        let loaded = prior.is_some();
-        let (prior, prior_meta) = match prior {
-            Some(p) => p,
-            None => {
-                cancelled(on(Event::Stage {
-                    name: "prior",
-                    steps: cfg.prior.steps,
-                }))?;
-                let mut trainer = self.prior_trainer();
-                let start = Instant::now();
-                while trainer.step < cfg.prior.steps {
-                    let lr = trainer.current_lr();
-                    let loss = self.prior_step(&mut trainer)?;
-                    prior_loss.push(loss);
-                    cancelled(on(Event::PriorStep {
-                        step: trainer.step,
-                        loss,
-                        lr,
-                    }))?;
-                }
-                prior_secs = start.elapsed().as_secs_f64();
-                let meta = PriorMeta {
-                    dim: 2,
-                    width: cfg.prior.width,
-                    depth: cfg.prior.depth,
-                    target: self.target.name.clone(),
-                    scale: self.target.scale,
-                    steps: cfg.prior.steps,
-                    seed: cfg.seed,
-                };
-                (trainer.frozen(), meta)
-            }
-        };
-
-        // Prior check: samples vs data under the target density, and the prior's exact likelihood.
-        cancelled(on(Event::Stage {
-            name: "prior check",
-            steps: 0,
-        }))?;
-        let reference = self.reference_samples();
-        let prior_samples = self.prior_samples(
-            &prior,
-            cfg.eval.n_check,
-            cfg.eval.sample_steps,
-            Solver::Euler,
-        );
-        let data_samples = {
-            let mut rng = rng_for(cfg.seed, Stream::Eval, 3);
-            self.target.sample(cfg.eval.n_check, &mut rng)
-        };
-        let k = cfg.eval.bound_points.min(cfg.eval.n_check);
-        tracing::debug!("prior samples: {:.2}s", run_start.elapsed().as_secs_f64());
-        let model_nll_data = self.exact_nll(&prior, &data_samples[..k]);
-        let model_nll_samples = self.exact_nll(&prior, &prior_samples[..k]);
-
-        tracing::debug!(
-            "prior exact likelihood: {:.2}s",
-            run_start.elapsed().as_secs_f64()
-        );
-        // Stage 2: alignment.
-        cancelled(on(Event::Stage {
-            name: "align",
-            steps: cfg.align.steps,
-        }))?;
-        let mut aligner = self.aligner();
-        let y0 = to_points(&aligner.latents());
-        let snapshot_steps: Vec<usize> = (0..10).map(|k| (k * cfg.align.steps + 4) / 9).collect();
-        let mut snapshots = vec![(0, y0.clone())];
-        let mut align_loss_curve = Vec::with_capacity(cfg.align.steps);
-        let mut align_nll = vec![(0, self.density.mean_nll_fast(&y0) as f32)];
-        let (mut align_secs, mut monitor_secs) = (0.0, 0.0);
-        while aligner.step < cfg.align.steps {
-            let start = Instant::now();
-            let loss = self.align_step(&mut aligner, &prior)?;
-            let y = to_points(&aligner.latents());
-            align_secs += start.elapsed().as_secs_f64();
-            let start = Instant::now();
-            let nll = self.density.mean_nll_fast(&y) as f32;
-            monitor_secs += start.elapsed().as_secs_f64();
-            align_loss_curve.push(loss);
-            align_nll.push((aligner.step, nll));
-            if snapshot_steps[1..].contains(&aligner.step) {
-                snapshots.push((aligner.step, y));
-            }
-            cancelled(on(Event::AlignStep {
-                step: aligner.step,
-                loss,
-                nll,
-            }))?;
-        }
-        let y_final = to_points(&aligner.latents());
-        let loss_final = {
-            let mut rng = rng_for(cfg.seed, Stream::Eval, 4);
-            let y = rows_to_tensor(y_final.as_flattened(), 2, &self.device);
-            align_loss(&prior, y, 20, cfg.align.reduction, &mut rng).into_scalar::<f32>() as f64
-        };
-
-        // Evaluation: heatmaps, the bound, the velocity field.
-        cancelled(on(Event::Stage {
-            name: "evaluate",
-            steps: 0,
-        }))?;
-        let (nll_map, align_map, heat_secs) =
-            self.heatmaps(&prior, &reference, cfg.eval.grid, cfg.eval.t_values);
-        tracing::debug!("heatmaps: {:.2}s", run_start.elapsed().as_secs_f64());
-        let bound_summary = self.bound_summary(&prior, &y_final[..k.min(y_final.len())]);
-        tracing::debug!("bound: {:.2}s", run_start.elapsed().as_secs_f64());
-        let velocity = self.velocity_field(&prior, &reference);
-
-        let tail = &prior_loss[prior_loss.len().saturating_sub(100)..];
-        let evals = (cfg.eval.grid * cfg.eval.grid * cfg.eval.t_values) as f64;
-        let data_nll = self.density.mean_nll(&data_samples);
-        let sample_nll = self.density.mean_nll(&prior_samples);
-        let (nll_init, nll_final) = (self.density.mean_nll(&y0), self.density.mean_nll(&y_final));
-        tracing::debug!("exact NLLs: {:.2}s", run_start.elapsed().as_secs_f64());
-        let summary = Summary {
-            target: self.target.name.clone(),
-            preset: format!("{:?}", cfg.preset).to_lowercase(),
-            seed: cfg.seed,
-            device: self.device_name.clone(),
-            nll_method: self.density.method(),
-            scale: self.target.scale,
-            prior: PriorSummary {
-                steps: if loaded {
-                    prior_meta.steps
-                } else {
-                    cfg.prior.steps
-                },
-                final_loss: if tail.is_empty() {
-                    f64::NAN
-                } else {
-                    tail.iter().map(|&v| v as f64).sum::<f64>() / tail.len() as f64
-                },
-                seconds: prior_secs,
-                steps_per_sec: if prior_secs > 0.0 {
-                    cfg.prior.steps as f64 / prior_secs
-                } else {
-                    0.0
-                },
-                width: prior.width(),
-                depth: prior.depth(),
-                params: prior.num_params(),
-                data_nll,
-                sample_nll,
-                model_nll_data,
-                model_nll_samples,
-                loaded,
-            },
-            align: AlignSummary {
-                steps: cfg.align.steps,
-                n_latents: cfg.align.n_latents,
-                nll_init,
-                nll_final,
-                loss_final,
-                reduction: cfg.align.reduction,
-                seconds: align_secs,
-                steps_per_sec: cfg.align.steps as f64 / align_secs.max(1e-9),
-                nll_monitor_seconds: monitor_secs,
-            },
-            heatmap: HeatmapSummary {
-                grid: cfg.eval.grid,
-                t_values: cfg.eval.t_values,
-                pearson: pearson(&align_map.values, &nll_map.values),
-                spearman: spearman(&align_map.values, &nll_map.values),
-                seconds: heat_secs,
-                evals_per_sec: evals / heat_secs.max(1e-9),
-            },
-            bound: bound_summary,
-            total_seconds: run_start.elapsed().as_secs_f64(),
-        };
-        Ok(ToyOutcome {
-            summary,
-            prior_loss,
-            align_loss: align_loss_curve,
-            align_nll,
-            snapshots,
-            target_samples: reference,
-            data_samples,
-            prior_samples,
-            nll_map,
-            align_map,
-            velocity,
-            prior,
-            prior_meta,
-        })
-    }
-
-    /// The bound of SPEC section 3 against the exact log-likelihood at `y`.
+    /// The bound of METHOD.md section 3 against the exact log-likelihood at `y`.
     pub fn bound_summary(&self, prior: &VelocityMlp, y: &[Point]) -> BoundSummary {
         let draws = self.cfg.eval.bound_draws;
         let mut rng = rng_for(self.cfg.seed, Stream::Eval, 5);
@@ -697,7 +447,7 @@ pub fn check_prior_fits(meta: &PriorMeta, target: &Target, path: &Path) -> Resul
         return Err(Error::Checkpoint {
             path: path.to_path_buf(),
             msg: format!(
-                "is a {}-dimensional prior; the toy needs a 2D one (train it with flowalign toy)",
+                "is a {}-dimensional prior; the toy needs a 2D one (one trained by the toy)",
                 meta.dim
             ),
         });
@@ -708,7 +458,7 @@ pub fn check_prior_fits(meta: &PriorMeta, target: &Target, path: &Path) -> Resul
         return Err(Error::Checkpoint {
             path: path.to_path_buf(),
             msg: format!(
-                "was trained on target '{}' but this run's target is '{}'; pass --target {} or drop --prior",
+                "was trained on target '{}' but this run's target is '{}'; choose target {} or train a new prior",
                 meta.target, target.name, meta.target
             ),
         });

@@ -6,13 +6,11 @@ use plotters::prelude::*;
 
 use super::experiment::ToyOutcome;
 use crate::error::Result;
-use crate::report::{
-    Overlay, arrows_panel, curves_panel, heatmap_panel, save_png, scatter_panel, write_csv,
-    write_json,
-};
+use crate::files::{write_csv, write_json};
+use crate::report::{Overlay, arrows_panel, curves_panel, heatmap_panel, save_png, scatter_panel};
 use crate::stats::moving_average;
 
-/// Window of the L_align moving average (SPEC section 5).
+/// Window of the L_align moving average (METHOD.md section 5).
 pub const SMOOTHING_WINDOW: usize = 17;
 
 const TARGET_DOTS: RGBColor = RGBColor(235, 235, 235);
@@ -59,8 +57,9 @@ fn figure3_row(
             radius: 1,
         }],
     )?;
-    let smooth = moving_average(&o.align_loss, SMOOTHING_WINDOW);
-    curves_panel(&areas[2], "L_align and NLL of y", &smooth, &o.align_nll)
+    let losses: Vec<f32> = o.curves.align.iter().map(|a| a.1).collect();
+    let smooth = moving_average(&losses, SMOOTHING_WINDOW);
+    curves_panel(&areas[2], "L_align and NLL of y", &smooth, &o.curves.nll)
 }
 
 /// `figure.png`: the paper's Fig. 3 layout for one target.
@@ -138,31 +137,6 @@ pub fn samples(path: &Path, o: &ToyOutcome) -> Result<()> {
     })
 }
 
-/// `curves.csv`: one row per step of each stage.
-pub fn curves_csv(path: &Path, o: &ToyOutcome) -> Result<()> {
-    let prior = o.prior_loss.iter().enumerate().map(|(i, l)| {
-        vec![
-            "prior".into(),
-            (i + 1).to_string(),
-            l.to_string(),
-            String::new(),
-        ]
-    });
-    let align = o.align_nll.iter().map(|&(step, nll)| {
-        let loss = if step == 0 {
-            String::new()
-        } else {
-            o.align_loss[step - 1].to_string()
-        };
-        vec!["align".into(), step.to_string(), loss, nll.to_string()]
-    });
-    write_csv(
-        path,
-        &["stage", "step", "loss", "nll_y"],
-        prior.chain(align),
-    )
-}
-
 /// `heatmaps.csv`: the grid with the NLL and L_align at each point.
 pub fn heatmaps_csv(path: &Path, o: &ToyOutcome) -> Result<()> {
     let (nll, al) = (&o.nll_map, &o.align_map);
@@ -181,7 +155,7 @@ pub fn heatmaps_csv(path: &Path, o: &ToyOutcome) -> Result<()> {
 /// Writes every output of one run into `dir`.
 pub fn write_all(dir: &Path, o: &ToyOutcome) -> Result<()> {
     write_json(&dir.join("summary.json"), &o.summary)?;
-    curves_csv(&dir.join("curves.csv"), o)?;
+    o.curves.write_csv(&dir.join("curves.csv"))?;
     heatmaps_csv(&dir.join("heatmaps.csv"), o)?;
     figure3(&dir.join("figure.png"), o)?;
     trajectories(&dir.join("trajectories.png"), o)?;

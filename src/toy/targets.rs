@@ -1,4 +1,4 @@
-//! The 2D target distributions of SPEC section 5: samplers, the global normalisation and the user's points.
+//! The 2D target distributions of METHOD.md section 5: samplers, the global normalisation and the user's points.
 
 use std::f32::consts::PI;
 use std::path::Path;
@@ -8,12 +8,10 @@ use rand_distr::StandardNormal;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+pub use crate::grid::Point;
 use crate::rng::{Rng, Stream, rng_for};
 
-/// A 2D point in data coordinates.
-pub type Point = [f32; 2];
-
-/// The built-in targets of SPEC section 5 (paper Fig. 3 and 5).
+/// The built-in targets of METHOD.md section 5 (paper Fig. 3 and 5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum TargetKind {
@@ -79,7 +77,7 @@ impl TargetKind {
     }
 
     /// One raw (un-normalised) sample; `slot` in `0..n` of a batch of `n` picks the component
-    /// where SPEC asks for equal counts (moons halves, rings).
+    /// where METHOD.md asks for equal counts (moons halves, rings).
     fn raw_sample(self, rng: &mut Rng, slot: usize, n: usize) -> Point {
         let normal = |rng: &mut Rng| -> f32 { rng.sample(StandardNormal) };
         match self {
@@ -124,7 +122,7 @@ impl TargetKind {
         }
     }
 
-    /// The normalisation scale of SPEC section 5: the std over all coordinates of a large sample.
+    /// The normalisation scale of METHOD.md section 5: the std over all coordinates of a large sample.
     ///
     /// Analytic for the mixtures; for the others a fixed-seed sample of 2,000,000 points, so the
     /// value is the same on every run and machine.
@@ -152,7 +150,7 @@ pub fn global_std(points: &[Point]) -> f32 {
     var.sqrt() as f32
 }
 
-/// A target distribution in normalised coordinates (SPEC section 5: divided by one global std).
+/// A target distribution in normalised coordinates (METHOD.md section 5: divided by one global std).
 #[derive(Debug, Clone)]
 pub struct Target {
     /// Name used in files and plots.
@@ -182,15 +180,16 @@ impl Target {
     /// A target made of the user's raw points, normalised by their global std.
     pub fn from_points(name: impl Into<String>, raw: &[Point]) -> Result<Self> {
         if raw.len() < 2 {
-            return Err(Error::Config(format!(
-                "a custom target needs at least 2 points, got {}",
-                raw.len()
-            )));
+            return Err(Error::setting(
+                "points",
+                format!("a custom target needs at least 2 points, got {}", raw.len()),
+            ));
         }
         let scale = global_std(raw);
         if !(scale.is_finite() && scale > 0.0) {
-            return Err(Error::Config(
-                "custom target points all coincide (std is 0); give points that spread out".into(),
+            return Err(Error::setting(
+                "points",
+                "the custom target's points all coincide (std is 0); give points that spread out",
             ));
         }
         let pts = raw.iter().map(|p| [p[0] / scale, p[1] / scale]).collect();
@@ -246,7 +245,7 @@ impl Target {
 /// Reads a CSV of 2D points: two numeric columns (extra columns are an error), header optional.
 pub fn read_points_csv(path: &Path) -> Result<Vec<Point>> {
     let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::io(path, "check the path of --target-csv", e))?;
+        .map_err(|e| Error::io(path, "check the path of the points file", e))?;
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(false)
         .trim(csv::Trim::All)
@@ -322,7 +321,7 @@ mod tests {
 
     #[test]
     fn normalisation_constants_match_spec() {
-        // SPEC section 5 reference values.
+        // METHOD.md section 5 reference values.
         let expect = [
             (TargetKind::Mog, 2.1424, 1e-4),
             (TargetKind::Grid, 1.1226, 1e-3),
@@ -335,7 +334,7 @@ mod tests {
             let got = kind.scale();
             assert!(
                 (got - want).abs() < tol,
-                "{}: scale {got} vs SPEC {want}",
+                "{}: scale {got} vs METHOD.md {want}",
                 kind.name()
             );
         }

@@ -1,5 +1,5 @@
-//! `flowalign bench toy`: the toy's three throughput figures, side by side with the PyTorch peer
-//! (`../shared/bench/torch_toy.py`) in the same run when python3 can import torch.
+//! `flowalign bench`: throughput figures as JSON, side by side in the same run with the PyTorch
+//! peers in `benches/` (`torch_toy.py`, `torch_prior.py`) when python3 can import torch.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -8,14 +8,14 @@ use std::time::Instant;
 use burn::prelude::*;
 use serde_json::{Value, json};
 
-use crate::align::{align_heatmap, linspace};
-use crate::config::{Reduction, Schedule};
-use crate::error::{Error, Result};
-use crate::flow::path::{PathDraws, normal_rows};
-use crate::flow::{VelocityMlpConfig, rows_to_tensor};
-use crate::report::{Heatmap, write_json};
-use crate::rng::{Stream, rng_for};
-use crate::train::{Aligner, PriorTrainer};
+use anyhow::{Context, Result, bail};
+use flowalign::align::{Reduction, align_heatmap};
+use flowalign::files::write_json;
+use flowalign::flow::path::{PathDraws, normal_rows};
+use flowalign::flow::{VelocityMlpConfig, rows_to_tensor};
+use flowalign::grid::{Heatmap, linspace};
+use flowalign::rng::{Stream, rng_for};
+use flowalign::train::{LatentTrainer, PriorTrainer, Schedule};
 
 /// Arguments of `flowalign bench`.
 #[derive(Debug, clap::Args)]
@@ -34,8 +34,8 @@ pub struct BenchArgs {
     #[arg(long)]
     pub batch: Option<usize>,
     /// `ae`: the ViT size of encoder and decoder.
-    #[arg(long, value_enum, default_value_t = crate::ae::model::VitSize::VitL)]
-    pub model: crate::ae::model::VitSize,
+    #[arg(long, value_enum, default_value_t = flowalign::ae::model::VitSize::VitL)]
+    pub model: flowalign::ae::model::VitSize,
     /// `ae`: also measure the step with the adversarial term on (the paper's DINO ViT-S
     /// discriminator at patch 16, random frozen trunk): generator and discriminator steps.
     #[arg(long)]
@@ -44,16 +44,16 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 4)]
     pub mc: usize,
     /// `prior` and `ae`: the training step's forward-pass dtype (bf16 is emulated on the CPU).
-    #[arg(long, value_enum, default_value_t = crate::precision::Precision::F32)]
-    pub precision: crate::precision::Precision,
+    #[arg(long, value_enum, default_value_t = flowalign::precision::Precision::F32)]
+    pub precision: flowalign::precision::Precision,
     /// Compute device (`prior` only; the toy figures are CPU figures).
-    #[arg(long, value_enum, default_value_t = crate::backend::DeviceChoice::Auto)]
-    pub device: crate::backend::DeviceChoice,
+    #[arg(long, value_enum, default_value_t = flowalign::backend::DeviceChoice::Auto)]
+    pub device: flowalign::backend::DeviceChoice,
     /// Minimum seconds per figure.
     #[arg(long, default_value_t = 8.0)]
     pub seconds: f64,
-    /// The PyTorch peer script (default: ../shared/bench/torch_toy.py for `toy`,
-    /// benches/torch_prior.py for `prior`); skipped when absent or when torch is not importable.
+    /// The PyTorch peer script (default: benches/torch_toy.py for `toy`, benches/torch_prior.py
+    /// for `prior`); skipped when absent or when torch is not importable.
     #[arg(long)]
     pub peer: Option<PathBuf>,
     /// Skip the PyTorch peer.
@@ -71,7 +71,7 @@ pub enum BenchKind {
     Toy,
     /// The visualizer's landscape refresh: heatmaps, velocity field and ODE samples (milliseconds).
     Landscape,
-    /// Stage-1 prior training (SPEC section 6): vectors/s of the full step (AdamW, clip, EMA, mc 4).
+    /// Stage-1 prior training (METHOD.md section 6): vectors/s of the full step (AdamW, clip, EMA, mc 4).
     Prior,
     /// Stage-2 autoencoder training: images/s of the step (L2 + L_align, AdamW, clip, EMA) and of
     /// the data loader (JPEG decode + augment) per core.
@@ -99,9 +99,9 @@ fn median_ms(reps: usize, mut f: impl FnMut()) -> f64 {
 
 /// Times the pieces of one landscape refresh of the visualizer on the CPU backend (spiral target).
 pub fn landscape(width: usize, depth: usize) -> Result<Value> {
-    use crate::config::{Preset, ToyConfig};
-    use crate::flow::solver::Solver;
-    use crate::toy::{TargetKind, ToyRun};
+    use flowalign::flow::solver::Solver;
+    use flowalign::toy::{Preset, ToyConfig};
+    use flowalign::toy::{TargetKind, ToyRun};
     let mut cfg = ToyConfig::preset(Preset::Interactive, TargetKind::Spiral);
     (cfg.prior.width, cfg.prior.depth) = (width, depth);
     let run = ToyRun::new(cfg, Device::flex(), "cpu")?;
@@ -142,7 +142,7 @@ pub fn landscape(width: usize, depth: usize) -> Result<Value> {
 }
 
 /// Calls `f` repeatedly for at least `min_s` seconds and 5 calls after 3 warm-up calls; returns calls/s.
-fn timed(min_s: f64, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+fn timed(min_s: f64, mut f: impl FnMut() -> flowalign::Result<()>) -> Result<f64> {
     for _ in 0..3 {
         f()?;
     }
@@ -165,8 +165,7 @@ pub fn measure(width: usize, depth: usize, seconds: f64) -> Result<Value> {
     for batch in [256usize, 1024] {
         let mut rng = rng_for(0, Stream::Init, 0);
         let model = VelocityMlpConfig::new(2, width, depth).init(&mut rng, &ad);
-        let mut trainer =
-            PriorTrainer::new(model, 1e-4, Schedule::Constant, usize::MAX, Reduction::Mean);
+        let mut trainer = PriorTrainer::new(model, 1e-4, Schedule::Constant, usize::MAX);
         let x = rows_to_tensor(&normal_rows(&mut rng, batch, 2), 2, &ad);
         let sps = timed(seconds, || {
             let draws = PathDraws::sample(&mut rng, batch, 2, &ad);
@@ -178,8 +177,12 @@ pub fn measure(width: usize, depth: usize, seconds: f64) -> Result<Value> {
     let prior = VelocityMlpConfig::new(2, width, depth).init(&mut rng, &device);
     out.insert("params".into(), json!(prior.num_params()));
     let y0 = normal_rows(&mut rng, 1000, 2);
-    let mut aligner = Aligner::new(&y0, 2, 1e-2, 1, Reduction::Mean, &device);
-    let sps = timed(seconds, || aligner.align_step(&prior, &mut rng).map(|_| ()))?;
+    let mut aligner = LatentTrainer::for_latents(&y0, 2, 1e-2, usize::MAX, &device);
+    let sps = timed(seconds, || {
+        aligner
+            .align_step(&prior, 1, Reduction::Mean, &mut rng)
+            .map(|_| ())
+    })?;
     out.insert("align_n1000_steps_per_sec".into(), json!(sps));
     let axis = linspace(-3.0, 3.0, 200);
     let pts = Heatmap::points(&axis, &axis);
@@ -266,8 +269,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
         BenchKind::Dist => unreachable!("handled above"),
     };
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::io(dir, "choose an --out you can write to", e))?;
+        std::fs::create_dir_all(dir).with_context(|| {
+            format!(
+                "cannot create {}; choose an --out you can write to",
+                dir.display()
+            )
+        })?;
     }
     write_json(&out, &result)?;
     tracing::info!("{}", serde_json::to_string(&result).expect("json"));
@@ -277,11 +284,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
 /// `flowalign bench toy`: flowalign and, when it can run, the PyTorch peer.
 fn toy(args: &BenchArgs) -> Result<Value> {
     let (width, depth) = (args.width.unwrap_or(512), args.depth.unwrap_or(4));
-    if args.seconds <= 0.0 {
-        return Err(Error::Config(format!(
-            "--seconds must be positive, got {}",
-            args.seconds
-        )));
+    if !(args.seconds > 0.0) {
+        bail!("--seconds must be a positive number, got {}", args.seconds);
     }
     tracing::info!("measuring flowalign (burn flex, {width}x{depth})");
     let ours = measure(width, depth, args.seconds)?;
@@ -301,7 +305,7 @@ fn toy(args: &BenchArgs) -> Result<Value> {
     ]
     .map(String::from)
     .to_vec();
-    let theirs = peer(args, "../shared/bench/torch_toy.py", &extra);
+    let theirs = peer(args, "benches/torch_toy.py", &extra);
     let mut ratios = serde_json::Map::new();
     if let Some(p) = &theirs {
         // Both sides name their figures alike.
@@ -336,36 +340,36 @@ fn peak_rss_mib() -> Option<f64> {
 /// `flowalign bench prior`: the stage-1 training step on the chosen device, and the PyTorch peer
 /// (CPU, same threads) when it can run.
 fn prior(args: &BenchArgs) -> Result<Value> {
-    use crate::prior::{FeaturePriorConfig, PriorPreset};
-    let (device, name) = crate::backend::select(args.device)?;
+    use flowalign::prior::{FeaturePriorConfig, PriorPreset};
+    let (device, name) = flowalign::backend::select(args.device)?;
     let on_cpu = name.starts_with("cpu");
     let mut cfg = FeaturePriorConfig::preset(PriorPreset::Paper, "-");
     cfg.model.width = args.width.unwrap_or(cfg.model.width);
     cfg.model.depth = args.depth.unwrap_or(cfg.model.depth);
-    cfg.train.batch = args
+    cfg.train.run.batch = args
         .batch
-        .unwrap_or(if on_cpu { 1024 } else { cfg.train.batch });
+        .unwrap_or(if on_cpu { 1024 } else { cfg.train.run.batch });
     cfg.train.mc = args.mc;
-    cfg.train.precision = args.precision;
+    cfg.train.run.precision = args.precision;
     cfg.validate()?;
-    let (d, batch, mc) = (cfg.data.latent_dim, cfg.train.batch, cfg.train.mc);
+    let (d, batch, mc) = (cfg.data.latent_dim, cfg.train.run.batch, cfg.train.mc);
     tracing::info!(
         "measuring flowalign ({name}, {}x{}, batch {batch} x mc {mc}, {})",
         cfg.model.width,
         cfg.model.depth,
         args.precision
     );
-    let mut trainer = crate::prior::run::new_trainer(&cfg, d, &device);
+    let mut trainer = flowalign::prior::run::new_trainer(&cfg, d, &device);
     let mut rng = rng_for(0, Stream::Prior, 0);
     let table = normal_rows(&mut rng, 100_000, d);
-    let mut step = |rng: &mut crate::rng::Rng| -> Result<()> {
+    let mut step = |rng: &mut flowalign::rng::Rng| -> flowalign::Result<()> {
         use rand::RngExt;
         let mut rows = Vec::with_capacity(batch * d);
         for _ in 0..batch {
             let i = rng.random_range(0..100_000);
             rows.extend_from_slice(&table[i * d..(i + 1) * d]);
         }
-        crate::prior::run::step_on_rows(&mut trainer, &rows, d, mc, rng, &device).map(|_| ())
+        flowalign::prior::run::step_on_rows(&mut trainer, &rows, d, mc, rng, &device).map(|_| ())
     };
     let sps = timed(args.seconds, || step(&mut rng))?;
     let ours = json!({
@@ -393,7 +397,7 @@ fn prior(args: &BenchArgs) -> Result<Value> {
             .to_string(),
     ];
     // The peer trains in f32: a bf16 figure has no like-for-like peer.
-    let theirs = if on_cpu && args.precision == crate::precision::Precision::F32 {
+    let theirs = if on_cpu && args.precision == flowalign::precision::Precision::F32 {
         peer(args, "benches/torch_prior.py", &extra)
     } else {
         None
@@ -413,17 +417,17 @@ fn prior(args: &BenchArgs) -> Result<Value> {
 
 /// `flowalign bench ae`: the stage-2 training step on the chosen device, and the image loader.
 fn ae(args: &BenchArgs) -> Result<Value> {
-    use crate::ae::config::{AeConfig, AePreset};
-    use crate::ae::data::{Crop, ImageFolder, ImageLoader};
-    use crate::ae::train::{ae_step, new_trainer};
-    let (device, name) = crate::backend::select(args.device)?;
+    use flowalign::ae::config::{AeConfig, AePreset};
+    use flowalign::ae::data::{Crop, ImageFolder, ImageLoader};
+    use flowalign::ae::train::{ae_step, new_trainer};
+    let (device, name) = flowalign::backend::select(args.device)?;
     let on_cpu = name.starts_with("cpu");
     let mut cfg = AeConfig::preset(AePreset::Paper, "-", "-");
     cfg.model.size = args.model;
-    cfg.train.batch = args.batch.unwrap_or(if on_cpu { 2 } else { 256 });
-    cfg.train.precision = args.precision;
+    cfg.train.run.batch = args.batch.unwrap_or(if on_cpu { 2 } else { 256 });
+    cfg.train.run.precision = args.precision;
     cfg.validate()?;
-    let (b, s) = (cfg.train.batch, cfg.model.image_size);
+    let (b, s) = (cfg.train.run.batch, cfg.model.image_size);
     let (depth, width, heads) = cfg.model.size.dims();
     tracing::info!(
         "measuring the autoencoder step ({name}, ViT {depth} x {width}, {heads} heads, {s} px, batch {b})"
@@ -435,13 +439,13 @@ fn ae(args: &BenchArgs) -> Result<Value> {
         .into_iter()
         .map(|v| v.clamp(-1.0, 1.0))
         .collect();
-    let replicas = [crate::ae::train::Frozen {
+    let replicas = [flowalign::ae::loss::Frozen {
         device: device.clone(),
         prior,
         lpips: None,
         dino: None,
     }];
-    let batch = crate::ae::data::ImageBatch {
+    let batch = flowalign::ae::data::ImageBatch {
         pixels,
         labels: vec![0; b],
         size: s,
@@ -453,10 +457,10 @@ fn ae(args: &BenchArgs) -> Result<Value> {
     })?;
     let params = trainer.model().num_params();
     let adv = if args.adv {
-        use crate::ae::adversarial::{AdvDraws, Adversary, disc_step};
+        use flowalign::ae::adversarial::{AdvDraws, Adversary, disc_step};
         cfg.loss.adv.start_step = 0;
         let (mut adversary, trunk) = Adversary::new(&cfg, &device)?;
-        let replicas = [crate::ae::train::Frozen {
+        let replicas = [flowalign::ae::loss::Frozen {
             dino: Some(trunk),
             ..replicas[0].clone()
         }];
@@ -464,7 +468,7 @@ fn ae(args: &BenchArgs) -> Result<Value> {
         tracing::info!("measuring the step with the adversarial term (DiffAugment and CR on)");
         let adv_sps = timed(args.seconds, || {
             let heads = adversary.frozen();
-            let gen_adv = crate::ae::train::GenAdv {
+            let gen_adv = flowalign::ae::train::GenAdv {
                 disc: &heads,
                 aug: &draws.aug,
             };
@@ -501,11 +505,11 @@ fn ae(args: &BenchArgs) -> Result<Value> {
     };
 
     // The loader: JPEGs of ImageNet's typical 500 x 375, decoded, resized, cropped and flipped.
-    let dir =
-        tempfile::tempdir().map_err(|e| Error::io("<tmp>", "a writable temp dir is needed", e))?;
+    let dir = tempfile::tempdir().context("a writable temporary folder is needed")?;
     for i in 0..32u32 {
         let class = dir.path().join(format!("c{}", i % 4));
-        std::fs::create_dir_all(&class).map_err(|e| Error::io(&class, "temp dir", e))?;
+        std::fs::create_dir_all(&class)
+            .with_context(|| format!("cannot create {}", class.display()))?;
         let img = image::RgbImage::from_fn(500, 375, |x, y| {
             let n = (x.wrapping_mul(7919) ^ y.wrapping_mul(104_729) ^ i.wrapping_mul(31)) % 64;
             image::Rgb([
@@ -516,14 +520,14 @@ fn ae(args: &BenchArgs) -> Result<Value> {
         });
         let path = class.join(format!("{i}.jpg"));
         img.save(&path)
-            .map_err(|e| Error::input(&path, format!("could not write a benchmark image: {e}")))?;
+            .with_context(|| format!("could not write a benchmark image {}", path.display()))?;
     }
     let loader = ImageLoader::new(ImageFolder::scan(dir.path())?, s, 0, Crop::Train);
     let indices: Vec<usize> = (0..32).collect();
     let per_core = rayon::ThreadPoolBuilder::new()
         .num_threads(1)
         .build()
-        .map_err(|e| Error::Config(format!("thread pool: {e}")))?
+        .context("building a one-thread pool")?
         .install(|| {
             timed(args.seconds / 2.0, || {
                 loader.gather(&indices, 0).map(|_| ())
@@ -550,8 +554,8 @@ fn ae(args: &BenchArgs) -> Result<Value> {
 
 /// `flowalign bench dist`, one rank of an MPI job: every rank measures, rank 0 writes the JSON.
 fn dist(args: &BenchArgs) -> Result<()> {
-    use crate::dist::Comm;
-    let comm = std::sync::Arc::new(Comm::mpi(crate::dist::DEFAULT_TIMEOUT)?);
+    use flowalign::dist::Comm;
+    let comm = std::sync::Arc::new(Comm::mpi(flowalign::dist::DEFAULT_TIMEOUT)?);
     match dist_measure(args, &comm) {
         Ok(result) => {
             if comm.leads() {
@@ -561,8 +565,12 @@ fn dist(args: &BenchArgs) -> Result<()> {
                     .clone()
                     .unwrap_or_else(|| PathBuf::from(format!("runs/bench-dist-{size}.json")));
                 if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    std::fs::create_dir_all(dir)
-                        .map_err(|e| Error::io(dir, "choose an --out you can write to", e))?;
+                    std::fs::create_dir_all(dir).with_context(|| {
+                        format!(
+                            "cannot create {}; choose an --out you can write to",
+                            dir.display()
+                        )
+                    })?;
                 }
                 write_json(&out, &result)?;
                 tracing::info!("{}", serde_json::to_string(&result).expect("json"));
@@ -571,22 +579,22 @@ fn dist(args: &BenchArgs) -> Result<()> {
             Ok(())
         }
         Err(e) => {
-            eprintln!("error: rank {}: {e}", comm.rank().rank);
+            eprintln!("error: rank {}: {e:#}", comm.rank().rank);
             comm.abort(2)
         }
     }
 }
 
-fn dist_measure(args: &BenchArgs, comm: &std::sync::Arc<crate::dist::Comm>) -> Result<Value> {
-    use crate::dist::{BUCKET_FLOATS, mean_grads, part};
-    use crate::prior::{FeaturePriorConfig, PriorPreset};
+fn dist_measure(args: &BenchArgs, comm: &std::sync::Arc<flowalign::dist::Comm>) -> Result<Value> {
+    use flowalign::dist::{BUCKET_FLOATS, mean_grads, part};
+    use flowalign::prior::{FeaturePriorConfig, PriorPreset};
     let me = comm.rank();
-    let (device, name) = crate::backend::select_at(args.device, me.local_rank)?;
+    let (device, name) = flowalign::backend::select_at(args.device, me.local_rank)?;
     let mut cfg = FeaturePriorConfig::preset(PriorPreset::Paper, "bench");
     cfg.model.width = args.width.unwrap_or(cfg.model.width);
     cfg.model.depth = args.depth.unwrap_or(cfg.model.depth);
     let per_rank = args.batch.unwrap_or(256);
-    cfg.train.batch = per_rank * me.size;
+    cfg.train.run.batch = per_rank * me.size;
     cfg.train.mc = args.mc;
     cfg.validate()?;
     let (d, mc) = (cfg.data.latent_dim, cfg.train.mc);
@@ -600,20 +608,20 @@ fn dist_measure(args: &BenchArgs, comm: &std::sync::Arc<crate::dist::Comm>) -> R
         );
     }
     let mut trainer =
-        crate::prior::run::new_trainer(&cfg, d, &device).with_comm(std::sync::Arc::clone(comm));
+        flowalign::prior::run::new_trainer(&cfg, d, &device).with_comm(std::sync::Arc::clone(comm));
     let params = trainer.model().num_params();
     let mut rng = rng_for(0, Stream::Prior, 0);
     let table = normal_rows(&mut rng, 100_000, d);
-    let rows_part = part(cfg.train.batch, me.rank, me.size);
+    let rows_part = part(cfg.train.run.batch, me.rank, me.size);
     let devices = [device.clone()];
-    let mut step = |rng: &mut crate::rng::Rng| -> Result<()> {
+    let mut step = |rng: &mut flowalign::rng::Rng| -> flowalign::Result<()> {
         use rand::RngExt;
-        let mut rows = Vec::with_capacity(cfg.train.batch * d);
-        for _ in 0..cfg.train.batch {
+        let mut rows = Vec::with_capacity(cfg.train.run.batch * d);
+        for _ in 0..cfg.train.run.batch {
             let i = rng.random_range(0..100_000);
             rows.extend_from_slice(&table[i * d..(i + 1) * d]);
         }
-        crate::prior::run::step_on_rows_sharded(
+        flowalign::prior::run::step_on_rows_sharded(
             &mut trainer,
             &rows,
             rows_part.clone(),
@@ -644,14 +652,14 @@ fn dist_measure(args: &BenchArgs, comm: &std::sync::Arc<crate::dist::Comm>) -> R
         step(&mut rng)?;
     }
     let secs = start.elapsed().as_secs_f64();
-    let vectors_per_s = (steps * cfg.train.batch) as f64 / secs;
+    let vectors_per_s = (steps * cfg.train.run.batch) as f64 / secs;
 
     // The prior's gradient all-reduce alone, staged from the device and back.
     let model = trainer.model().clone();
     let ad = device.clone().autodiff();
-    let x = crate::flow::rows_to_tensor(&table[..per_rank * d], d, &ad);
+    let x = flowalign::flow::rows_to_tensor(&table[..per_rank * d], d, &ad);
     let draws = PathDraws::sample(&mut rng, per_rank, d, &ad);
-    let loss = crate::align::flow_loss(&model, x, &draws, Reduction::Mean);
+    let loss = flowalign::align::flow_loss(&model, x, &draws, Reduction::Mean);
     let mut grads = burn::optim::GradientsParams::from_grads(loss.backward(), &model);
     let reps = 10;
     let t = Instant::now();
@@ -665,9 +673,14 @@ fn dist_measure(args: &BenchArgs, comm: &std::sync::Arc<crate::dist::Comm>) -> R
     // that many floats in buckets.
     let mine = if lead {
         let mut rng = rng_for(0, Stream::Init, 0);
-        let model_cfg = crate::ae::model::AeModelConfig {
+        let model_cfg = flowalign::ae::model::AeModelConfig {
             size: args.model,
-            ..crate::ae::config::AeConfig::preset(crate::ae::config::AePreset::Paper, "", "").model
+            ..flowalign::ae::config::AeConfig::preset(
+                flowalign::ae::config::AePreset::Paper,
+                "",
+                "",
+            )
+            .model
         };
         model_cfg.init(&mut rng, &Device::flex()).num_params() as f64
     } else {

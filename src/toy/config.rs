@@ -1,0 +1,296 @@
+//! A toy run as data (METHOD.md section 5): serde + TOML, presets, validation (unknown keys are errors).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::targets::TargetKind;
+use crate::align::Reduction;
+use crate::config::{one_line, require_counts, require_positive};
+use crate::error::{Error, Result};
+use crate::train::Schedule;
+
+/// Named hyperparameter sets for the 2D toy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Preset {
+    /// Sized for an interactive CPU: a whole single-target run in about a minute on 2 cores.
+    #[value(alias = "default")]
+    Interactive,
+    /// The paper's toy exactly (METHOD.md section 5).
+    Paper,
+}
+
+/// Prior (flow-matching) training, METHOD.md sections 4 and 5.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriorConfig {
+    /// Hidden width C of the AdaLN MLP.
+    pub width: usize,
+    /// Number of residual AdaLN blocks.
+    pub depth: usize,
+    /// Optimiser steps.
+    pub steps: usize,
+    /// Fresh target samples per step.
+    pub batch: usize,
+    /// Adam learning rate.
+    pub lr: f64,
+    /// Learning-rate schedule.
+    pub schedule: Schedule,
+    /// Decay of the exponential moving average of the weights that becomes the frozen prior
+    /// (0 = no EMA, the live weights are frozen).
+    #[serde(default)]
+    pub ema: f64,
+}
+
+/// Latent initialisation for the alignment stage.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LatentInit {
+    /// y ~ N(0, I) (the paper).
+    Normal,
+    /// y ~ U[-3, 3]^2.
+    Box,
+    /// y ~ N((2.5, 2.5), 0.25^2 I): a cluster in one corner.
+    Corner,
+}
+
+/// Alignment of free latents y to the frozen prior, METHOD.md sections 2 and 5.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlignConfig {
+    /// Number of latents y.
+    pub n_latents: usize,
+    /// Optimiser steps (full batch).
+    pub steps: usize,
+    /// Adam learning rate.
+    pub lr: f64,
+    /// (t, eps) draws per latent per step.
+    pub mc: usize,
+    /// Reduction over dimensions of the squared error.
+    pub reduction: Reduction,
+    /// Initial latents.
+    pub init: LatentInit,
+}
+
+/// Where the heatmaps are evaluated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum View {
+    /// The range of 5,000 target samples plus 20 % padding on each side.
+    Data,
+    /// The fixed square [-6, 6]^2.
+    Fixed,
+}
+
+/// Evaluation: heatmaps, prior samples, exact likelihood and the bound.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalConfig {
+    /// Heatmap resolution (grid x grid points).
+    pub grid: usize,
+    /// Number of t values in linspace(0.1, 0.9) for the L_align heatmap.
+    pub t_values: usize,
+    /// Heatmap extent.
+    pub view: View,
+    /// Samples drawn from the prior to check it, and data samples to compare.
+    pub n_check: usize,
+    /// Euler steps of the sampling ODE (paper: 100).
+    pub sample_steps: usize,
+    /// RK4 steps of the exact log-likelihood ODE.
+    pub likelihood_steps: usize,
+    /// Latents on which the exact log p and the bound are computed.
+    pub bound_points: usize,
+    /// (s, eps) draws per latent for the Monte Carlo estimate of the bound.
+    pub bound_draws: usize,
+}
+
+/// A complete toy run: what `flowalign toy --config` reads and every run writes as `config.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToyConfig {
+    /// Preset the values started from (informational once resolved).
+    pub preset: Preset,
+    /// Built-in target; ignored when `points` or `target_csv` is given.
+    pub target: TargetKind,
+    /// A CSV of the user's own 2-column points.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_csv: Option<PathBuf>,
+    /// The user's own raw points (a drawn target), stored inline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub points: Option<Vec<[f32; 2]>>,
+    /// Seed of every random draw.
+    pub seed: u64,
+    pub prior: PriorConfig,
+    pub align: AlignConfig,
+    pub eval: EvalConfig,
+}
+
+impl ToyConfig {
+    /// The values of `preset` for `target`.
+    pub fn preset(preset: Preset, target: TargetKind) -> Self {
+        let paper = ToyConfig {
+            preset,
+            target,
+            target_csv: None,
+            points: None,
+            seed: 0,
+            prior: PriorConfig {
+                width: 512,
+                depth: 4,
+                steps: 100_000,
+                batch: 256,
+                lr: 1e-4,
+                schedule: Schedule::Constant,
+                ema: 0.0,
+            },
+            align: AlignConfig {
+                n_latents: 1000,
+                steps: 5000,
+                lr: 1e-2,
+                mc: 1,
+                reduction: Reduction::Mean,
+                init: LatentInit::Normal,
+            },
+            eval: EvalConfig {
+                grid: 50,
+                t_values: 20,
+                view: View::Data,
+                n_check: 1000,
+                sample_steps: 100,
+                likelihood_steps: 100,
+                bound_points: 200,
+                bound_draws: 256,
+            },
+        };
+        match preset {
+            Preset::Paper => paper,
+            Preset::Interactive => ToyConfig {
+                prior: PriorConfig {
+                    width: 96,
+                    depth: 3,
+                    steps: 4000,
+                    batch: 512,
+                    lr: 2e-3,
+                    schedule: Schedule::Cosine {
+                        warmup: 100,
+                        final_frac: 0.05,
+                    },
+                    ema: 0.0,
+                },
+                align: AlignConfig {
+                    steps: 500,
+                    ..paper.align
+                },
+                eval: EvalConfig {
+                    likelihood_steps: 40,
+                    bound_points: 100,
+                    bound_draws: 128,
+                    ..paper.eval
+                },
+                ..paper
+            },
+        }
+    }
+
+    /// Reads a TOML config; unknown keys and bad values are errors naming the file.
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::io(path, "check the config file's path", e))?;
+        let cfg: ToyConfig = toml::from_str(&text).map_err(|e| {
+            Error::input(
+                path,
+                format!("not a valid toy config: {}", one_line(&e.to_string())),
+            )
+        })?;
+        cfg.validate()
+            .map_err(|e| Error::input(path, e.to_string()))?;
+        Ok(cfg)
+    }
+
+    /// The config as TOML text.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a ToyConfig always serialises")
+    }
+
+    /// Checks every value is usable, naming the offending key.
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("prior.width", self.prior.width),
+            ("prior.depth", self.prior.depth),
+            ("prior.steps", self.prior.steps),
+            ("prior.batch", self.prior.batch),
+            ("align.steps", self.align.steps),
+            ("align.n_latents", self.align.n_latents),
+            ("align.mc", self.align.mc),
+            ("eval.grid", self.eval.grid),
+            ("eval.t_values", self.eval.t_values),
+            ("eval.n_check", self.eval.n_check),
+            ("eval.sample_steps", self.eval.sample_steps),
+            ("eval.likelihood_steps", self.eval.likelihood_steps),
+            ("eval.bound_points", self.eval.bound_points),
+            ("eval.bound_draws", self.eval.bound_draws),
+        ];
+        require_counts(&positive)?;
+        require_positive(&[("prior.lr", self.prior.lr), ("align.lr", self.align.lr)])?;
+        if let Schedule::Cosine { final_frac, .. } = self.prior.schedule
+            && !(0.0..=1.0).contains(&final_frac)
+        {
+            return Err(Error::setting(
+                "prior.schedule.final_frac",
+                format!("must lie in [0, 1], got {final_frac}"),
+            ));
+        }
+        if !(0.0..1.0).contains(&self.prior.ema) {
+            return Err(Error::setting(
+                "prior.ema",
+                format!("must lie in [0, 1), got {}", self.prior.ema),
+            ));
+        }
+        if self.eval.grid < 2 {
+            return Err(Error::setting(
+                "eval.grid",
+                format!("must be at least 2, got {}", self.eval.grid),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_round_trip_through_toml() {
+        for preset in [Preset::Interactive, Preset::Paper] {
+            let cfg = ToyConfig::preset(preset, TargetKind::Spiral);
+            cfg.validate().unwrap();
+            let back: ToyConfig = toml::from_str(&cfg.to_toml()).unwrap();
+            assert_eq!(back, cfg);
+        }
+    }
+
+    #[test]
+    fn paper_preset_is_the_spec() {
+        let c = ToyConfig::preset(Preset::Paper, TargetKind::Mog);
+        assert_eq!(
+            (c.prior.width, c.prior.depth, c.prior.steps),
+            (512, 4, 100_000)
+        );
+        assert_eq!((c.prior.batch, c.prior.lr), (256, 1e-4));
+        assert_eq!(
+            (c.align.n_latents, c.align.steps, c.align.lr),
+            (1000, 5000, 1e-2)
+        );
+        assert_eq!((c.eval.grid, c.eval.t_values), (50, 20));
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let mut text = ToyConfig::preset(Preset::Interactive, TargetKind::Mog).to_toml();
+        text = text.replace("[prior]", "[prior]\nwidht = 3");
+        let err = toml::from_str::<ToyConfig>(&text).unwrap_err().to_string();
+        assert!(err.contains("widht"), "{err}");
+    }
+}
