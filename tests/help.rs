@@ -25,7 +25,8 @@ fn undocumented(help: &str) -> Vec<String> {
         let trimmed = line.trim_start();
         // A flag line starts `--name` or `-n, --name`; `- value: ...` lines list possible values.
         let is_flag = trimmed.starts_with("--")
-            || (trimmed.starts_with('-') && trimmed[1..].starts_with(|c: char| c.is_ascii_alphabetic()));
+            || (trimmed.starts_with('-')
+                && trimmed[1..].starts_with(|c: char| c.is_ascii_alphabetic()));
         if !is_flag {
             continue;
         }
@@ -63,7 +64,11 @@ fn every_flag_has_help() {
             missing.push(format!("flowalign {} {flag}", args.join(" ")));
         }
     }
-    assert!(missing.is_empty(), "flags without help:\n{}", missing.join("\n"));
+    assert!(
+        missing.is_empty(),
+        "flags without help:\n{}",
+        missing.join("\n")
+    );
 }
 
 #[test]

@@ -244,15 +244,7 @@ pub struct TrainArgs {
 impl TrainArgs {
     fn config(&self) -> Result<AeConfig> {
         let mut cfg = if let Some(path) = &self.config {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read {}; check --config", path.display()))?;
-            toml::from_str::<AeConfig>(&text).map_err(|e| {
-                anyhow::anyhow!(
-                    "{}: not a valid ae config: {}",
-                    path.display(),
-                    flowalign::config::one_line(&e.to_string())
-                )
-            })?
+            AeConfig::from_toml_file(path)?
         } else if self.resume && self.out.join(checkpoint::CONFIG).is_file() {
             checkpoint::read_config(&self.out, "ae train")?
         } else {

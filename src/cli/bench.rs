@@ -268,6 +268,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         BenchKind::Ae => ae(&args)?,
         BenchKind::Dist => unreachable!("handled above"),
     };
+    write_result(&out, &result)
+}
+
+/// Writes a benchmark's JSON to `out` (creating its folder) and logs it.
+fn write_result(out: &std::path::Path, result: &Value) -> Result<()> {
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| {
             format!(
@@ -276,8 +281,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
             )
         })?;
     }
-    write_json(&out, &result)?;
-    tracing::info!("{}", serde_json::to_string(&result).expect("json"));
+    write_json(out, result)?;
+    tracing::info!("{}", serde_json::to_string(result).expect("json"));
     Ok(())
 }
 
@@ -564,16 +569,7 @@ fn dist(args: &BenchArgs) -> Result<()> {
                     .out
                     .clone()
                     .unwrap_or_else(|| PathBuf::from(format!("runs/bench-dist-{size}.json")));
-                if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    std::fs::create_dir_all(dir).with_context(|| {
-                        format!(
-                            "cannot create {}; choose an --out you can write to",
-                            dir.display()
-                        )
-                    })?;
-                }
-                write_json(&out, &result)?;
-                tracing::info!("{}", serde_json::to_string(&result).expect("json"));
+                write_result(&out, &result)?;
             }
             comm.finish();
             Ok(())

@@ -53,7 +53,10 @@ pub const X11_LIBRARIES: &[(&str, &str)] = &[
     ("libXi.so.6", "libxi6"),
     ("libxkbcommon.so.0", "libxkbcommon0"),
     ("libxkbcommon-x11.so.0", "libxkbcommon-x11-0"),
-    ("libGL.so.1", "libgl1 (and an OpenGL driver: libgl1-mesa-dri)"),
+    (
+        "libGL.so.1",
+        "libgl1 (and an OpenGL driver: libgl1-mesa-dri)",
+    ),
 ];
 
 /// The same for a Wayland session.
@@ -61,7 +64,10 @@ pub const WAYLAND_LIBRARIES: &[(&str, &str)] = &[
     ("libwayland-client.so.0", "libwayland-client0"),
     ("libwayland-egl.so.1", "libwayland-egl1"),
     ("libxkbcommon.so.0", "libxkbcommon0"),
-    ("libEGL.so.1", "libegl1 (and an OpenGL driver: libgl1-mesa-dri)"),
+    (
+        "libEGL.so.1",
+        "libegl1 (and an OpenGL driver: libgl1-mesa-dri)",
+    ),
 ];
 
 /// Fails naming every library of `needed` that `loads` cannot load, with its package.

@@ -4,8 +4,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::one_line;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::features::projection::{PAPER_SEED, ProjectionKind};
 use crate::precision::Precision;
 use crate::run::{Extra, RunConfig, RunSettings};
@@ -150,17 +149,7 @@ impl FeaturePriorConfig {
 
     /// Reads a TOML config; unknown keys and bad values are errors naming the file.
     pub fn from_toml_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::io(path, "check the config file's path", e))?;
-        let cfg: FeaturePriorConfig = toml::from_str(&text).map_err(|e| {
-            Error::input(
-                path,
-                format!("not a valid prior config: {}", one_line(&e.to_string())),
-            )
-        })?;
-        cfg.validate()
-            .map_err(|e| Error::input(path, e.to_string()))?;
-        Ok(cfg)
+        crate::config::read_toml(path, "prior", Self::validate)
     }
 
     /// The config as TOML text.
