@@ -35,11 +35,16 @@ fn undocumented(help: &str) -> Vec<String> {
             .find(|w| w.starts_with("--"))
             .unwrap_or(trimmed)
             .to_string();
-        // Short help puts the description after two spaces; wrapped help on the next line.
-        let same_line = trimmed.split("  ").filter(|s| !s.trim().is_empty()).count() > 1;
+        // Short help puts the description after two spaces; wrapped help on the next line. A
+        // default or a list of values alone is no description.
+        let says = |text: &str| {
+            let words = text.trim();
+            !words.is_empty() && !words.starts_with('[')
+        };
+        let same_line = trimmed.split("  ").skip(1).any(|part| says(part));
         let next_line = lines.get(i + 1).is_some_and(|next| {
             let indent = next.len() - next.trim_start().len();
-            indent > line.len() - trimmed.len() && !next.trim_start().starts_with('-')
+            indent > line.len() - trimmed.len() && !next.trim_start().starts_with('-') && says(next)
         });
         if !(same_line || next_line) {
             out.push(flag);
@@ -73,6 +78,9 @@ fn every_flag_has_help() {
 
 #[test]
 fn the_checker_sees_a_flag_without_help() {
-    let help = "Options:\n      --seed <SEED>\n      --steps <STEPS>  Optimiser steps\n      --lr <LR>\n          Peak learning rate\n";
-    assert_eq!(undocumented(help), vec!["--seed".to_string()]);
+    let help = "Options:\n      --seed <SEED>\n      --steps <STEPS>  Optimiser steps\n      --lr <LR>\n          Peak learning rate\n      --batch <BATCH>  [default: 32]\n";
+    assert_eq!(
+        undocumented(help),
+        vec!["--seed".to_string(), "--batch".to_string()]
+    );
 }

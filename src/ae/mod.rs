@@ -9,6 +9,7 @@ pub mod discriminator;
 pub mod eval;
 pub mod fid;
 pub mod inception;
+pub mod latents;
 pub mod loss;
 pub mod lpips;
 pub mod model;

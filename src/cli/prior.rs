@@ -224,6 +224,7 @@ pub struct EvalArgs {
     /// Where to write eval.json and pca.png (default: the run folder).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Compute device: auto (a GPU when built with one, else the CPU), cpu, wgpu or cuda.
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     device: DeviceChoice,
 }
@@ -300,11 +301,13 @@ pub struct SampleArgs {
     /// Euler steps (the paper's 100).
     #[arg(long, default_value_t = 100)]
     steps: usize,
+    /// Seed of the noise the samples start from.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Output .npy (f32, [n, latent_dim]), in the prior's scaled, projected space.
     #[arg(long)]
     out: PathBuf,
+    /// Compute device: auto (a GPU when built with one, else the CPU), cpu, wgpu or cuda.
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     device: DeviceChoice,
 }
