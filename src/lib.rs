@@ -2,7 +2,8 @@
 //!
 //! The engine, layered bottom to top (each layer imports only from those below it; ARCHITECTURE.md
 //! draws the picture and `tests/layers.rs` checks it):
-//! - [`error`], [`rng`], [`stats`], [`grid`], [`config`]: plain types and helpers;
+//! - [`error`], [`rng`], [`stats`], [`grid`], [`config`]: plain types and helpers; [`fused`]: the
+//!   velocity network's fused CPU operations and a one-pass Adam;
 //! - [`flow`] (the velocity network, the path, ODE solvers, the exact likelihood), [`params`],
 //!   [`features`], [`report`] (figures and files from plain data), [`backend`];
 //! - [`precision`], [`dist`] (MPI), [`align`] (the alignment loss, its heatmap, the bound);
@@ -24,6 +25,7 @@ pub mod error;
 pub mod features;
 pub mod files;
 pub mod flow;
+pub mod fused;
 pub mod grid;
 #[cfg(feature = "gui")]
 pub mod gui;

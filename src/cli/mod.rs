@@ -6,6 +6,7 @@ pub mod bench;
 pub mod features;
 pub mod gui;
 pub mod hints;
+pub mod peak;
 pub mod prior;
 pub mod toy;
 

@@ -2,9 +2,11 @@
 //! gradient-norm clip (METHOD.md section 6).
 
 use burn::module::{Module, ModuleVisitor, Param};
-use burn::optim::{AdamConfig, AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
+
+use crate::fused::adam::FusedAdam;
 
 /// Learning-rate schedule.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -66,21 +68,15 @@ impl OptimSpec {
         grad_clip: 1.0,
     };
 
+    /// Adam (weight decay 0) or AdamW: burn's, in one pass per parameter on the CPU
+    /// ([`FusedAdam`], identical results and state).
     pub(crate) fn build(&self) -> ModuleOptimizer {
-        if self.weight_decay == 0.0 {
-            AdamConfig::new()
-                .with_beta_1(self.beta1)
-                .with_beta_2(self.beta2)
-                .with_epsilon(self.eps)
-                .init()
-        } else {
-            AdamWConfig::new()
-                .with_beta_1(self.beta1)
-                .with_beta_2(self.beta2)
-                .with_epsilon(self.eps)
-                .with_weight_decay(self.weight_decay)
-                .init()
-        }
+        ModuleOptimizer::from(FusedAdam::new(
+            self.beta1,
+            self.beta2,
+            self.eps,
+            self.weight_decay,
+        ))
     }
 }
 
