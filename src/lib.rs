@@ -15,6 +15,7 @@ pub mod dist;
 pub mod error;
 pub mod features;
 pub mod flow;
+pub mod r#gen;
 #[cfg(feature = "gui")]
 pub mod gui;
 pub mod precision;
