@@ -155,7 +155,9 @@ impl Block {
     /// - output: `[batch, tokens, width]`
     pub fn forward(&self, x: Tensor<3>, key_padding: Option<Tensor<2, Bool>>) -> Tensor<3> {
         let x = x.clone() + self.attn.forward(self.norm1.forward(x), key_padding);
-        let h = self.mlp_drop.forward(gelu(self.fc1.forward(self.norm2.forward(x.clone()))));
+        let h = self
+            .mlp_drop
+            .forward(gelu(self.fc1.forward(self.norm2.forward(x.clone()))));
         x + self.mlp_drop.forward(self.fc2.forward(h))
     }
 }
@@ -216,7 +218,9 @@ mod tests {
         let dev = Device::flex();
         let mut rng = rng_for(1, Stream::Init, 0);
         let block = Block::new(32, 4, 4, (0.0, 0.0), &mut rng, &dev);
-        let x: Vec<f32> = (0..6 * 32).map(|i| ((i * 13 % 29) as f32 / 7.0) - 2.0).collect();
+        let x: Vec<f32> = (0..6 * 32)
+            .map(|i| ((i * 13 % 29) as f32 / 7.0) - 2.0)
+            .collect();
         let x = Tensor::<3>::from_data(TensorData::new(x, [1, 6, 32]), &dev);
         let pad = Tensor::<2, Bool>::from_data(
             TensorData::new(vec![false, true, false, false, true, false], [1, 6]),

@@ -372,11 +372,23 @@ mod tests {
         let p = GenConfig::preset(GenPreset::Paper, "l");
         let m = &p.mar;
         assert_eq!(
-            (m.width, m.encoder_depth, m.decoder_depth, m.heads, m.mlp_ratio),
+            (
+                m.width,
+                m.encoder_depth,
+                m.decoder_depth,
+                m.heads,
+                m.mlp_ratio
+            ),
             (768, 12, 12, 12, 4)
         );
-        assert_eq!((m.seq_len, m.token_dim, m.buffer, m.classes), (64, 32, 64, 1000));
-        assert_eq!((m.attn_dropout, m.proj_dropout, m.label_drop), (0.1, 0.1, 0.1));
+        assert_eq!(
+            (m.seq_len, m.token_dim, m.buffer, m.classes),
+            (64, 32, 64, 1000)
+        );
+        assert_eq!(
+            (m.attn_dropout, m.proj_dropout, m.label_drop),
+            (0.1, 0.1, 0.1)
+        );
         assert_eq!((p.head.width, p.head.depth, p.head.batch_mul), (1024, 6, 4));
         assert_eq!(p.train.optim.weight_decay, 0.02);
         assert_eq!((p.train.optim.beta1, p.train.optim.beta2), (0.9, 0.95));
@@ -407,13 +419,26 @@ mod tests {
         let mut cfg = GenConfig::preset(GenPreset::Small, "l");
         cfg.mar.heads = 5;
         let err = cfg.validate().unwrap_err().to_string();
-        assert!(err.contains("mar.width") && err.contains("mar.heads"), "{err}");
+        assert!(
+            err.contains("mar.width") && err.contains("mar.heads"),
+            "{err}"
+        );
         let mut cfg = GenConfig::preset(GenPreset::Small, "l");
         cfg.mar.label_drop = 1.0;
-        assert!(cfg.validate().unwrap_err().to_string().contains("mar.label_drop"));
+        assert!(
+            cfg.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("mar.label_drop")
+        );
         let mut cfg = GenConfig::preset(GenPreset::Small, "l");
         cfg.mar.buffer = 0;
-        assert!(cfg.validate().unwrap_err().to_string().contains("mar.buffer"));
+        assert!(
+            cfg.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("mar.buffer")
+        );
         let arch = text.replace("arch = \"mar\"", "arch = \"unet\"");
         assert!(GenConfig::from_toml_str(&arch).is_err());
         let dit = text.replace("arch = \"mar\"", "arch = \"dit\"");

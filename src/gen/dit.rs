@@ -147,9 +147,10 @@ impl DitBlock {
         let mut next = || m.remove(0);
         let (shift_a, scale_a, gate_a) = (next(), next(), next());
         let (shift_m, scale_m, gate_m) = (next(), next(), next());
-        let a = self
-            .attn
-            .forward(modulate(layer_norm_plain(x.clone()), shift_a, scale_a), None);
+        let a = self.attn.forward(
+            modulate(layer_norm_plain(x.clone()), shift_a, scale_a),
+            None,
+        );
         let x = x + a * gate_a.unsqueeze_dim::<3>(1);
         let h = modulate(layer_norm_plain(x.clone()), shift_m, scale_m);
         let h = self.mlp_drop.forward(gelu(self.fc1.forward(h)));
@@ -219,7 +220,8 @@ impl Dit {
     ) -> Tensor<1> {
         let tt = t.clone().reshape([-1, 1, 1]); // [b, 1, 1]
         let x_t = x.clone() * (tt.clone().neg() + 1.0) + noise.clone() * tt;
-        let v = self.forward(precision.input(x_t), precision.input(t), labels);
+        // t stays f32: its sinusoids are computed in f32 and cast at the time MLP's input.
+        let v = self.forward(precision.input(x_t), t, labels);
         (Precision::output(v) - (noise - x)).square().mean()
     }
 
@@ -319,7 +321,10 @@ mod tests {
                 Precision::F32,
             )
             .into_scalar::<f32>();
-        let want = (draws.noise.clone() - x).square().mean().into_scalar::<f32>();
+        let want = (draws.noise.clone() - x)
+            .square()
+            .mean()
+            .into_scalar::<f32>();
         assert!((loss - want).abs() < 1e-5);
     }
 

@@ -133,9 +133,10 @@ impl FlowHead {
         precision: Precision,
     ) -> Tensor<1> {
         let (x_t, target) = flow_pair(x.repeat_dim(0, self.batch_mul), draws);
+        // t stays f32: its sinusoids are computed in f32 and cast at the time MLP's input.
         let v = self.forward(
             precision.input(x_t),
-            precision.input(draws.t.clone()),
+            draws.t.clone(),
             z.repeat_dim(0, self.batch_mul),
         );
         (Precision::output(v) - target).square().mean()
@@ -177,7 +178,9 @@ pub fn flow_pair(x: Tensor<2>, draws: &HeadDraws) -> (Tensor<2>, Tensor<2>) {
 /// The time points `linspace(1, 0, points)` of the sampler.
 pub fn time_points(points: usize) -> Vec<f32> {
     let last = points.saturating_sub(1).max(1) as f64;
-    (0..points).map(|k| (1.0 - k as f64 / last) as f32).collect()
+    (0..points)
+        .map(|k| (1.0 - k as f64 / last) as f32)
+        .collect()
 }
 
 /// Euler integration of `dx/dt = v(x, t)` from `x1` at t = 1 down to t = 0 over the time points
@@ -245,7 +248,11 @@ mod tests {
         // (p + noise) / 2; a field that is 0 afterwards leaves it there.
         let n0 = rows(noise.clone());
         let mid = rows(euler_sample(noise.clone(), 3, None, |x, t| {
-            if t < 0.75 { x * 0.0 } else { (x - p.clone()) / t }
+            if t < 0.75 {
+                x * 0.0
+            } else {
+                (x - p.clone()) / t
+            }
         }));
         for (i, v) in mid.iter().enumerate() {
             let want = 0.5 * ([1.5f32, -2.0, 0.25][i % 3] + n0[i]);

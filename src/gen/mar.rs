@@ -210,7 +210,10 @@ impl Mar {
         let [b, full, c] = x.dims();
         let kept = self.buffer + mask.kept_per_sample();
         let rows = index(mask.kept_rows(self.buffer), &x.device());
-        let x = x.reshape([b * full, c]).select(0, rows).reshape([b, kept, c]);
+        let x = x
+            .reshape([b * full, c])
+            .select(0, rows)
+            .reshape([b, kept, c]);
         let x = self
             .encoder_blocks
             .iter()
@@ -236,8 +239,13 @@ impl Mar {
         let x = self
             .decoder_blocks
             .iter()
-            .fold(x + self.decoder_pos.val(), |x, block| block.forward(x, None));
-        let x = self.decoder_norm.forward(x).slice([0..b, self.buffer..full]);
+            .fold(x + self.decoder_pos.val(), |x, block| {
+                block.forward(x, None)
+            });
+        let x = self
+            .decoder_norm
+            .forward(x)
+            .slice([0..b, self.buffer..full]);
         x + self.head_pos.val()
     }
 
@@ -289,10 +297,7 @@ mod tests {
         let (mut v, x) = tokens(2, 3, &cfg, &dev);
         let labels = index(vec![0, 3, 4], &dev);
         let class = mar.class_condition(labels, None);
-        let z: Vec<f32> = mar
-            .forward(x, class.clone(), &m)
-            .try_into_vec_as()
-            .unwrap();
+        let z: Vec<f32> = mar.forward(x, class.clone(), &m).try_into_vec_as().unwrap();
         // Rewrite every hidden token with large values.
         for (r, &hidden) in m.hidden.iter().enumerate() {
             if hidden {
@@ -310,7 +315,11 @@ mod tests {
         // A visible token does change it.
         let (_, x3) = tokens(3, 3, &cfg, &dev);
         let z3: Vec<f32> = mar
-            .forward(x3, mar.class_condition(index(vec![0, 3, 4], &dev), None), &m)
+            .forward(
+                x3,
+                mar.class_condition(index(vec![0, 3, 4], &dev), None),
+                &m,
+            )
             .try_into_vec_as()
             .unwrap();
         assert!(z.iter().zip(&z3).any(|(a, b)| (a - b).abs() > 1e-3));
@@ -371,7 +380,10 @@ mod tests {
         // A dropped label is the fake latent.
         let dropped = mar.class_condition(
             index(vec![3, 3], &dev),
-            Some(Tensor::from_data(TensorData::new(vec![0.0f32, 1.0], [2]), &dev)),
+            Some(Tensor::from_data(
+                TensorData::new(vec![0.0f32, 1.0], [2]),
+                &dev,
+            )),
         );
         let fake: Vec<f32> = mar.unconditional(1).try_into_vec_as().unwrap();
         let d: Vec<f32> = dropped.try_into_vec_as().unwrap();

@@ -137,7 +137,11 @@ mod tests {
             let (b, a) = (&before[at..at + n], &after[at..at + n]);
             at += n;
             let want_decay = *rank > 1 && !path.contains(".head.");
-            let factor = if want_decay { 1.0 - lr as f32 * 0.5 } else { 1.0 };
+            let factor = if want_decay {
+                1.0 - lr as f32 * 0.5
+            } else {
+                1.0
+            };
             for (x, y) in b.iter().zip(a) {
                 assert!((x * factor - y).abs() < 1e-6, "{path}: {x} -> {y}");
             }
@@ -155,6 +159,10 @@ mod tests {
         assert!(decayed.iter().any(|p| p.ends_with("fake_latent")));
         assert!(spared.iter().any(|p| p.ends_with("qkv.bias")));
         assert!(spared.iter().any(|p| p.ends_with("q_norm.gamma")));
-        assert!(spared.iter().any(|p| p.contains(".head.") && p.ends_with("weight")));
+        assert!(
+            spared
+                .iter()
+                .any(|p| p.contains(".head.") && p.ends_with("weight"))
+        );
     }
 }

@@ -39,7 +39,9 @@ impl SampleOptions {
 
 /// Draws `n` standard-normal values.
 fn normals(rng: &mut Rng, n: usize) -> Vec<f32> {
-    (0..n).map(|_| rng.sample::<f32, _>(StandardNormal)).collect()
+    (0..n)
+        .map(|_| rng.sample::<f32, _>(StandardNormal))
+        .collect()
 }
 
 /// Class ids with `None` mapped to 0 and, per row, whether it is unconditional.
@@ -89,9 +91,16 @@ pub fn sample_mar(
             continue;
         }
         let mask = TokenMask::from_orders(&doubled, step.hidden_before);
-        let current: Vec<f32> = tokens.iter().cycle().take(copies * b * l * d).copied().collect();
+        let current: Vec<f32> = tokens
+            .iter()
+            .cycle()
+            .take(copies * b * l * d)
+            .copied()
+            .collect();
         let x = Tensor::<3>::from_data(TensorData::new(current, [copies * b, l, d]), &device);
-        let z = mar.forward(x, class.clone(), &mask).reshape([copies * b * l, c]);
+        let z = mar
+            .forward(x, class.clone(), &mask)
+            .reshape([copies * b * l, c]);
         // The revealed tokens are the last `predict` of the hidden prefix of each order.
         let revealed = step.hidden_before - step.predict..step.hidden_before;
         let rows: Vec<usize> = orders
@@ -135,7 +144,11 @@ pub fn generate(
     scale: f32,
     rng: &mut Rng,
 ) -> Result<Tensor<3>> {
-    if opts.time_points < 2 || opts.num_iter == 0 || opts.temperature.is_nan() || opts.temperature <= 0.0 {
+    if opts.time_points < 2
+        || opts.num_iter == 0
+        || opts.temperature.is_nan()
+        || opts.temperature <= 0.0
+    {
         return Err(Error::Config(format!(
             "sample: time_points must be at least 2, num_iter at least 1 and temperature positive (got {}, {}, {})",
             opts.time_points, opts.num_iter, opts.temperature
@@ -156,7 +169,8 @@ pub fn generate(
             let (l, d) = (dit.seq_len(), dit.token_dim());
             let b = labels.len();
             let device = dit.x_embed.weight.device();
-            let noise = Tensor::from_data(TensorData::new(normals(rng, b * l * d), [b, l, d]), &device);
+            let noise =
+                Tensor::from_data(TensorData::new(normals(rng, b * l * d), [b, l, d]), &device);
             dit.sample(
                 labels,
                 noise,
@@ -174,6 +188,7 @@ mod tests {
     use super::*;
     use crate::r#gen::head::FlowHeadConfig;
     use crate::r#gen::mar::MarConfig;
+    use crate::r#gen::test_util::perturbed;
     use crate::rng::{Stream, rng_for};
 
     /// A tiny MAR whose head has non-zero output layers, so samples depend on everything.
@@ -181,28 +196,8 @@ mod tests {
         let dev = Device::flex();
         let mut rng = rng_for(0, Stream::Init, 0);
         let cfg = MarConfig::new(8, 3, 2, 4, 32, 1, 1, 4, 2, 0.0, 0.0, 0.1);
-        let mut g = cfg.init_generator(&FlowHeadConfig::new(3, 32, 32, 1, 2), &mut rng, &dev);
-        g = g.map(&mut Perturb(rng_for(1, Stream::Init, 0)));
-        g
-    }
-
-    /// Adds N(0, 0.05^2) to every parameter.
-    struct Perturb(Rng);
-
-    impl burn::module::ModuleMapper for Perturb {
-        fn map_float<const D: usize>(
-            &mut self,
-            param: burn::module::Param<Tensor<D>>,
-        ) -> burn::module::Param<Tensor<D>> {
-            let (id, t, mapper) = param.consume();
-            let shape = t.shape();
-            let noise = normals(&mut self.0, shape.num_elements())
-                .into_iter()
-                .map(|v| 0.05 * v)
-                .collect::<Vec<_>>();
-            let noise = Tensor::<D>::from_data(TensorData::new(noise, shape), &t.device());
-            burn::module::Param::from_mapped_value(id, t + noise, mapper)
-        }
+        let g = cfg.init_generator(&FlowHeadConfig::new(3, 32, 32, 1, 2), &mut rng, &dev);
+        perturbed(g, 1, 0.05)
     }
 
     fn opts(num_iter: usize, cfg: f32) -> SampleOptions {
@@ -235,9 +230,15 @@ mod tests {
                 assert!(tok.iter().any(|v| *v != 0.0), "{a:?}");
             }
         }
-        let err = generate(&g, &[Some(4)], &opts(8, 1.0), 1.0, &mut rng_for(0, Stream::Sample, 0))
-            .unwrap_err()
-            .to_string();
+        let err = generate(
+            &g,
+            &[Some(4)],
+            &opts(8, 1.0),
+            1.0,
+            &mut rng_for(0, Stream::Sample, 0),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("class 4"), "{err}");
     }
 
