@@ -8,7 +8,8 @@
 //! - [`precision`], [`dist`] (MPI), [`align`] (the alignment loss, its heatmap, the bound);
 //! - [`train`] (one trainer for every module, its optimiser, EMA and state);
 //! - [`checkpoint`] and [`run`] (the harness every long run goes through);
-//! - the stages: [`toy`] (the 2D experiment), [`prior`] (stage 1), [`ae`] (stage 2);
+//! - the stages: [`toy`] (the 2D experiment), [`prior`] (stage 1), [`ae`] (stage 2),
+//!   [`generator`] (stage 3);
 //! - the desktop visualizer [`gui`] (cargo feature `gui`).
 //!
 //! METHOD.md in the repository states every formula, constant and recipe; doc comments cite its
@@ -24,6 +25,7 @@ pub mod error;
 pub mod features;
 pub mod files;
 pub mod flow;
+pub mod generator;
 pub mod grid;
 #[cfg(feature = "gui")]
 pub mod gui;
