@@ -17,6 +17,7 @@ pub mod features;
 pub mod flow;
 #[cfg(feature = "gui")]
 pub mod gui;
+pub mod metrics;
 pub mod precision;
 pub mod prior;
 pub mod report;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use burn::prelude::Device;
 use flowalign::ae::config::AeConfig;
-use flowalign::ae::inception::Layout;
+use flowalign::metrics::inception::Layout;
 use flowalign::ae::train::AeRun;
 use flowalign::checkpoint;
 use flowalign::train::param_values;

@@ -9,8 +9,8 @@ use serde::Serialize;
 
 use super::config::AeConfig;
 use super::data::{ImageFolder, load_image};
-use super::fid::{FeatureStats, fid};
-use super::inception::{FEATURES, Inception};
+use crate::metrics::fid::{FeatureStats, fid};
+use crate::metrics::inception::{FEATURES, Inception};
 use super::model::Autoencoder;
 use crate::checkpoint;
 use crate::error::{Error, Result};

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use flowalign::ae::inception::{Layout, expected_tensors};
+use flowalign::metrics::inception::{Layout, expected_tensors};
 use flowalign::flow::path::normal_rows;
 use flowalign::rng::{Stream, rng_for};
 use half::bf16;

@@ -352,7 +352,7 @@ impl Inception {
     /// every name and shape, and folds each batch norm into its convolution.
     pub fn load(path: &Path, device: &Device) -> Result<Inception> {
         let mut tensors =
-            super::dinov2::read_matching(path, |n| !n.ends_with("num_batches_tracked"))?;
+            crate::ae::dinov2::read_matching(path, |n| !n.ends_with("num_batches_tracked"))?;
         if let Some(fc) = tensors.get("fc.weight")
             && fc.shape.first() == Some(&1000)
         {
