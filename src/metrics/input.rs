@@ -78,6 +78,20 @@ pub fn network_input(image: &[u8], (h, w): (usize, usize)) -> Vec<f32> {
     x
 }
 
+/// A batch of uint8 images `[n, 3, h, w]` (e.g. [`unit_to_uint8`] of decoded samples) to the
+/// network's input `[n, 3, 299, 299]` ([`network_input`] per image, in parallel).
+pub fn network_batch(images: &[u8], (h, w): (usize, usize)) -> Vec<f32> {
+    let per = 3 * h * w;
+    assert!(
+        per > 0 && images.len().is_multiple_of(per),
+        "images of [3, {h}, {w}] pixels"
+    );
+    images
+        .par_chunks(per)
+        .flat_map_iter(|img| network_input(img, (h, w)))
+        .collect()
+}
+
 /// A set of images to score, read in order.
 #[derive(Debug, Clone)]
 pub enum ImageSet {
@@ -101,6 +115,12 @@ impl ImageSet {
     /// A folder's PNG/JPEG files (any case of `.png`, `.jpg`, `.jpeg`) directly inside it, or with
     /// `recursive` in all its subfolders too (torch-fidelity's `samples_find_deep`), sorted by path.
     pub fn open(path: &Path, recursive: bool) -> Result<ImageSet> {
+        if !path.exists() {
+            return Err(Error::input(
+                path,
+                "does not exist; give a folder of PNG/JPEG images or an .npz",
+            ));
+        }
         if path.is_dir() {
             return ImageSet::folder(path, recursive);
         }
@@ -117,12 +137,6 @@ impl ImageSet {
                 height,
                 width,
             });
-        }
-        if !path.exists() {
-            return Err(Error::input(
-                path,
-                "does not exist; give a folder of PNG/JPEG images or an .npz",
-            ));
         }
         Err(Error::input(
             path,
@@ -392,16 +406,15 @@ mod tests {
         }
         // The last column samples 298 * 64/299 = 63.786: past the last pixel centre, so the edge.
         assert_eq!(out[298], 252.0);
-        let x = network_input(
-            &[128, 0, 255]
-                .repeat(1)
-                .iter()
-                .flat_map(|&v| [v; 4])
-                .collect::<Vec<_>>(),
-            (2, 2),
-        );
+        // A flat 2 x 2 image per channel: 128, 0 and 255 map to 0, -1 and 127/128.
+        let flat: Vec<u8> = [128u8, 0, 255].iter().flat_map(|&v| [v; 4]).collect();
+        let x = network_input(&flat, (2, 2));
         assert_eq!(x.len(), 3 * PLANE);
         assert_eq!((x[0], x[PLANE], x[2 * PLANE]), (0.0, -1.0, 127.0 / 128.0));
+        let two: Vec<u8> = flat.iter().chain(&img[..12]).copied().collect();
+        let batch = network_batch(&two, (2, 2));
+        assert_eq!(&batch[..3 * PLANE], &x[..]);
+        assert_eq!(&batch[3 * PLANE..], &network_input(&img[..12], (2, 2))[..]);
     }
 
     #[test]

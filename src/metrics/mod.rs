@@ -153,7 +153,10 @@ impl Reference {
     /// A folder of PNG/JPEG images, or an `.npz` with `mu`/`sigma` (and optionally `pool3` rows or
     /// `arr_0` uint8 `[n, h, w, 3]` images), or an `.npz` with only `arr_0`.
     pub fn open(path: &Path, recursive: bool) -> Result<Reference> {
-        if path.is_dir() || path.extension().and_then(|e| e.to_str()) != Some("npz") {
+        if !path.exists()
+            || path.is_dir()
+            || path.extension().and_then(|e| e.to_str()) != Some("npz")
+        {
             return ImageSet::open(path, recursive).map(Reference::Images);
         }
         let mut npz = open_npz(path)?;
@@ -458,10 +461,17 @@ pub fn evaluate_images(
         },
     )?;
     let n_gen = generated_features.stats.count();
-    if gen_set.has_lossy() {
-        notes.push(
-            "the generated images include JPEGs: decoders differ from PIL's by a grey level here and there".into(),
-        );
+    let ref_set = match reference {
+        Reference::Images(set) => Some(set),
+        Reference::Stats(_) => None,
+    };
+    for set in std::iter::once(&gen_set).chain(ref_set) {
+        if set.has_lossy() {
+            notes.push(format!(
+                "{} includes JPEGs: decoders differ from PIL's by a grey level here and there",
+                set.path().display()
+            ));
+        }
     }
 
     let fid = match &ref_fid {
