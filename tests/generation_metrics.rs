@@ -470,3 +470,43 @@ fn adm_style_references_and_bad_input() {
         &["reference", "k = 2", "2 generated, 4 reference"],
     );
 }
+
+/// The time of the metric maths at torch-fidelity's sizes on pool3-like random features (no
+/// network): KID with 100 subsets of 1000, precision/recall of 5,000 vs 5,000 rows, IS of 10,000
+/// rows. The README's numbers.
+#[test]
+#[ignore]
+fn metric_maths_speed() {
+    use flowalign::flow::path::normal_rows;
+    use flowalign::metrics::{isc, kid, prc};
+    use flowalign::rng::{Stream, rng_for};
+    // Gaussian rows, the second set shifted by 0.05 per coordinate.
+    let rows = |n: usize, seed: u64| -> Vec<f32> {
+        normal_rows(&mut rng_for(seed, Stream::Reference, 0), n, 2048)
+            .into_iter()
+            .map(|v| v + 0.05 * (seed - 1) as f32)
+            .collect()
+    };
+    let (a, b) = (rows(5000, 1), rows(5000, 2));
+    let start = std::time::Instant::now();
+    let k = kid::kid(&a, &b, 2048, 100, 1000, 2020).unwrap();
+    eprintln!(
+        "KID, 100 subsets of 1000 at d = 2048: {:.1} s ({k:?})",
+        start.elapsed().as_secs_f64()
+    );
+    let start = std::time::Instant::now();
+    let pr = prc::precision_recall(&a, &b, 2048, 3).unwrap();
+    eprintln!(
+        "precision/recall, 5000 vs 5000 rows: {:.1} s ({pr:?})",
+        start.elapsed().as_secs_f64()
+    );
+    let logits: Vec<f32> = (0..10_000 * 1008)
+        .map(|i| ((i * 7919) % 1000) as f32 / 100.0)
+        .collect();
+    let start = std::time::Instant::now();
+    let is = isc::inception_score(&logits, 1008, 10, Some(2020)).unwrap();
+    eprintln!(
+        "IS of 10,000 rows: {:.2} s ({is:?})",
+        start.elapsed().as_secs_f64()
+    );
+}
