@@ -29,6 +29,7 @@ pub mod generator;
 pub mod grid;
 #[cfg(feature = "gui")]
 pub mod gui;
+pub mod metrics;
 pub mod params;
 pub mod precision;
 pub mod prior;

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use burn::prelude::Device;
 use flowalign::ae::config::AeConfig;
-use flowalign::ae::inception::Layout;
 use flowalign::ae::train::AeRun;
 use flowalign::checkpoint;
+use flowalign::metrics::inception::Layout;
 use flowalign::params::param_values;
 
 mod common;

@@ -109,7 +109,9 @@ fn eval(args: EvalArgs) -> Result<()> {
     let (device, device_name) = select(args.device)?;
     let (cfg, model, step) = load_autoencoder(&args.ae, &device)?;
     let inception = match &args.inception {
-        Some(file) => Some(flowalign::ae::inception::Inception::load(file, &device)?),
+        Some(file) => Some(flowalign::metrics::inception::Inception::load(
+            file, &device,
+        )?),
         None => {
             tracing::info!(
                 "rFID is off: pass --inception FILE (the FID Inception-v3 weights as safetensors; see the README) to add it"
