@@ -21,6 +21,10 @@ pub enum Error {
         msg: String,
         setting: Option<&'static str>,
     },
+    /// A model named by its hub id (`hf:ORG/NAME...`) is not in the local Hugging Face cache, or
+    /// the id is malformed.
+    #[error("{id}: {msg}")]
+    Hub { id: String, msg: String },
     /// A file could not be read or written.
     #[error("{path}: {source} ({hint})")]
     Io {

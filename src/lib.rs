@@ -29,6 +29,7 @@ pub mod flow;
 pub mod grid;
 #[cfg(feature = "gui")]
 pub mod gui;
+pub mod hub;
 pub mod params;
 pub mod precision;
 pub mod prior;

@@ -295,5 +295,32 @@ fn table_one_priors_vq_8_to_32_and_vae_32_to_32_train_from_the_cli() {
         assert!(config.contains("projection = \"auto\""), "{config}");
         let prior_toml = std::fs::read_to_string(out_dir.join("prior.toml")).unwrap();
         assert!(prior_toml.contains("dim = 32"), "{prior_toml}");
+
+        // TensorBoard's event file beside metrics.csv parses and holds every line's loss.
+        let lines = std::fs::read_to_string(out_dir.join("metrics.csv"))
+            .unwrap()
+            .lines()
+            .count()
+            - 1;
+        let events = std::fs::read_dir(&out_dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.to_string_lossy().contains("tfevents"))
+            .expect("an event file");
+        let mut losses = Vec::new();
+        for event in tfrecord::EventIter::open(&events, Default::default()).unwrap() {
+            let event = event.unwrap();
+            if let Some(tfrecord::protobuf::event::What::Summary(s)) = event.what {
+                for v in s.value.iter().filter(|v| v.tag == "loss") {
+                    if let Some(tfrecord::protobuf::summary::value::Value::SimpleValue(x)) = v.value
+                    {
+                        losses.push((event.step, x));
+                    }
+                }
+            }
+        }
+        assert_eq!(losses.len(), lines, "{losses:?}");
+        assert_eq!(losses.last().unwrap().0, 30);
+        assert!(losses.iter().all(|(_, x)| x.is_finite()));
     }
 }
