@@ -90,7 +90,7 @@ impl GaussianClosedForm {
     pub fn data_mass_beyond(&self, r2: f64) -> f64 {
         // |y|^2 / s^2 ~ chi^2_d; for even d the tail is exp(-x/2) sum_{k < d/2} (x/2)^k / k!.
         let x = r2 / (self.s * self.s) / 2.0;
-        if self.d % 2 == 0 {
+        if self.d.is_multiple_of(2) {
             let (mut term, mut sum) = (1.0, 0.0);
             for k in 0..self.d / 2 {
                 if k > 0 {
