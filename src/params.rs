@@ -2,7 +2,6 @@
 //! the EMA need from any burn module, independent of how it is trained; and pretrained weights
 //! files (safetensors, f32/f16/bf16) read by name, for the loaders that map them onto our modules.
 
-
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::prelude::*;
 use burn::store::{BurnpackStore, ModuleSnapshot};
@@ -85,10 +84,7 @@ pub fn read_all(path: &Path) -> Result<BTreeMap<String, Loaded>> {
 
 /// The tensors of a safetensors weights file whose names pass `keep`, as f32, by name; the others
 /// are neither converted nor checked (e.g. integer batch-norm counters).
-pub fn read_matching(
-    path: &Path,
-    keep: impl Fn(&str) -> bool,
-) -> Result<BTreeMap<String, Loaded>> {
+pub fn read_matching(path: &Path, keep: impl Fn(&str) -> bool) -> Result<BTreeMap<String, Loaded>> {
     let bytes = std::fs::read(path)
         .map_err(|e| Error::io(path, "check the path of the weights file", e))?;
     let st = SafeTensors::deserialize(&bytes)

@@ -363,7 +363,8 @@ pub(crate) mod tests {
             .map(|(n, s, d)| {
                 (
                     n.clone(),
-                    safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), d).unwrap(),
+                    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d)
+                        .unwrap(),
                 )
             })
             .collect();

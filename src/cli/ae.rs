@@ -69,9 +69,10 @@ pub struct EvalArgs {
     #[arg(long)]
     out: Option<PathBuf>,
     /// FID Inception-v3 weights as safetensors (pytorch-fid's pt_inception-2015-12-05, converted:
-    /// see the README), for rFID. Without them rFID is skipped (with a notice).
+    /// see the README), for rFID: a file or a hub id `hf:ORG/NAME[/FILE]`. Without them rFID is
+    /// skipped (with a notice).
     #[arg(long, value_name = "FILE")]
-    inception: Option<PathBuf>,
+    inception: Option<String>,
     /// Compute device: auto (a GPU when built with one, else the CPU), cpu, wgpu or cuda.
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     device: DeviceChoice,
@@ -109,9 +110,12 @@ fn eval(args: EvalArgs) -> Result<()> {
     let (device, device_name) = select(args.device)?;
     let (cfg, model, step) = load_autoencoder(&args.ae, &device)?;
     let inception = match &args.inception {
-        Some(file) => Some(flowalign::metrics::inception::Inception::load(
-            file, &device,
-        )?),
+        Some(file) => {
+            let (path, _) = flowalign::hub::resolve(file)?;
+            Some(flowalign::metrics::inception::Inception::load(
+                &path, &device,
+            )?)
+        }
         None => {
             tracing::info!(
                 "rFID is off: pass --inception FILE (the FID Inception-v3 weights as safetensors; see the README) to add it"
@@ -217,7 +221,8 @@ pub struct TrainArgs {
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Start the encoder from DINOv2 weights (Hugging Face Dinov2Model safetensors of the --model
-    /// size): patch embedding resampled to --patch, position embeddings interpolated.
+    /// size, a file or a hub id such as hf:facebook/dinov2-large): patch embedding resampled to
+    /// --patch, position embeddings interpolated.
     #[arg(long, value_name = "FILE")]
     encoder_init: Option<String>,
     /// LPIPS-VGG weights: the lpips package's `LPIPS(net="vgg").state_dict()` as safetensors.
@@ -225,7 +230,8 @@ pub struct TrainArgs {
     #[arg(long, value_name = "FILE")]
     lpips_weights: Option<String>,
     /// DINOv2 weights (Hugging Face Dinov2Model safetensors of loss.adv.model.size, ViT-S in the
-    /// paper preset) for the discriminator's frozen trunk; random (and frozen) without.
+    /// paper preset; a file or a hub id such as hf:facebook/dinov2-small) for the discriminator's
+    /// frozen trunk; random (and frozen) without.
     #[arg(long, value_name = "FILE")]
     disc_init: Option<String>,
     /// The weight of the adversarial term (paper: 0.2; 0 = off, the small preset's default).

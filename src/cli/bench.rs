@@ -289,7 +289,7 @@ fn write_result(out: &std::path::Path, result: &Value) -> Result<()> {
 /// `flowalign bench toy`: flowalign and, when it can run, the PyTorch peer.
 fn toy(args: &BenchArgs) -> Result<Value> {
     let (width, depth) = (args.width.unwrap_or(512), args.depth.unwrap_or(4));
-    if !(args.seconds > 0.0) {
+    if args.seconds.is_nan() || args.seconds <= 0.0 {
         bail!("--seconds must be a positive number, got {}", args.seconds);
     }
     tracing::info!("measuring flowalign (burn flex, {width}x{depth})");

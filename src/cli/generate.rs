@@ -137,7 +137,9 @@ fn train_rank(args: &TrainArgs, comm: Option<Arc<Comm>>) -> Result<(bool, usize)
             cfg.train.run.lr,
         );
         if cfg.arch == Arch::Dit {
-            tracing::info!("the DiT is not the paper's generator (MAR-B is); its numbers are for comparison");
+            tracing::info!(
+                "the DiT is not the paper's generator (MAR-B is); its numbers are for comparison"
+            );
         }
         if run.step() > 0 {
             tracing::info!("resuming {} at step {}", args.out.display(), run.step());

@@ -25,9 +25,10 @@ pub struct GenEvalArgs {
     #[arg(long)]
     reference: Option<PathBuf>,
     /// The FID Inception-v3 weights (pt_inception-2015-12-05 as safetensors; the README says how
-    /// to convert them). Without them only the latent Fréchet distance below is computed.
+    /// to convert them), a file or an `hf:ORG/NAME[@REV][/FILE]` id in the local Hugging Face
+    /// cache. Without them only the latent Fréchet distance below is computed.
     #[arg(long, value_name = "FILE")]
-    inception: Option<PathBuf>,
+    inception: Option<String>,
     /// Generated latents (`gen sample` writes OUT/latents.safetensors), for the latent Fréchet
     /// distance that stands in when no Inception weights are given.
     #[arg(long)]
@@ -74,7 +75,8 @@ pub fn gen_eval(args: GenEvalArgs) -> Result<()> {
         let (Some(images), Some(reference)) = (&args.images, &args.reference) else {
             bail!("--inception needs --images DIR and --reference DIR|FILE.npz");
         };
-        let net = Inception::load(weights, &device)?;
+        let (weights, _) = flowalign::hub::resolve(weights)?;
+        let net = Inception::load(&weights, &device)?;
         let opts = GenMetricsOptions {
             batch: args.batch,
             recursive: args.recursive,

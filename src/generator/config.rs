@@ -257,7 +257,8 @@ impl GenConfig {
 
     /// Parses and validates a TOML config.
     pub fn from_toml_str(text: &str) -> Result<GenConfig> {
-        let bad = |e: String| Error::setting("config", format!("not a valid generator config: {e}"));
+        let bad =
+            |e: String| Error::setting("config", format!("not a valid generator config: {e}"));
         let cfg: GenConfig = toml::from_str(text).map_err(|e| bad(one_line(&e.to_string())))?;
         // The architecture sections are burn configs, whose serde impls accept unknown keys:
         // every key read must be one that the parsed config writes back.
@@ -265,7 +266,10 @@ impl GenConfig {
         let given = toml::Value::Table(given);
         let known = toml::Value::try_from(&cfg).map_err(|e| bad(e.to_string()))?;
         if let Some(key) = unknown_key(&given, &known, "") {
-            return Err(Error::setting(key, "is not a known setting (check its spelling)"));
+            return Err(Error::setting(
+                key,
+                "is not a known setting (check its spelling)",
+            ));
         }
         cfg.validate()?;
         Ok(cfg)
@@ -325,7 +329,10 @@ impl GenConfig {
         if h.token_dim != m.token_dim {
             return fail(
                 "head.token_dim",
-                format!("({}) must equal mar.token_dim ({})", h.token_dim, m.token_dim),
+                format!(
+                    "({}) must equal mar.token_dim ({})",
+                    h.token_dim, m.token_dim
+                ),
             );
         }
         for (key, p) in [
@@ -408,10 +415,19 @@ mod tests {
         );
         assert_eq!((p.head.width, p.head.depth, p.head.batch_mul), (1024, 6, 4));
         assert_eq!(p.train.run.optim.weight_decay, 0.02);
-        assert_eq!((p.train.run.optim.beta1, p.train.run.optim.beta2), (0.9, 0.95));
-        assert_eq!((p.train.run.optim.grad_clip, p.train.run.ema), (3.0, 0.9999));
+        assert_eq!(
+            (p.train.run.optim.beta1, p.train.run.optim.beta2),
+            (0.9, 0.95)
+        );
+        assert_eq!(
+            (p.train.run.optim.grad_clip, p.train.run.ema),
+            (3.0, 0.9999)
+        );
         assert!((p.train.run.lr - 2e-4).abs() < 1e-12);
-        assert_eq!((p.train.run.steps, p.train.run.warmup), (1_000_800, 250_200));
+        assert_eq!(
+            (p.train.run.steps, p.train.run.warmup),
+            (1_000_800, 250_200)
+        );
         assert_eq!((p.sample.num_iter, p.sample.time_points), (64, 100));
         // Warm-up, then constant.
         let s = p.train.run.schedule();

@@ -221,7 +221,9 @@ pub fn gen_loss(
     if let Some(bad) = batch.labels.iter().find(|&&y| y >= classes) {
         return Err(Error::setting(
             "mar.classes",
-            format!("the batch holds class {bad}, out of range for a generator of {classes} classes; raise the model's classes"),
+            format!(
+                "the batch holds class {bad}, out of range for a generator of {classes} classes; raise the model's classes"
+            ),
         ));
     }
     match (model, draws) {
@@ -319,9 +321,8 @@ mod tests {
     #[test]
     fn trainer_steps_lower_the_loss_of_both_generators() {
         let _seed = seed_lock();
-        use crate::align::Reduction;
-use crate::train::Schedule;
         use crate::generator::dit::DitConfig;
+        use crate::train::Schedule;
         use crate::train::{OptimSpec, Trainer};
         let dev = Device::flex().autodiff();
         let mar = fresh_mar(0.0, &dev);
@@ -338,8 +339,7 @@ use crate::train::Schedule;
             let batch = tiny_batch(&dev);
             // One set of draws throughout: the loss of a fixed objective must fall.
             let draws = GenDraws::sample(&mut rng_for(3, Stream::Mask, 0), &model, 2, 0.7, &dev);
-            let mut trainer =
-                Trainer::new(model, 1e-2, Schedule::Constant, 60).with_optim(spec);
+            let mut trainer = Trainer::new(model, 1e-2, Schedule::Constant, 60).with_optim(spec);
             let mut losses = Vec::new();
             for _ in 0..60 {
                 let loss =

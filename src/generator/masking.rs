@@ -184,7 +184,7 @@ pub fn sampling_schedule(seq_len: usize, num_iter: usize) -> Vec<SamplingStep> {
 }
 
 /// How the CFG scale changes over MAR's sampling iterations.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum CfgSchedule {
     /// `1 + (cfg - 1) (seq_len - mask_len) / seq_len` (Muse's, MAR's default).

@@ -24,7 +24,7 @@ use burn::prelude::*;
 
 pub use config::{Arch, GenConfig, GenPreset};
 pub use loss::{GenBatch, GenDraws, gen_loss};
-pub use optim::gen_optimizer;
+pub use optim::decay_rule;
 pub use sample::{SampleOptions, generate};
 
 /// Either generator, as one module type a trainer can hold.
@@ -89,10 +89,9 @@ pub(crate) mod test_util {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::align::Reduction;
-use crate::train::Schedule;
     use crate::precision::Precision;
     use crate::rng::{Stream, rng_for};
+    use crate::train::Schedule;
     use crate::train::{OptimSpec, Trainer};
     use head::FlowHeadConfig;
     use mar::MarConfig;
@@ -138,8 +137,7 @@ use crate::train::Schedule;
             warmup: 20,
             final_frac: 1.0,
         };
-        let mut trainer =
-            Trainer::new(model, 2e-3, schedule, STEPS).with_optim(spec);
+        let mut trainer = Trainer::new(model, 2e-3, schedule, STEPS).with_optim(spec);
         // Every latent BATCH / 8 times per step, each copy with its own mask.
         let reps = BATCH / 8;
         let latents: Vec<f32> = data

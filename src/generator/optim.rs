@@ -1,74 +1,18 @@
-//! The generator's optimiser: AdamW whose weight decay spares 1-D parameters, biases and the flow
-//! head (MAR's `add_weight_decay`, METHOD.md section 7).
+//! The generator's weight-decay rule: AdamW decays matrices only, sparing 1-D parameters (biases,
+//! norm scales and shifts) and the whole flow head (MAR's `add_weight_decay` skips everything under
+//! `diffloss`; METHOD.md section 7). The trainer applies it through [`DecayRule`].
 //!
-//! burn 0.22's `ModuleOptimizer` optimises parameter groups with different optimisers
-//! (`with_group(ParamGroup, optimizer, clipping)`; the last matching group wins). The groups here
-//! are the parameters' module paths, which are fixed by the architecture, so the same optimiser
-//! can be rebuilt for a resumed run and its saved per-parameter state (which records each
-//! parameter's path) lands in the right group.
+//! The rule names module paths, which the architecture fixes, so a resumed run rebuilds the same
+//! parameter groups and its saved per-parameter optimiser state lands in the right one.
 
-use burn::module::{Module, ModuleVisitor, Param, ParamGroup};
-use burn::optim::{AdamWConfig, ModuleOptimizer};
-use burn::prelude::*;
+use crate::train::DecayRule;
 
-use crate::train::OptimSpec;
+/// The flow head's module path in a [`super::Generator`] (the enum variant, then the field).
+const HEAD: &str = "Mar.head";
 
-/// The path component of the flow head in [`super::mar::MarGenerator`] (MAR skips decay on
-/// every parameter under `diffloss`; ours is `head`).
-const HEAD: &str = "head";
-
-/// Collects the dotted module path of every float parameter that weight decay must skip.
-struct NoDecay {
-    path: Vec<String>,
-    out: Vec<String>,
-}
-
-impl ModuleVisitor for NoDecay {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.push(name.to_string());
-    }
-
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
-    }
-
-    fn visit_float<const D: usize>(&mut self, _param: &Param<Tensor<D>>) {
-        let is_bias = self.path.last().is_some_and(|n| n == "bias");
-        let in_head = self.path.iter().any(|n| n == HEAD);
-        if D == 1 || is_bias || in_head {
-            self.out.push(self.path.join("."));
-        }
-    }
-}
-
-/// The module paths (as burn's optimiser sees them when stepping `model`) of the parameters
-/// without weight decay: every 1-D parameter (LayerNorm scales and shifts, biases), every `bias`,
-/// and everything under the flow head.
-pub fn no_decay_paths<M: Module>(model: &M) -> Vec<String> {
-    let mut v = NoDecay {
-        path: Vec::new(),
-        out: Vec::new(),
-    };
-    model.visit(&mut v);
-    v.out
-}
-
-/// AdamW with `spec`'s betas, epsilon and weight decay on every parameter of `model` except
-/// those of [`no_decay_paths`], which get the same AdamW without decay. Gradient clipping is not
-/// part of it (the trainer clips the global norm, `spec.grad_clip`).
-///
-/// Build it for the same module type the optimiser will step (a [`super::Generator`] and a bare
-/// [`super::mar::MarGenerator`] have different paths).
-pub fn gen_optimizer<M: Module>(model: &M, spec: &OptimSpec) -> ModuleOptimizer {
-    let adamw = AdamWConfig::new()
-        .with_beta_1(spec.beta1)
-        .with_beta_2(spec.beta2)
-        .with_epsilon(spec.eps);
-    ModuleOptimizer::from(adamw.clone().with_weight_decay(spec.weight_decay).build()).with_group(
-        ParamGroup::from_paths(no_decay_paths(model)),
-        adamw.with_weight_decay(0.0).build(),
-        None,
-    )
+/// AdamW's decay rule for a [`super::Generator`].
+pub fn decay_rule() -> DecayRule {
+    DecayRule::matrices().sparing(HEAD)
 }
 
 #[cfg(test)]
@@ -77,9 +21,12 @@ mod tests {
     use crate::generator::Generator;
     use crate::generator::head::FlowHeadConfig;
     use crate::generator::mar::MarConfig;
+    use crate::params::param_values;
     use crate::rng::{Stream, rng_for};
-    use crate::train::param_values;
+    use crate::train::OptimSpec;
+    use burn::module::{Module, ModuleVisitor, Param};
     use burn::optim::GradientsParams;
+    use burn::prelude::*;
 
     /// Registers a zero gradient for every float parameter.
     struct ZeroGrads(GradientsParams);
@@ -123,7 +70,7 @@ mod tests {
             weight_decay: 0.5,
             grad_clip: 0.0,
         };
-        let mut optim = gen_optimizer(&model, &spec);
+        let mut optim = spec.build(&model, &decay_rule());
         let mut shapes = Shapes(Vec::new(), Vec::new());
         model.visit(&mut shapes);
         let mut zeros = ZeroGrads(GradientsParams::new());

@@ -8,11 +8,10 @@ use burn::prelude::*;
 use rand::RngExt;
 use serde::{Deserialize, Serialize};
 
+use super::Generator;
 use super::config::GenConfig;
 use super::loss::{GenBatch, GenDraws, gen_loss};
-use super::optim::no_decay_paths;
 use super::sample::generate;
-use super::Generator;
 use crate::ae::latents::LatentSet;
 use crate::checkpoint;
 use crate::dist::{self, Comm};
@@ -227,7 +226,12 @@ impl GenRun {
         let rank = self.ctx.comm.as_ref().map_or(0, |c| c.rank().rank as u64);
         let mut rng = rng_for(t.run.seed ^ rank.rotate_left(32), Stream::Mask, step);
         let draws = GenDraws::sample(&mut rng, self.trainer.model(), b, t.mask_ratio_min, &ad);
-        let loss = gen_loss(&self.trainer.compute_model(), &batch, &draws, t.run.precision)?;
+        let loss = gen_loss(
+            &self.trainer.compute_model(),
+            &batch,
+            &draws,
+            t.run.precision,
+        )?;
         self.trainer.step_loss(loss, "generator training")
     }
 
@@ -289,10 +293,19 @@ impl Job for GenRun {
                 return Ok(());
             }
         }
-        checkpoint::save(&self.ctx.dir, &self.data.info(), &self.trainer.state_bytes()?)?;
+        checkpoint::save(
+            &self.ctx.dir,
+            &self.data.info(),
+            &self.trainer.state_bytes()?,
+        )?;
         let (tokens, dim, _) = self.cfg.model_shape();
         let samples = self.grid_samples()?;
-        write_latents(&self.ctx.dir.join("samples.safetensors"), &samples, tokens, dim)
+        write_latents(
+            &self.ctx.dir.join("samples.safetensors"),
+            &samples,
+            tokens,
+            dim,
+        )
     }
 
     fn line(&mut self, step: usize, secs: f64, _checkpointed: bool) -> Result<GenMetrics> {
@@ -315,8 +328,7 @@ pub fn new_trainer(cfg: &GenConfig, device: &Device) -> Trainer<Generator> {
     let t = &cfg.train.run;
     let mut rng = rng_for(t.seed, Stream::Init, 0);
     let model = cfg.init_model(&mut rng, &device.clone().autodiff());
-    let spared = no_decay_paths(&model);
-    t.trainer(model).with_decay_spared(spared)
+    t.trainer(model).with_decay_rule(super::optim::decay_rule())
 }
 
 /// The frozen generator of a `gen train` run folder (EMA weights when kept), its config and step.
@@ -340,12 +352,9 @@ pub fn load_generator(dir: &Path, device: &Device) -> Result<(GenConfig, Generat
 pub fn write_latents(path: &Path, latents: &[f32], tokens: usize, dim: usize) -> Result<()> {
     let bytes: Vec<u8> = latents.iter().flat_map(|v| v.to_le_bytes()).collect();
     let n = latents.len() / (tokens * dim).max(1);
-    let view = safetensors::tensor::TensorView::new(
-        safetensors::Dtype::F32,
-        vec![n, tokens, dim],
-        &bytes,
-    )
-    .map_err(|e| Error::input(path, format!("could not encode latents: {e}")))?;
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![n, tokens, dim], &bytes)
+            .map_err(|e| Error::input(path, format!("could not encode latents: {e}")))?;
     let out = safetensors::serialize([("latents".to_string(), view)], None)
         .map_err(|e| Error::input(path, format!("could not encode latents: {e}")))?;
     write_atomic(path, &out)

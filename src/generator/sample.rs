@@ -149,10 +149,13 @@ pub fn generate(
         || opts.temperature.is_nan()
         || opts.temperature <= 0.0
     {
-        return Err(Error::setting("sample", format!(
-            "time_points must be at least 2, num_iter at least 1 and temperature positive (got {}, {}, {})",
-            opts.time_points, opts.num_iter, opts.temperature
-        )));
+        return Err(Error::setting(
+            "sample",
+            format!(
+                "time_points must be at least 2, num_iter at least 1 and temperature positive (got {}, {}, {})",
+                opts.time_points, opts.num_iter, opts.temperature
+            ),
+        ));
     }
     let classes = match model {
         Generator::Mar(m) => m.mar.class_emb.weight.dims()[0],

@@ -1149,8 +1149,11 @@ impl FlowAlignApp {
                     .on_hover_text("L_align averages over t in linspace(0.1, 0.9, n)");
                 ui.checkbox(&mut v.prior_nll, "prior's exact NLL (ODE)")
                     .on_hover_text(format!("slow: at most {SLOW_GRID_MAX} x {SLOW_GRID_MAX}"));
-                ui.checkbox(&mut v.bound, "bound -(C(y) - L_align)")
-                    .on_hover_text("METHOD.md section 3, on the NLL scale; 16 draws per cell");
+                ui.checkbox(&mut v.bound, "paper's estimate -(C(y) - L_align)")
+                    .on_hover_text(
+                        "the quantity the paper calls a bound on log p; it is not one (METHOD.md \
+                         section 3). On the NLL scale; 16 draws per cell",
+                    );
                 ui.add(egui::Slider::new(&mut v.velocity_t, 0.0..=1.0).text("velocity t"));
                 ui.add(egui::Slider::new(&mut v.velocity_grid, 5..=40).text("arrows"));
                 egui::ComboBox::from_label("solver")
@@ -1336,9 +1339,9 @@ impl FlowAlignApp {
                 panels::heatmap_plot(ui, "align", tex("align"), &[], range, size, false)
             });
             let bound_title = if tex("prior_nll").is_some() {
-                "(d) -(C(y) - L_align), METHOD.md section 3"
+                "(d) -(C(y) - L_align): the paper's 'bound', which is none"
             } else {
-                "(c) -(C(y) - L_align), METHOD.md section 3"
+                "(c) -(C(y) - L_align): the paper's 'bound', which is none"
             };
             for (name, title) in [
                 ("prior_nll", "(c) the prior's exact NLL (ODE)"),

@@ -105,7 +105,7 @@ pub fn fid(a: &FeatureStats, b: &FeatureStats) -> Result<f64> {
 /// low-rank route of [`fid`] while the set has at most `dim` rows. The set needs at least 2 rows.
 pub fn fid_to_moments(a: &FeatureStats, mu: &DVector<f64>, sigma: &DMatrix<f64>) -> Result<f64> {
     let Some(s1) = a.covariance() else {
-        return Err(Error::Config(format!(
+        return Err(Error::Metric(format!(
             "FID needs at least 2 images, got {}",
             a.count
         )));

@@ -49,7 +49,7 @@ impl IsAccumulator {
         shuffle_seed: Option<u32>,
     ) -> Result<IsAccumulator> {
         if splits == 0 || n < splits {
-            return Err(Error::Config(format!(
+            return Err(Error::Metric(format!(
                 "the Inception Score needs at least one image per split: {n} images, {splits} splits"
             )));
         }

@@ -88,7 +88,7 @@ pub fn kid(
     let (n1, n2) = (a.len() / d, b.len() / d);
     let m = subset_size.min(n1).min(n2);
     if m < 2 || subsets == 0 {
-        return Err(Error::Config(format!(
+        return Err(Error::Metric(format!(
             "KID needs at least 2 images per set and one subset; got {n1} and {n2} images, {subsets} subsets"
         )));
     }

@@ -153,7 +153,7 @@ pub fn precision_recall(
     );
     let (g, r) = (Table { rows: generated, d }, Table { rows: reference, d });
     if !(1..=7).contains(&k) || g.len() <= k || r.len() <= k {
-        return Err(Error::Config(format!(
+        return Err(Error::Metric(format!(
             "precision/recall with k = {k} (1 to 7) needs more than k images per set; got {} generated and {} reference images",
             g.len(),
             r.len()
