@@ -12,7 +12,7 @@ use flowalign::backend::{DeviceChoice, select};
 use flowalign::files::write_json;
 use flowalign::metrics::fid::{FeatureStats, fid};
 use flowalign::metrics::inception::Inception;
-use flowalign::metrics::{GenMetricsOptions, Reference, evaluate_images};
+use flowalign::metrics::{GenMetricsOptions, Reference, evaluate_images, reference_cached};
 
 #[derive(Args)]
 pub struct GenEvalArgs {
@@ -24,6 +24,11 @@ pub struct GenEvalArgs {
     /// `adm_in256_stats.npz`; FID only unless it also holds `arr_0` images or `pool3` rows).
     #[arg(long)]
     reference: Option<PathBuf>,
+    /// Keep the reference folder's Inception statistics in this .npz: written on the first run,
+    /// read by later runs with the same weights and image count (featurising a large reference
+    /// once instead of per evaluation).
+    #[arg(long, value_name = "FILE.npz")]
+    reference_cache: Option<PathBuf>,
     /// The FID Inception-v3 weights (pt_inception-2015-12-05 as safetensors; the README says how
     /// to convert them), a file or an `hf:ORG/NAME[@REV][/FILE]` id in the local Hugging Face
     /// cache. Without them only the latent Fréchet distance below is computed.
@@ -82,7 +87,10 @@ pub fn gen_eval(args: GenEvalArgs) -> Result<()> {
             recursive: args.recursive,
             ..GenMetricsOptions::default()
         };
-        let reference = Reference::open(reference, args.recursive)?;
+        let reference = match &args.reference_cache {
+            Some(cache) => reference_cached(reference, cache, &net, &opts)?,
+            None => Reference::open(reference, args.recursive)?,
+        };
         let report = evaluate_images(images, &reference, &net, &opts)?;
         write_json(&args.out, &report)?;
         let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
