@@ -218,21 +218,16 @@ impl GenRun {
             }
             None => (raw, labels),
         };
-        let ad = self.device.clone().autodiff();
-        let (tokens, dim, _) = self.cfg.model_shape();
-        let b = labels.len();
-        let x = Tensor::<3>::from_data(TensorData::new(raw, [b, tokens, dim]), &ad);
-        let batch = GenBatch::scaled(x, labels, self.cfg.data.scale as f32);
         let rank = self.ctx.comm.as_ref().map_or(0, |c| c.rank().rank as u64);
         let mut rng = rng_for(t.run.seed ^ rank.rotate_left(32), Stream::Mask, step);
-        let draws = GenDraws::sample(&mut rng, self.trainer.model(), b, t.mask_ratio_min, &ad);
-        let loss = gen_loss(
-            &self.trainer.compute_model(),
-            &batch,
-            &draws,
-            t.run.precision,
-        )?;
-        self.trainer.step_loss(loss, "generator training")
+        gen_step(
+            &mut self.trainer,
+            &self.cfg,
+            raw,
+            labels,
+            &mut rng,
+            &self.device,
+        )
     }
 
     /// Samples [`GRID_SAMPLES`] latents of the first classes (two each) from the frozen
@@ -320,6 +315,30 @@ impl Job for GenRun {
         (self.loss_sum, self.loss_n) = (0.0, 0);
         Ok(m)
     }
+}
+
+/// One optimiser step of a generator `trainer` on latents in the cache's own scale, with the masks,
+/// label drops and (t, noise) drawn from `rng` (what [`GenRun::train_step`] and `bench gen` run).
+///
+/// # Shapes
+/// - `raw`: `[labels.len(), tokens, dim]` flat
+pub fn gen_step(
+    trainer: &mut Trainer<Generator>,
+    cfg: &GenConfig,
+    raw: Vec<f32>,
+    labels: Vec<usize>,
+    rng: &mut Rng,
+    device: &Device,
+) -> Result<StepStats> {
+    let ad = device.clone().autodiff();
+    let (tokens, dim, _) = cfg.model_shape();
+    let b = labels.len();
+    let x = Tensor::<3>::from_data(TensorData::new(raw, [b, tokens, dim]), &ad);
+    let batch = GenBatch::scaled(x, labels, cfg.data.scale as f32);
+    let t = &cfg.train;
+    let draws = GenDraws::sample(rng, trainer.model(), b, t.mask_ratio_min, &ad);
+    let loss = gen_loss(&trainer.compute_model(), &batch, &draws, t.run.precision)?;
+    trainer.step_loss(loss, "generator training")
 }
 
 /// A fresh trainer for `cfg` on `device`: the model initialised from the run seed, AdamW with
