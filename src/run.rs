@@ -351,6 +351,20 @@ pub fn train<J: Job>(
     })
 }
 
+/// The trainer of an opened run: `fresh`, restored from the checkpoint when resuming, then, in a
+/// multi-process run, rank 0's state adopted by every rank.
+pub fn resume_trainer<M: Module, D>(
+    fresh: Trainer<M>,
+    opened: &Opened<D>,
+    comm: Option<&Arc<Comm>>,
+) -> Result<Trainer<M>> {
+    let mut trainer = fresh;
+    if let Some((_, state)) = &opened.saved {
+        trainer.restore(state)?;
+    }
+    Ok(adopt(trainer, comm)?.0)
+}
+
 /// A rank's trainer adopted from rank 0 when `comm` is given (see [`Trainer::adopt`]); with no
 /// job, the trainer and its own step.
 pub fn adopt<M: Module>(

@@ -56,6 +56,9 @@ pub struct BenchArgs {
     /// `gen`: measure the training step only.
     #[arg(long)]
     pub no_sampling: bool,
+    /// `metrics`: the FID Inception-v3 weights (safetensors; default: stand-in weights).
+    #[arg(long, value_name = "FILE")]
+    pub inception: Option<PathBuf>,
     /// `prior`: (t, eps) draws per vector.
     #[arg(long, default_value_t = 4)]
     pub mc: usize,
@@ -96,6 +99,10 @@ pub enum BenchKind {
     /// CPU) and seconds per image of sampling over MAR iterations x head steps, with and without
     /// guidance.
     Gen,
+    /// Generation metrics: the FID Inception's images/s at batch 1, 8 and 32 (`--inception FILE`,
+    /// else deterministic stand-in weights of the same shapes), and the metric maths at
+    /// torch-fidelity's sizes (FID, KID, precision/recall, IS on random 2048-d features).
+    Metrics,
     /// Multi-process data parallelism; run it under `mpirun -np N` (build with `--features mpi`):
     /// the prior step's vectors/s per rank at a fixed per-rank batch, the gradient all-reduce of
     /// the prior (staged from the device), and a bucketed all-reduce of the `--model` autoencoder's
@@ -272,6 +279,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         BenchKind::Prior => "prior",
         BenchKind::Ae => "ae",
         BenchKind::Gen => "gen",
+        BenchKind::Metrics => "metrics",
         BenchKind::Dist => return dist(&args),
     };
     let out = args
@@ -288,6 +296,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         BenchKind::Prior => prior(&args)?,
         BenchKind::Ae => ae(&args)?,
         BenchKind::Gen => generator(&args)?,
+        BenchKind::Metrics => metrics(&args)?,
         BenchKind::Dist => unreachable!("handled above"),
     };
     write_result(&out, &result)
@@ -707,6 +716,123 @@ fn generator(args: &BenchArgs) -> Result<Value> {
         "pytorch": theirs,
         "ratio_flowalign_over_pytorch": ratio,
         "sampling": { "batch": args.sample_batch.unwrap_or(if on_cpu { 2 } else { 64 }), "figures": sampling },
+        "peak_rss_mib": peak_rss_mib(),
+    }))
+}
+
+/// Writes stand-in FID Inception weights (every tensor of the network, deterministic values of a
+/// sensible scale: He-uniform convolutions, positive variances) to `path`: the speed of the network
+/// does not depend on its values.
+fn stand_in_inception(path: &std::path::Path) -> Result<()> {
+    use flowalign::metrics::inception::{Layout, expected_tensors};
+    use rand::RngExt;
+    let mut rng = rng_for(0, Stream::Init, 7);
+    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = expected_tensors(Layout::PytorchFid)
+        .into_iter()
+        .map(|(name, shape)| {
+            let n: usize = shape.iter().product();
+            let fan_in: usize = shape[1..].iter().product::<usize>().max(1);
+            let bound = (6.0 / fan_in as f32).sqrt();
+            let bytes = (0..n)
+                .map(|_| {
+                    let u: f32 = rng.random_range(-1.0..1.0);
+                    if name.ends_with("running_var") || name.ends_with("bn.weight") {
+                        1.0 + 0.2 * u
+                    } else if shape.len() > 1 {
+                        bound * u
+                    } else {
+                        0.1 * u
+                    }
+                })
+                .flat_map(f32::to_le_bytes)
+                .collect();
+            (name, shape, bytes)
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(name, shape, bytes)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                .map(|v| (name.clone(), v))
+                .context("a stand-in tensor")
+        })
+        .collect::<Result<_>>()?;
+    safetensors::serialize_to_file(views, None, path)
+        .with_context(|| format!("writing stand-in weights to {}", path.display()))
+}
+
+/// `flowalign bench metrics`: the Inception network's throughput and the metric maths at
+/// torch-fidelity's sizes, on the CPU or the chosen device.
+fn metrics(args: &BenchArgs) -> Result<Value> {
+    use flowalign::metrics::fid::{FeatureStats, fid};
+    use flowalign::metrics::inception::Inception;
+    use flowalign::metrics::{isc, kid, prc};
+    let (device, name) = flowalign::backend::select(args.device)?;
+    let tmp = tempfile::tempdir().context("a writable temporary folder is needed")?;
+    let (weights, stand_in) = match &args.inception {
+        Some(file) => (file.clone(), false),
+        None => {
+            let file = tmp.path().join("inception.safetensors");
+            stand_in_inception(&file)?;
+            (file, true)
+        }
+    };
+    let net = Inception::load(&weights, &device)?;
+    let mut network = Vec::new();
+    for batch in [1usize, 8, 32] {
+        let pixels: Vec<f32> = (0..batch * 3 * 256 * 256)
+            .map(|i| (i % 251) as f32 / 250.0)
+            .collect();
+        let x = Tensor::<4>::from_data(TensorData::new(pixels, [batch, 3, 256, 256]), &device);
+        let calls = timed(args.seconds / 3.0, || {
+            net.features(x.clone())
+                .try_into_vec_as::<f32>()
+                .map(|_| ())
+                .map_err(|e| flowalign::Error::Numeric(format!("{e:?}")))
+        })?;
+        tracing::info!("Inception forward at batch {batch}: {:.2} images/s", calls * batch as f64);
+        network.push(json!({ "batch": batch, "images_per_sec": calls * batch as f64 }));
+    }
+    // Gaussian 2048-d rows, the second set shifted by 0.05 per coordinate.
+    let rows = |n: usize, seed: u64| -> Vec<f32> {
+        normal_rows(&mut rng_for(seed, Stream::Reference, 0), n, 2048)
+            .into_iter()
+            .map(|v| v + 0.05 * (seed - 1) as f32)
+            .collect()
+    };
+    let seconds = |f: &mut dyn FnMut() -> flowalign::Result<()>| -> Result<f64> {
+        let start = Instant::now();
+        f()?;
+        Ok(start.elapsed().as_secs_f64())
+    };
+    let mut fid_s = Vec::new();
+    for n in [64usize, 2100] {
+        let (mut a, mut b) = (FeatureStats::new(2048), FeatureStats::new(2048));
+        a.add(&rows(n, 1));
+        b.add(&rows(n, 2));
+        let s = seconds(&mut || fid(&a, &b).map(|_| ()))?;
+        tracing::info!("FID of {n} vs {n} rows: {s:.2} s");
+        fid_s.push(json!({ "rows": n, "seconds": s }));
+    }
+    let (a, b) = (rows(5000, 1), rows(5000, 2));
+    let kid_s = seconds(&mut || kid::kid(&a, &b, 2048, 100, 1000, 2020).map(|_| ()))?;
+    tracing::info!("KID, 100 subsets of 1000: {kid_s:.1} s");
+    let prc_s = seconds(&mut || prc::precision_recall(&a, &b, 2048, 3).map(|_| ()))?;
+    tracing::info!("precision/recall, 5000 vs 5000 rows: {prc_s:.1} s");
+    let logits: Vec<f32> = (0..10_000 * 1008)
+        .map(|i| ((i * 7919) % 1000) as f32 / 100.0)
+        .collect();
+    let is_s =
+        seconds(&mut || isc::inception_score(&logits, 1008, 10, Some(2020)).map(|_| ()))?;
+    tracing::info!("IS of 10,000 rows: {is_s:.2} s");
+    Ok(json!({
+        "device": name,
+        "inception": { "weights": if stand_in { "stand-in".to_string() } else { weights.display().to_string() },
+                       "input_px": 256, "forward": network },
+        "fid_2048d": fid_s,
+        "kid_100_subsets_of_1000_seconds": kid_s,
+        "precision_recall_k3_5000_vs_5000_seconds": prc_s,
+        "inception_score_10000_rows_seconds": is_s,
         "peak_rss_mib": peak_rss_mib(),
     }))
 }

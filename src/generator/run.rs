@@ -24,8 +24,8 @@ use crate::train::{StepStats, Trainer};
 /// The columns of `metrics.csv`.
 const METRICS: [&str; 5] = ["step", "loss", "lr", "grad_norm", "latents_per_s"];
 
-/// Latents sampled at each checkpoint into `samples.safetensors` (and `samples.png` when an
-/// autoencoder is given to decode them): two of each of the first classes.
+/// Latents sampled at each checkpoint into `samples.safetensors` (`ae decode` turns them into
+/// PNGs): two of each of the first classes.
 pub const GRID_SAMPLES: usize = 16;
 
 /// What a generator checkpoint records about its latents, so a resume sees the same cache.
@@ -158,11 +158,7 @@ impl GenRun {
             ));
         }
         run::write_config(dir, &cfg, lead)?;
-        let mut trainer = new_trainer(&cfg, device);
-        if let Some((_, state)) = &opened.saved {
-            trainer.restore(state)?;
-        }
-        let (trainer, _) = run::adopt(trainer, comm.as_ref())?;
+        let trainer = run::resume_trainer(new_trainer(&cfg, device), &opened, comm.as_ref())?;
         Ok(GenRun {
             cfg,
             ctx: Context {
