@@ -1,4 +1,3 @@
-
 use super::*;
 use crate::align::{Reduction, flow_loss};
 use crate::flow::path::PathDraws;
