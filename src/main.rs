@@ -38,6 +38,10 @@ enum Command {
     /// Stage 2 of the ImageNet recipe: an image autoencoder aligned to a frozen prior.
     #[command(subcommand)]
     Ae(cli::ae::AeCommand),
+    /// Stage 3: a generator (MAR with a flow head) on an autoencoder's latents, its samples, and the
+    /// generation metrics of the paper's Table 1.
+    #[command(subcommand)]
+    Gen(cli::generate::GenCommand),
     /// Throughput benchmarks (JSON), side by side with PyTorch when it is installed.
     Bench(cli::bench::BenchArgs),
 }
@@ -45,7 +49,9 @@ enum Command {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            // The window's toolkit logs its own fallbacks as warnings; our error line says what failed.
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,eframe=error,egui_glow=error,winit=error".into()),
         )
         .with_writer(std::io::stderr)
         .with_target(false)
@@ -60,7 +66,14 @@ fn main() -> ExitCode {
             .map(String::as_str)
             .or_else(|| info.payload().downcast_ref::<&str>().copied())
             .unwrap_or("panic");
-        if !msg.to_lowercase().contains("out of memory") {
+        let lower = msg.to_lowercase();
+        if lower.contains("could not be loaded") || lower.contains("cannot open shared object") {
+            // A system library a dependency opens at run time is missing: not our bug.
+            eprintln!(
+                "error: a system library is missing: {}; install it (see README, \"Quick start\")",
+                msg.replace('\n', " ")
+            );
+        } else if !lower.contains("out of memory") {
             let place = info
                 .location()
                 .map(|l| format!(" at {}:{}", l.file(), l.line()))
@@ -78,6 +91,7 @@ fn main() -> ExitCode {
         Some(Command::Features(cmd)) => cli::features::run(cmd),
         Some(Command::Prior(cmd)) => cli::prior::run(cmd),
         Some(Command::Ae(cmd)) => cli::ae::run(cmd),
+        Some(Command::Gen(cmd)) => cli::generate::run(cmd),
         Some(Command::Bench(args)) => cli::bench::run(args),
     };
     match result {

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use burn::prelude::Device;
 use flowalign::ae::config::AeConfig;
-use flowalign::ae::inception::Layout;
 use flowalign::ae::train::AeRun;
 use flowalign::checkpoint;
+use flowalign::metrics::inception::Layout;
 use flowalign::params::param_values;
 
 mod common;
@@ -123,6 +123,38 @@ fn ae_train_improves_monitors_and_resumes() {
         "{mon:?}"
     );
     assert!(whole.join("recon.png").is_file() && whole.join("alignment.png").is_file());
+    // TensorBoard gets the same figures as images, and the metrics as scalars.
+    let (mut images, mut scalars) = (Vec::new(), 0);
+    for file in std::fs::read_dir(&whole)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+    {
+        if !file.to_string_lossy().contains("tfevents") {
+            continue;
+        }
+        for event in tfrecord::EventIter::open(&file, Default::default()).unwrap() {
+            let event = event.unwrap();
+            if let Some(tfrecord::protobuf::event::What::Summary(s)) = event.what {
+                for v in s.value {
+                    match v.value {
+                        Some(tfrecord::protobuf::summary::value::Value::Image(i)) => {
+                            assert!(i.width > 0 && i.encoded_image_string.starts_with(b"\x89PNG"));
+                            images.push(v.tag);
+                        }
+                        Some(tfrecord::protobuf::summary::value::Value::SimpleValue(_)) => {
+                            scalars += 1
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        images.iter().any(|t| t == "recon") && images.iter().any(|t| t == "alignment"),
+        "{images:?}"
+    );
+    assert!(scalars > 10);
     // The adversarial term: off before step 20, every column finite once it runs.
     assert!(adv_columns(&whole, 10).iter().all(Option::is_none));
     let adv = adv_columns(&whole, 150);

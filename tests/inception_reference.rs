@@ -8,8 +8,8 @@
 use std::path::Path;
 
 use burn::prelude::*;
-use flowalign::ae::fid::{FeatureStats, fid};
-use flowalign::ae::inception::{Inception, Layout};
+use flowalign::metrics::fid::{FeatureStats, fid};
+use flowalign::metrics::inception::{Inception, Layout};
 use safetensors::Dtype;
 
 mod common;
@@ -266,7 +266,7 @@ fn features_and_fid_match_pytorch_fid() {
         let (mut a, mut b) = (FeatureStats::new(2048), FeatureStats::new(2048));
         a.add(&torch("features_a64"));
         b.add(&torch("features_b64"));
-        let general = flowalign::ae::fid::frechet_distance(
+        let general = flowalign::metrics::fid::frechet_distance(
             a.mean(),
             &a.covariance().unwrap(),
             b.mean(),

@@ -244,6 +244,11 @@ impl AeConfig {
         }
     }
 
+    /// Reads a TOML config; unknown keys and bad values are errors naming the file.
+    pub fn from_toml_file(path: &std::path::Path) -> Result<Self> {
+        crate::config::read_toml(path, "ae", Self::validate)
+    }
+
     /// The config as TOML text.
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("an AeConfig always serialises")

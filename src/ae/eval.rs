@@ -1,7 +1,6 @@
-//! Using a trained autoencoder: loading it from its run folder, reconstruction quality (PSNR, SSIM,
-//! rFID) and caching latents for a generator.
+//! Using a trained autoencoder: loading it from its run folder and its reconstruction quality
+//! (PSNR, SSIM, rFID). Caching latents for a generator is [`super::latents`].
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use burn::prelude::*;
@@ -9,11 +8,11 @@ use serde::Serialize;
 
 use super::config::AeConfig;
 use super::data::{ImageFolder, load_image};
-use super::fid::{FeatureStats, fid};
-use super::inception::{FEATURES, Inception};
 use super::model::Autoencoder;
 use crate::checkpoint;
 use crate::error::{Error, Result};
+use crate::metrics::fid::{FeatureStats, fid};
+use crate::metrics::inception::{FEATURES, Inception};
 use crate::rng::{Stream, rng_for};
 
 /// The autoencoder of an `ae train` run folder: EMA weights when the run kept them.
@@ -244,130 +243,6 @@ pub fn evaluate(
         first,
         first_rec,
     ))
-}
-
-/// Statistics of cached latents, for scaling them before a generator (METHOD.md section 6: 1/std).
-#[derive(Debug, Clone, Serialize)]
-pub struct LatentStats {
-    pub images: usize,
-    pub tokens: usize,
-    pub dim: usize,
-    /// Mean and std over every entry.
-    pub mean: f64,
-    pub std: f64,
-    /// Per latent channel.
-    pub channel_mean: Vec<f64>,
-    pub channel_std: Vec<f64>,
-    pub shards: Vec<String>,
-}
-
-/// Encodes every readable image of `folder` (centre crops) into `out/latents-NNNNN.safetensors`
-/// shards of `shard_size` images (`latents` f32 `[n, tokens, dim]`, `labels` i64 `[n]`), and writes
-/// `stats.json` and `classes.txt`.
-pub fn encode_folder(
-    model: &Autoencoder,
-    folder: &ImageFolder,
-    size: usize,
-    out: &Path,
-    shard_size: usize,
-    batch: usize,
-    device: &Device,
-) -> Result<LatentStats> {
-    std::fs::create_dir_all(out)
-        .map_err(|e| Error::io(out, "choose an --out folder you can write to", e))?;
-    let (mut sum, mut sq, mut entries) = (0.0f64, 0.0f64, 0usize);
-    let (mut csum, mut csq): (Vec<f64>, Vec<f64>) = (Vec::new(), Vec::new());
-    let (mut tokens, mut dim, mut images) = (0, 0, 0);
-    let mut shards = Vec::new();
-    for (s, shard) in (0..folder.len())
-        .collect::<Vec<_>>()
-        .chunks(shard_size.max(1))
-        .enumerate()
-    {
-        let (mut lat, mut labels) = (Vec::<f32>::new(), Vec::<i64>::new());
-        for chunk in shard.chunks(batch.max(1)) {
-            let (pixels, kept) = read_centre(folder, chunk, size);
-            if kept.is_empty() {
-                continue;
-            }
-            let x = Tensor::<4>::from_data(
-                TensorData::new(pixels, [kept.len(), 3, size, size]),
-                device,
-            );
-            let z = model.encode(x);
-            [_, tokens, dim] = z.dims();
-            lat.extend(z.try_into_vec_as::<f32>().expect("f32 readback"));
-            labels.extend(kept.iter().map(|&i| i64::from(folder.labels[i])));
-        }
-        if labels.is_empty() {
-            continue;
-        }
-        if csum.is_empty() {
-            (csum, csq) = (vec![0.0; dim], vec![0.0; dim]);
-        }
-        for (k, &v) in lat.iter().enumerate() {
-            let v = f64::from(v);
-            sum += v;
-            sq += v * v;
-            csum[k % dim] += v;
-            csq[k % dim] += v * v;
-        }
-        entries += lat.len();
-        images += labels.len();
-        let name = format!("latents-{s:05}.safetensors");
-        let lat_bytes: Vec<u8> = lat.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let lab_bytes: Vec<u8> = labels.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let views = HashMap::from([
-            (
-                "latents".to_string(),
-                safetensors::tensor::TensorView::new(
-                    safetensors::Dtype::F32,
-                    vec![labels.len(), tokens, dim],
-                    &lat_bytes,
-                )
-                .expect("consistent shape"),
-            ),
-            (
-                "labels".to_string(),
-                safetensors::tensor::TensorView::new(
-                    safetensors::Dtype::I64,
-                    vec![labels.len()],
-                    &lab_bytes,
-                )
-                .expect("consistent shape"),
-            ),
-        ]);
-        let bytes = safetensors::serialize(views, None)
-            .map_err(|e| Error::input(out.join(&name), format!("could not encode: {e}")))?;
-        crate::files::write_atomic(&out.join(&name), &bytes)?;
-        shards.push(name);
-    }
-    if images == 0 {
-        return Err(Error::input(&folder.root, "no readable images to encode"));
-    }
-    let n = entries as f64;
-    let per = (entries / dim) as f64;
-    let mean = sum / n;
-    let stats = LatentStats {
-        images,
-        tokens,
-        dim,
-        mean,
-        std: (sq / n - mean * mean).max(0.0).sqrt(),
-        channel_mean: csum.iter().map(|s| s / per).collect(),
-        channel_std: csum
-            .iter()
-            .zip(&csq)
-            .map(|(s, q)| (q / per - (s / per).powi(2)).max(0.0).sqrt())
-            .collect(),
-        shards,
-    };
-    crate::files::write_json(&out.join("stats.json"), &stats)?;
-    crate::files::write_atomic(
-        &out.join("classes.txt"),
-        (folder.classes.join("\n") + "\n").as_bytes(),
-    )?;
-    Ok(stats)
 }
 
 #[cfg(test)]

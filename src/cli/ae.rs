@@ -21,8 +21,34 @@ pub enum AeCommand {
     /// Reconstruction quality on a folder of images: PSNR, SSIM, rFID (with --inception), and a
     /// reconstructions grid.
     Eval(EvalArgs),
-    /// Cache the latents of a folder of images as sharded safetensors, with labels and statistics.
+    /// Cache the latents of a folder of images as sharded safetensors, with labels and statistics
+    /// (and with --flip those of the mirrored images): what `gen train` reads.
     Encode(EncodeArgs),
+    /// Decode latents into PNG images: a latent cache folder, or a .safetensors file holding a
+    /// `latents` tensor `[n, tokens, dim]` (what `gen sample` writes).
+    Decode(DecodeArgs),
+}
+
+#[derive(Args)]
+pub struct DecodeArgs {
+    /// An `ae train` run folder (EMA weights when kept).
+    #[arg(long)]
+    ae: PathBuf,
+    /// The latents: a folder `ae encode` wrote, or a .safetensors file with a `latents` tensor.
+    #[arg(long)]
+    latents: PathBuf,
+    /// Output folder for NNNNNN.png.
+    #[arg(long)]
+    out: PathBuf,
+    /// At most this many latents, in order.
+    #[arg(long)]
+    max: Option<usize>,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// Compute device: auto (a GPU when built with one, else the CPU), cpu, wgpu or cuda.
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    device: DeviceChoice,
 }
 
 #[derive(Args)]
@@ -36,15 +62,18 @@ pub struct EvalArgs {
     /// At most this many images (in sorted order).
     #[arg(long, default_value_t = 50_000)]
     max_images: usize,
+    /// Images per forward pass.
     #[arg(long, default_value_t = 32)]
     batch: usize,
     /// Where to write eval.json and eval-recon.png (default: the run folder).
     #[arg(long)]
     out: Option<PathBuf>,
     /// FID Inception-v3 weights as safetensors (pytorch-fid's pt_inception-2015-12-05, converted:
-    /// see the README), for rFID. Without them rFID is skipped (with a notice).
+    /// see the README), for rFID: a file or a hub id `hf:ORG/NAME[/FILE]`. Without them rFID is
+    /// skipped (with a notice).
     #[arg(long, value_name = "FILE")]
-    inception: Option<PathBuf>,
+    inception: Option<String>,
+    /// Compute device: auto (a GPU when built with one, else the CPU), cpu, wgpu or cuda.
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     device: DeviceChoice,
 }
@@ -63,8 +92,14 @@ pub struct EncodeArgs {
     /// Images per shard.
     #[arg(long, default_value_t = 10_000)]
     shard_size: usize,
+    /// Also store the latents of each image's horizontal flip (`latents_flip`), which the
+    /// generator picks with probability 0.5 (METHOD.md section 7).
+    #[arg(long)]
+    flip: bool,
+    /// Images per forward pass.
     #[arg(long, default_value_t = 32)]
     batch: usize,
+    /// Compute device: auto (a GPU when built with one, else the CPU), cpu, wgpu or cuda.
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     device: DeviceChoice,
 }
@@ -75,7 +110,12 @@ fn eval(args: EvalArgs) -> Result<()> {
     let (device, device_name) = select(args.device)?;
     let (cfg, model, step) = load_autoencoder(&args.ae, &device)?;
     let inception = match &args.inception {
-        Some(file) => Some(flowalign::ae::inception::Inception::load(file, &device)?),
+        Some(file) => {
+            let (path, _) = flowalign::hub::resolve(file)?;
+            Some(flowalign::metrics::inception::Inception::load(
+                &path, &device,
+            )?)
+        }
         None => {
             tracing::info!(
                 "rFID is off: pass --inception FILE (the FID Inception-v3 weights as safetensors; see the README) to add it"
@@ -125,7 +165,8 @@ fn eval(args: EvalArgs) -> Result<()> {
 }
 
 fn encode(args: EncodeArgs) -> Result<()> {
-    use flowalign::ae::eval::{encode_folder, load_autoencoder};
+    use flowalign::ae::eval::load_autoencoder;
+    use flowalign::ae::latents::encode_folder;
     let (device, _) = select(args.device)?;
     let (cfg, model, step) = load_autoencoder(&args.ae, &device)?;
     let folder = flowalign::ae::data::ImageFolder::scan(&args.data)?;
@@ -137,16 +178,22 @@ fn encode(args: EncodeArgs) -> Result<()> {
         &args.out,
         args.shard_size,
         args.batch,
+        args.flip,
         &device,
     )?;
     tracing::info!(
-        "{} images -> {} x {} latents each (checkpoint step {step}) in {} shards; std {:.4} (scale by {:.4}); {:.1}s -> {}",
+        "{} images{} -> {} x {} latents each (checkpoint step {step}) in {} shards; std {:.4}, generator scale {:.4}; {:.1}s -> {}",
         stats.images,
+        if stats.flipped {
+            " and their flips"
+        } else {
+            ""
+        },
         stats.tokens,
         stats.dim,
         stats.shards.len(),
         stats.std,
-        1.0 / stats.std.max(1e-12),
+        stats.scale,
         start.elapsed().as_secs_f64(),
         args.out.display()
     );
@@ -174,7 +221,8 @@ pub struct TrainArgs {
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Start the encoder from DINOv2 weights (Hugging Face Dinov2Model safetensors of the --model
-    /// size): patch embedding resampled to --patch, position embeddings interpolated.
+    /// size, a file or a hub id such as hf:facebook/dinov2-large): patch embedding resampled to
+    /// --patch, position embeddings interpolated.
     #[arg(long, value_name = "FILE")]
     encoder_init: Option<String>,
     /// LPIPS-VGG weights: the lpips package's `LPIPS(net="vgg").state_dict()` as safetensors.
@@ -182,7 +230,8 @@ pub struct TrainArgs {
     #[arg(long, value_name = "FILE")]
     lpips_weights: Option<String>,
     /// DINOv2 weights (Hugging Face Dinov2Model safetensors of loss.adv.model.size, ViT-S in the
-    /// paper preset) for the discriminator's frozen trunk; random (and frozen) without.
+    /// paper preset; a file or a hub id such as hf:facebook/dinov2-small) for the discriminator's
+    /// frozen trunk; random (and frozen) without.
     #[arg(long, value_name = "FILE")]
     disc_init: Option<String>,
     /// The weight of the adversarial term (paper: 0.2; 0 = off, the small preset's default).
@@ -244,15 +293,7 @@ pub struct TrainArgs {
 impl TrainArgs {
     fn config(&self) -> Result<AeConfig> {
         let mut cfg = if let Some(path) = &self.config {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read {}; check --config", path.display()))?;
-            toml::from_str::<AeConfig>(&text).map_err(|e| {
-                anyhow::anyhow!(
-                    "{}: not a valid ae config: {}",
-                    path.display(),
-                    flowalign::config::one_line(&e.to_string())
-                )
-            })?
+            AeConfig::from_toml_file(path)?
         } else if self.resume && self.out.join(checkpoint::CONFIG).is_file() {
             checkpoint::read_config(&self.out, "ae train")?
         } else {
@@ -396,11 +437,48 @@ fn train_rank(args: &TrainArgs, comm: Option<Arc<Comm>>) -> Result<(bool, usize)
     Ok((summary.interrupted, summary.step))
 }
 
+fn decode(args: DecodeArgs) -> Result<()> {
+    use flowalign::ae::eval::load_autoencoder;
+    use flowalign::ae::latents::{LatentSet, decode_to_pngs, read_latents_file};
+    let (device, _) = select(args.device)?;
+    let (cfg, model, _) = load_autoencoder(&args.ae, &device)?;
+    let (mut latents, tokens, dim) = if args.latents.is_dir() {
+        let set = LatentSet::read(&args.latents)?;
+        (set.latents, set.stats.tokens, set.stats.dim)
+    } else {
+        read_latents_file(&args.latents)?
+    };
+    if (tokens, dim) != (cfg.model.latent_tokens, cfg.model.latent_dim) {
+        bail!(
+            "{} holds {tokens} x {dim} latents but the autoencoder in {} decodes {} x {}",
+            args.latents.display(),
+            args.ae.display(),
+            cfg.model.latent_tokens,
+            cfg.model.latent_dim
+        );
+    }
+    if let Some(max) = args.max {
+        latents.truncate(max * tokens * dim);
+    }
+    let start = std::time::Instant::now();
+    let written = decode_to_pngs(
+        &model, &latents, tokens, dim, &args.out, 0, args.batch, &device,
+    )?;
+    tracing::info!(
+        "{} images in {:.1}s -> {}",
+        written.len(),
+        start.elapsed().as_secs_f64(),
+        args.out.display()
+    );
+    Ok(())
+}
+
 /// Runs one `ae` subcommand.
 pub fn run(cmd: AeCommand) -> Result<()> {
     match cmd {
         AeCommand::Train(args) => train(*args),
         AeCommand::Eval(args) => eval(args),
         AeCommand::Encode(args) => encode(args),
+        AeCommand::Decode(args) => decode(args),
     }
 }

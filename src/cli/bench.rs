@@ -268,6 +268,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         BenchKind::Ae => ae(&args)?,
         BenchKind::Dist => unreachable!("handled above"),
     };
+    write_result(&out, &result)
+}
+
+/// Writes a benchmark's JSON to `out` (creating its folder) and logs it.
+fn write_result(out: &std::path::Path, result: &Value) -> Result<()> {
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| {
             format!(
@@ -276,15 +281,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
             )
         })?;
     }
-    write_json(&out, &result)?;
-    tracing::info!("{}", serde_json::to_string(&result).expect("json"));
+    write_json(out, result)?;
+    tracing::info!("{}", serde_json::to_string(result).expect("json"));
     Ok(())
 }
 
 /// `flowalign bench toy`: flowalign and, when it can run, the PyTorch peer.
 fn toy(args: &BenchArgs) -> Result<Value> {
     let (width, depth) = (args.width.unwrap_or(512), args.depth.unwrap_or(4));
-    if !(args.seconds > 0.0) {
+    if args.seconds.is_nan() || args.seconds <= 0.0 {
         bail!("--seconds must be a positive number, got {}", args.seconds);
     }
     tracing::info!("measuring flowalign (burn flex, {width}x{depth})");
@@ -564,16 +569,7 @@ fn dist(args: &BenchArgs) -> Result<()> {
                     .out
                     .clone()
                     .unwrap_or_else(|| PathBuf::from(format!("runs/bench-dist-{size}.json")));
-                if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    std::fs::create_dir_all(dir).with_context(|| {
-                        format!(
-                            "cannot create {}; choose an --out you can write to",
-                            dir.display()
-                        )
-                    })?;
-                }
-                write_json(&out, &result)?;
-                tracing::info!("{}", serde_json::to_string(&result).expect("json"));
+                write_result(&out, &result)?;
             }
             comm.finish();
             Ok(())

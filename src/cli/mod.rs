@@ -4,8 +4,10 @@
 pub mod ae;
 pub mod bench;
 pub mod features;
+pub mod generate;
 pub mod gui;
 pub mod hints;
+pub mod metrics;
 pub mod prior;
 pub mod toy;
 

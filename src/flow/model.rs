@@ -48,8 +48,8 @@ pub struct FinalLayer {
 #[derive(Module, Debug)]
 pub struct VelocityMlp {
     input_proj: Linear,
-    time_fc1: Linear,
-    time_fc2: Linear,
+    pub(crate) time_fc1: Linear,
+    pub(crate) time_fc2: Linear,
     blocks: Vec<AdaLnBlock>,
     final_layer: FinalLayer,
 }
@@ -203,7 +203,7 @@ impl VelocityMlp {
         silu(c)
     }
 
-    fn forward_conditioned(&self, z: Tensor<2>, c_act: Tensor<2>) -> Tensor<2> {
+    pub(crate) fn forward_conditioned(&self, z: Tensor<2>, c_act: Tensor<2>) -> Tensor<2> {
         let mut x = self.input_proj.forward(z); // [batch, C]
         for block in &self.blocks {
             x = block.forward(x, c_act.clone());

@@ -284,7 +284,7 @@ pub struct Analysis {
     pub correlation: Option<(f64, f64)>,
     /// The prior's own exact NLL.
     pub prior_nll: Option<Stamped<Heatmap>>,
-    /// `-(C(y) - L_align)`, the bound of METHOD.md section 3 on the NLL scale.
+    /// `-(C(y) - L_align)`, the paper's estimate of METHOD.md section 3 (not a bound), on the NLL scale.
     pub neg_bound: Option<Stamped<Heatmap>>,
     pub velocity: Option<Stamped<Velocity>>,
     pub samples: Option<Stamped<Samples>>,

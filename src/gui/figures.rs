@@ -98,8 +98,8 @@ pub fn write_panel(app: &FlowAlignApp, panel: &str, path: &Path, width: u32) -> 
                 ),
                 _ => (
                     a.neg_bound.as_ref(),
-                    "-(C(y) - L_align), METHOD.md section 3".to_string(),
-                    "-bound",
+                    "-(C(y) - L_align): the paper's estimate, not a bound".to_string(),
+                    "-estimate",
                 ),
             };
             let stamp = stamp.ok_or_else(missing)?;

@@ -304,7 +304,7 @@ impl FlowAlignApp {
                 a.and_then(|a| a.prior_nll.as_ref()).map(|m| &*m.value),
             ),
             (
-                "-bound",
+                "-estimate",
                 a.and_then(|a| a.neg_bound.as_ref()).map(|m| &*m.value),
             ),
         ];
@@ -463,8 +463,11 @@ impl FlowAlignApp {
                     .on_hover_text(format!(
                         "slow: at most {SLOW_GRID_MAX} x {SLOW_GRID_MAX}, computed a slice at a time"
                     ));
-                ui.checkbox(&mut v.bound, "bound -(C(y) - L_align)")
-                    .on_hover_text("METHOD.md section 3, on the NLL scale; 16 draws per cell");
+                ui.checkbox(&mut v.bound, "paper's estimate -(C(y) - L_align)")
+                    .on_hover_text(
+                        "the quantity the paper calls a bound on log p; it is not one (METHOD.md \
+                         section 3). On the NLL scale; 16 draws per cell",
+                    );
                 ui.add(egui::Slider::new(&mut v.velocity_t, 0.0..=1.0).text("velocity t"));
                 ui.add(egui::Slider::new(&mut v.velocity_grid, 5..=40).text("arrows"));
                 egui::ComboBox::from_label("solver")
@@ -865,9 +868,9 @@ impl FlowAlignApp {
                     _ => (
                         MapKind::Bound,
                         if self.settings.view.prior_nll {
-                            "(d) -(C(y) - L_align), METHOD.md sec. 3"
+                            "(d) -(C(y) - L_align): the paper's 'bound', which is none"
                         } else {
-                            "(c) -(C(y) - L_align), METHOD.md sec. 3"
+                            "(c) -(C(y) - L_align): the paper's 'bound', which is none"
                         },
                         analysis.and_then(|a| a.neg_bound.as_ref()),
                     ),

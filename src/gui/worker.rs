@@ -123,7 +123,8 @@ pub enum MapKind {
     Align,
     /// The prior's own exact NLL (ODE), a slice at a time.
     PriorNll,
-    /// `-(C(y) - L_align)`, the bound of METHOD.md section 3 on the NLL scale, a slice at a time.
+    /// `-(C(y) - L_align)`, the paper's estimate of METHOD.md section 3 (not a bound), on the NLL
+    /// scale, a slice at a time.
     Bound,
 }
 

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::targets::TargetKind;
 use crate::align::Reduction;
-use crate::config::{one_line, require_counts, require_positive};
+use crate::config::{require_counts, require_positive};
 use crate::error::{Error, Result};
 use crate::train::Schedule;
 
@@ -247,17 +247,7 @@ impl ToyConfig {
 
     /// Reads a TOML config; unknown keys and bad values are errors naming the file.
     pub fn from_toml_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::io(path, "check the config file's path", e))?;
-        let cfg: ToyConfig = toml::from_str(&text).map_err(|e| {
-            Error::input(
-                path,
-                format!("not a valid toy config: {}", one_line(&e.to_string())),
-            )
-        })?;
-        cfg.validate()
-            .map_err(|e| Error::input(path, e.to_string()))?;
-        Ok(cfg)
+        crate::config::read_toml(path, "toy", Self::validate)
     }
 
     /// The config as TOML text. A session on the user's own points says so, lists them a few

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use burn::module::Module;
 
-use super::config::AlignConfig;
+use super::config::{AlignConfig, ToyConfig};
 pub use super::events::{Curves, Event};
 use super::experiment::{AlignSummary, HeatmapSummary, PriorSummary, Summary, ToyOutcome, ToyRun};
 use crate::align::align_loss;
@@ -19,7 +19,7 @@ use crate::flow::{VelocityMlp, rows_to_tensor};
 use crate::grid::{Point, to_points};
 use crate::rng::{Stream, rng_for};
 use crate::stats::{pearson, spearman};
-use crate::train::{LatentTrainer, PriorTrainer};
+use crate::train::{LatentTrainer, PriorTrainer, Schedule};
 
 /// Where a session stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -375,12 +375,12 @@ impl ToyRun {
             align_loss(&prior, y, 20, align_cfg.reduction, &mut rng).into_scalar::<f32>() as f64
         };
 
-        // Heatmaps, the bound, the velocity field.
+        // Heatmaps, the estimates of METHOD.md section 3, the velocity field.
         let (nll_map, align_map, heat_secs) =
             self.heatmaps(&prior, &reference, cfg.eval.grid, cfg.eval.t_values);
         tracing::debug!("heatmaps: {:.2}s", run_start.elapsed().as_secs_f64());
-        let bound_summary = self.bound_summary(&prior, &y_final[..k.min(y_final.len())]);
-        tracing::debug!("bound: {:.2}s", run_start.elapsed().as_secs_f64());
+        let estimate = self.estimate_summary(&prior, &y_final[..k.min(y_final.len())]);
+        tracing::debug!("estimates: {:.2}s", run_start.elapsed().as_secs_f64());
         let velocity = self.velocity_field(&prior, &reference);
 
         let prior_losses: Vec<f32> = curves.prior.iter().map(|p| p.1).collect();
@@ -398,6 +398,7 @@ impl ToyRun {
             device: self.device_name.clone(),
             nll_method: self.density.method(),
             scale: self.target.scale,
+            budget: budget_line(cfg, &prior_meta, loaded, align_cfg),
             prior: PriorSummary {
                 steps: prior_meta.steps,
                 final_loss: if tail.is_empty() {
@@ -439,7 +440,7 @@ impl ToyRun {
                 seconds: heat_secs,
                 evals_per_sec: evals / heat_secs.max(1e-9),
             },
-            bound: bound_summary,
+            estimate,
             total_seconds: prior_secs
                 + timings.align_secs
                 + timings.monitor_secs
@@ -459,6 +460,32 @@ impl ToyRun {
             prior_meta,
         })
     }
+}
+
+/// `summary.budget`: what the figures were made with, in one line.
+fn budget_line(cfg: &ToyConfig, meta: &PriorMeta, loaded: bool, align: &AlignConfig) -> String {
+    let schedule = match cfg.prior.schedule {
+        Schedule::Constant => "constant".to_string(),
+        Schedule::Cosine { warmup, .. } => format!("cosine, {warmup} warm-up"),
+    };
+    let ema = if cfg.prior.ema > 0.0 {
+        format!(", EMA {}", cfg.prior.ema)
+    } else {
+        String::new()
+    };
+    format!(
+        "prior {} x {}, {} steps of batch {} at lr {:e} ({schedule}{ema}){}; {} latents, {} alignment steps at lr {:e}, mc {}",
+        meta.width,
+        meta.depth,
+        meta.steps,
+        cfg.prior.batch,
+        cfg.prior.lr,
+        if loaded { ", loaded" } else { "" },
+        align.n_latents,
+        align.steps,
+        align.lr,
+        align.mc,
+    )
 }
 
 #[cfg(test)]
