@@ -561,3 +561,48 @@ fn at_1000_by_700_every_panel_fits_the_window() {
         assert!(r.width() > 150.0, "{p} is {} wide", r.width());
     }
 }
+
+#[test]
+fn heavy_maps_do_not_starve_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = harness(dir.path());
+    h.state_mut().settings.cfg.prior.steps = 100_000;
+    let v = &mut h.state_mut().settings.view;
+    (v.prior_nll, v.bound, v.grid) = (true, true, 40);
+    click(&mut h, "Start");
+    wait_for(&mut h, "training", |a| a.state.prior_step() > 5);
+    // While the ODE maps (40 x 40, computed a slice at a time) are on, L_align keeps refreshing
+    // from newer priors, and both slow maps arrive and refresh too (neither starves the other).
+    let stamps = |a: &FlowAlignApp| {
+        let x = a.state.shown_analysis();
+        [
+            x.and_then(|x| x.align.as_ref()).map(|m| m.prior_step),
+            x.and_then(|x| x.prior_nll.as_ref()).map(|m| m.prior_step),
+            x.and_then(|x| x.neg_bound.as_ref()).map(|m| m.prior_step),
+        ]
+    };
+    let mut seen: [Vec<usize>; 3] = Default::default();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(60) {
+        h.step();
+        for (s, v) in stamps(h.state()).into_iter().zip(&mut seen) {
+            if let Some(s) = s
+                && v.last() != Some(&s)
+            {
+                v.push(s);
+            }
+        }
+        if seen[0].len() >= 4 && seen[1].len() >= 2 && seen[2].len() >= 2 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let [align, nll, estimate] = &seen;
+    assert!(
+        align.len() >= 4 && nll.len() >= 2 && estimate.len() >= 2,
+        "maps from prior steps: L_align {align:?}, exact NLL {nll:?}, estimate {estimate:?}"
+    );
+    for v in &seen {
+        assert!(v.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+    }
+}

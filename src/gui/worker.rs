@@ -2,9 +2,10 @@
 //! latents one step at a time, and reports plain data to the UI.
 //!
 //! A second thread computes the landscapes (heatmaps, velocity field, ODE samples) from snapshots of
-//! the prior. Every map keeps its own clock: the cheapest map that is due goes first, and the
-//! ODE-based maps (the prior's exact NLL, the bound) are computed a slice at a time, so a slow map
-//! never holds the others back. While the session trains, the thread rests [`ANALYSIS_GAP`] times
+//! the prior. Every map keeps its own clock: a map new under the current settings goes first,
+//! cheapest first, then the map that has waited longest for what it costs. The ODE-based maps
+//! (the prior's exact NLL, the paper's estimate) are computed a slice at a time, one map at a
+//! time, so a slow map never holds the others back and still gets its turn. While the session trains, the thread rests [`ANALYSIS_GAP`] times
 //! as long as it worked, so it takes about a fifth of the time.
 
 use std::collections::hash_map::DefaultHasher;
@@ -856,32 +857,49 @@ impl Analyst {
         Work::Did
     }
 
-    /// The cheapest map that is due: enabled and either never computed under the current
-    /// settings, of an older prior (at most once per `refresh_secs` while the prior trains), or a
-    /// sliced map in progress.
+    /// The map to work on next, of those due: enabled and either never computed under the
+    /// current settings, of an older prior (at most once per `refresh_secs` while the prior
+    /// trains), or a sliced map in progress (another sliced map waits until it is done).
+    ///
+    /// Maps new under the current settings go first, cheapest first; after that the map that has
+    /// waited longest for what it costs, so a cheap map refreshes often and a slow one still gets
+    /// its turn.
     fn next_due(&self, live: &Live) -> Option<MapKind> {
         let training = live.running && !live.frozen;
         let refresh = Duration::from_secs_f32(self.view.refresh_secs.max(0.05));
-        let mut due: Vec<(f64, MapKind)> = Vec::new();
+        // (new under these settings, urgency, kind).
+        let mut due: Vec<(bool, f64, MapKind)> = Vec::new();
         for kind in MapKind::ALL {
             if !kind.enabled(&self.view) {
                 continue;
             }
             let clock = self.clocks.get(&kind).cloned().unwrap_or_default();
-            let cost = clock.secs.unwrap_or_else(|| kind.guess_secs());
+            let cost = clock.secs.unwrap_or_else(|| kind.guess_secs()).max(1e-6);
+            let new = clock.view_key != kind.view_key(&self.view);
+            let urgency = if new {
+                -cost
+            } else {
+                clock
+                    .at
+                    .map_or(f64::INFINITY, |at| at.elapsed().as_secs_f64() / cost)
+            };
             if self.slice.as_ref().is_some_and(|s| s.kind == kind) {
-                due.push((cost, kind));
+                due.push((new, urgency, kind));
                 continue;
             }
-            let settings_changed = clock.view_key != kind.view_key(&self.view);
+            // One sliced map at a time: starting the other would throw the half-done one away,
+            // and two slow maps taking turns would never finish.
+            if kind.sliced() && self.slice.is_some() {
+                continue;
+            }
             let older = clock.step != Some(live.prior_step);
             let waited = clock.at.is_none_or(|at| at.elapsed() >= refresh);
-            if settings_changed || (older && (!training || waited)) {
-                due.push((cost, kind));
+            if new || (older && (!training || waited)) {
+                due.push((new, urgency, kind));
             }
         }
-        due.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-        due.first().map(|d| d.1)
+        due.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.total_cmp(&a.1)).then(a.2.cmp(&b.2)));
+        due.first().map(|d| d.2)
     }
 
     fn compute(&mut self, kind: MapKind, session: u64) {
