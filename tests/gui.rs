@@ -606,3 +606,58 @@ fn heavy_maps_do_not_starve_the_others() {
         assert!(v.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
     }
 }
+
+#[test]
+fn every_panel_exports_a_figure_at_the_chosen_width() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = harness(dir.path());
+    let app = h.state_mut();
+    (app.settings.cfg.prior.steps, app.settings.cfg.align.steps) = (60, 20);
+    (app.settings.view.prior_nll, app.settings.figure_width) = (true, 900);
+    click(&mut h, "Start");
+    wait_for(&mut h, "the end", |a| a.state.stage == Stage::Done);
+    wait_for(&mut h, "every map", |a| {
+        a.state
+            .shown_analysis()
+            .is_some_and(|x| x.align.is_some() && x.prior_nll.is_some() && x.velocity.is_some())
+    });
+    h.step();
+    let buttons = h.get_all_by_label("PNG").count();
+    // nll, align, prior_nll, velocity, samples and the curves.
+    assert_eq!(buttons, 6);
+    for k in 0..buttons {
+        h.get_all_by_label("PNG").nth(k).unwrap().click_accesskit();
+        h.step();
+        h.step();
+    }
+    assert_eq!(h.state().status.error, None);
+    let files = h.state().exported.clone();
+    assert_eq!(files.len(), buttons, "{files:?}");
+    for f in &files {
+        let decoder = png::Decoder::new(std::fs::File::open(f).unwrap());
+        let mut reader = decoder.read_info().unwrap();
+        let mut buf = vec![0; reader.output_buffer_size()];
+        let info = reader.next_frame(&mut buf).unwrap();
+        assert_eq!(info.width, 900, "{}", f.display());
+        let name = f.file_name().unwrap().to_string_lossy().into_owned();
+        if ["nll", "align", "prior_nll"]
+            .iter()
+            .any(|p| name.starts_with(&format!("{p}-")))
+        {
+            // A colour bar (and the map) span viridis from deep purple to yellow.
+            let channels = info.color_type.samples();
+            let px: Vec<&[u8]> = buf[..info.buffer_size()].chunks_exact(channels).collect();
+            let near = |p: &[u8], c: [u8; 3]| {
+                p.iter()
+                    .zip(c)
+                    .all(|(&x, y)| (i32::from(x) - i32::from(y)).abs() <= 30)
+            };
+            let purple = px.iter().filter(|p| near(p, [68, 1, 84])).count();
+            let yellow = px.iter().filter(|p| near(p, [253, 231, 37])).count();
+            assert!(
+                purple > 200 && yellow > 200,
+                "{name}: {purple} purple, {yellow} yellow px"
+            );
+        }
+    }
+}

@@ -17,7 +17,7 @@ use eframe::egui::{self, ColorImage, Key};
 use rand::RngExt;
 use serde::{Deserialize, Serialize};
 
-use super::figures;
+use super::figures::{self, Dots, Figure};
 use super::panels::{CurveStyle, HeatTexture};
 use super::worker::{
     Command, MapData, MapKind, MapUpdate, Stage, Update, ViewRequest, Worker, target_key,
@@ -1032,8 +1032,123 @@ impl FlowAlignApp {
         let path =
             self.export_dir()?
                 .join(format!("{panel}-{}-{}.png", self.stem(), self.frame_count));
-        figures::write_panel(self, panel, &path, self.settings.figure_width)?;
+        figures::write(
+            &self.panel_figure(panel)?,
+            &path,
+            self.settings.figure_width,
+        )?;
         Ok(path)
+    }
+
+    /// Panel `panel` as it shows now, as plain data for a figure.
+    fn panel_figure(&self, panel: &str) -> Result<Figure<'_>> {
+        let s = &self.state;
+        let a = s.shown_analysis();
+        let missing = || Error::Figure(format!("panel {panel} has nothing to draw yet"));
+        let step_note = |step: usize| format!("prior step {step}");
+        Ok(match panel {
+            "nll" => {
+                let map = s.target_map.as_deref().ok_or_else(missing)?;
+                let mut title = format!("(a) {}: NLL of the target", s.target_name);
+                let latents = match s.shown_latents() {
+                    Some((step, y)) => {
+                        title.push_str(&format!(", y after {step} alignment steps"));
+                        &y[..]
+                    }
+                    None => &[],
+                };
+                let dots = vec![
+                    Dots {
+                        label: "target samples",
+                        points: &s.target_samples,
+                        colour: figures::TARGET_DOTS,
+                        radius: 1.2,
+                    },
+                    Dots {
+                        label: "y",
+                        points: latents,
+                        colour: figures::LATENT_DOTS,
+                        radius: 2.2,
+                    },
+                ];
+                Figure::Heat {
+                    title,
+                    map,
+                    dots,
+                    label: "NLL",
+                }
+            }
+            "align" | "prior_nll" | "bound" => {
+                let a = a.ok_or_else(missing)?;
+                let (stamp, title, label) = match panel {
+                    "align" => {
+                        let corr = a.correlation.map_or(String::new(), |(p, sp)| {
+                            format!(" (Pearson {p:.3}, Spearman {sp:.3})")
+                        });
+                        (a.align.as_ref(), format!("(b) L_align{corr}"), "L_align")
+                    }
+                    "prior_nll" => (
+                        a.prior_nll.as_ref(),
+                        "the prior's exact NLL (ODE)".to_string(),
+                        "NLL",
+                    ),
+                    _ => (
+                        a.neg_bound.as_ref(),
+                        "-(C(y) - L_align): the paper's estimate, not a bound".to_string(),
+                        "-estimate",
+                    ),
+                };
+                let stamp = stamp.ok_or_else(missing)?;
+                Figure::Heat {
+                    title: format!(
+                        "{}: {title}, {}",
+                        s.target_name,
+                        step_note(stamp.prior_step)
+                    ),
+                    map: &stamp.value,
+                    dots: Vec::new(),
+                    label,
+                }
+            }
+            "velocity" => {
+                let v = a.and_then(|a| a.velocity.as_ref()).ok_or_else(missing)?;
+                Figure::Arrows {
+                    title: format!(
+                        "{}: velocity v(z, t = {:.2}), {}",
+                        s.target_name,
+                        v.value.t,
+                        step_note(v.prior_step)
+                    ),
+                    range: s.range,
+                    arrows: &v.value.arrows,
+                }
+            }
+            "samples" => {
+                let m = a.and_then(|a| a.samples.as_ref()).ok_or_else(missing)?;
+                Figure::Samples {
+                    title: format!(
+                        "{}: ODE samples of the prior, {}",
+                        s.target_name,
+                        step_note(m.prior_step)
+                    ),
+                    range: s.range,
+                    target: &s.target_samples,
+                    samples: &m.value.samples,
+                    paths: &m.value.paths,
+                }
+            }
+            "curves" => {
+                if s.curves.prior.is_empty() && s.curves.align.is_empty() {
+                    return Err(missing());
+                }
+                Figure::Curves {
+                    target: &s.target_name,
+                    curves: &s.curves,
+                    smoothing: self.settings.curves.smoothing,
+                }
+            }
+            _ => return Err(Error::Figure(format!("no panel named {panel}"))),
+        })
     }
 
     fn save_shot(&mut self, shot: Shot, image: &ColorImage) -> Result<PathBuf> {

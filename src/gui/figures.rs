@@ -7,11 +7,11 @@ use std::path::Path;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use super::app::FlowAlignApp;
 use crate::error::{Error, Result};
 use crate::grid::{Heatmap, Point, Range2};
 use crate::report::{save_png, viridis};
 use crate::stats::moving_average;
+use crate::toy::Curves;
 
 type Area<'a> = DrawingArea<BitMapBackend<'a>, Shift>;
 
@@ -33,127 +33,89 @@ impl Scale {
 }
 
 /// Points over a heatmap: label, points, colour, radius at 800 pixels.
-struct Dots<'a> {
-    label: &'a str,
-    points: &'a [Point],
-    colour: RGBColor,
-    radius: f64,
+pub struct Dots<'a> {
+    pub label: &'a str,
+    pub points: &'a [Point],
+    pub colour: RGBColor,
+    pub radius: f64,
 }
 
-const TARGET_DOTS: RGBColor = RGBColor(235, 235, 235);
-const LATENT_DOTS: RGBColor = RGBColor(230, 40, 40);
+pub const TARGET_DOTS: RGBColor = RGBColor(235, 235, 235);
+pub const LATENT_DOTS: RGBColor = RGBColor(230, 40, 40);
 const SAMPLE_DOTS: RGBColor = RGBColor(255, 140, 20);
 const BLUE: RGBColor = RGBColor(31, 119, 180);
 const RED: RGBColor = RGBColor(214, 39, 40);
 
-/// Writes panel `panel` of `app` (as it shows now) to `path`, `width` pixels wide.
-pub fn write_panel(app: &FlowAlignApp, panel: &str, path: &Path, width: u32) -> Result<()> {
-    let s = &app.state;
+/// One panel as plain data, ready to be drawn as a figure.
+pub enum Figure<'a> {
+    /// A heatmap with its colour bar (labelled `label`) and point overlays.
+    Heat {
+        title: String,
+        map: &'a Heatmap,
+        dots: Vec<Dots<'a>>,
+        label: &'a str,
+    },
+    /// Velocity arrows over `range`.
+    Arrows {
+        title: String,
+        range: Range2,
+        arrows: &'a [(Point, Point)],
+    },
+    /// Target samples, prior samples and some of their ODE paths over `range`.
+    Samples {
+        title: String,
+        range: Range2,
+        target: &'a [Point],
+        samples: &'a [Point],
+        paths: &'a [Vec<Point>],
+    },
+    /// The prior's loss above L_align and the NLL of y, smoothed over `smoothing` steps.
+    Curves {
+        target: &'a str,
+        curves: &'a Curves,
+        smoothing: usize,
+    },
+}
+
+/// Writes `figure` to `path`, `width` pixels wide (squares a little less tall, the curves square).
+pub fn write(figure: &Figure, path: &Path, width: u32) -> Result<()> {
     let scale = Scale(f64::from(width) / 800.0);
-    let a = s.shown_analysis();
-    let latents: Vec<Point> = s.shown_latents().map(|l| l.1.clone()).unwrap_or_default();
-    let y_step = s.shown_latents().map(|l| l.0);
-    let target = &s.target_samples[..];
-    let missing = || Error::Figure(format!("panel {panel} has nothing to draw yet"));
     let square = (width, (f64::from(width) * 0.9) as u32);
-    let step_note = |step: usize| format!("prior step {step}");
-    match panel {
-        "nll" => {
-            let map = s.target_map.as_deref().ok_or_else(missing)?;
-            let mut title = format!("(a) {}: NLL of the target", s.target_name);
-            if let Some(step) = y_step {
-                title.push_str(&format!(", y after {step} alignment steps"));
-            }
-            let dots = [
-                Dots {
-                    label: "target samples",
-                    points: target,
-                    colour: TARGET_DOTS,
-                    radius: 1.2,
-                },
-                Dots {
-                    label: "y",
-                    points: &latents,
-                    colour: LATENT_DOTS,
-                    radius: 2.2,
-                },
-            ];
+    match figure {
+        Figure::Heat {
+            title,
+            map,
+            dots,
+            label,
+        } => save_png(path, square, |root| {
+            heat_figure(root, title, map, dots, label, scale)
+        }),
+        Figure::Arrows {
+            title,
+            range,
+            arrows,
+        } => {
+            let grid = (arrows.len() as f64).sqrt().max(2.0);
             save_png(path, square, |root| {
-                heat_figure(root, &title, map, &dots, "NLL", scale)
+                arrows_figure(root, title, *range, arrows, grid, scale)
             })
         }
-        "align" | "prior_nll" | "bound" => {
-            let a = a.ok_or_else(missing)?;
-            let (stamp, title, label) = match panel {
-                "align" => {
-                    let corr = a.correlation.map_or(String::new(), |(p, sp)| {
-                        format!(" (Pearson {p:.3}, Spearman {sp:.3})")
-                    });
-                    (a.align.as_ref(), format!("(b) L_align{corr}"), "L_align")
-                }
-                "prior_nll" => (
-                    a.prior_nll.as_ref(),
-                    "the prior's exact NLL (ODE)".to_string(),
-                    "NLL",
-                ),
-                _ => (
-                    a.neg_bound.as_ref(),
-                    "-(C(y) - L_align): the paper's estimate, not a bound".to_string(),
-                    "-estimate",
-                ),
-            };
-            let stamp = stamp.ok_or_else(missing)?;
-            let title = format!(
-                "{}: {title}, {}",
-                s.target_name,
-                step_note(stamp.prior_step)
-            );
-            save_png(path, square, |root| {
-                heat_figure(root, &title, &stamp.value, &[], label, scale)
-            })
-        }
-        "velocity" => {
-            let v = a.and_then(|a| a.velocity.as_ref()).ok_or_else(missing)?;
-            let title = format!(
-                "{}: velocity v(z, t = {:.2}), {}",
-                s.target_name,
-                v.value.t,
-                step_note(v.prior_step)
-            );
-            let grid = (v.value.arrows.len() as f64).sqrt().max(2.0);
-            save_png(path, square, |root| {
-                arrows_figure(root, &title, s.range, &v.value.arrows, grid, scale)
-            })
-        }
-        "samples" => {
-            let m = a.and_then(|a| a.samples.as_ref()).ok_or_else(missing)?;
-            let title = format!(
-                "{}: ODE samples of the prior, {}",
-                s.target_name,
-                step_note(m.prior_step)
-            );
-            save_png(path, square, |root| {
-                samples_figure(
-                    root,
-                    &title,
-                    s.range,
-                    target,
-                    &m.value.samples,
-                    &m.value.paths,
-                    scale,
-                )
-            })
-        }
-        "curves" => {
-            if s.curves.prior.is_empty() && s.curves.align.is_empty() {
-                return Err(missing());
-            }
-            let smoothing = app.settings.curves.smoothing;
-            save_png(path, (width, width), |root| {
-                curves_figure(root, &s.target_name, &s.curves, smoothing, scale)
-            })
-        }
-        _ => Err(Error::Figure(format!("no panel named {panel}"))),
+        Figure::Samples {
+            title,
+            range,
+            target,
+            samples,
+            paths,
+        } => save_png(path, square, |root| {
+            samples_figure(root, title, *range, target, samples, paths, scale)
+        }),
+        Figure::Curves {
+            target,
+            curves,
+            smoothing,
+        } => save_png(path, (width, width), |root| {
+            curves_figure(root, target, curves, *smoothing, scale)
+        }),
     }
 }
 
@@ -421,7 +383,7 @@ fn padded(values: impl Iterator<Item = f32>) -> (f32, f32) {
 fn curves_figure(
     root: &Area,
     target: &str,
-    curves: &crate::toy::Curves,
+    curves: &Curves,
     smoothing: usize,
     scale: Scale,
 ) -> Result<()> {
