@@ -401,7 +401,8 @@ enum ToAnalysis {
     /// A new target or session; `None` stops all work.
     Context(Option<Context>),
     View(ViewRequest),
-    Prior(Snapshot),
+    /// Boxed: a network is far larger than the other messages.
+    Prior(Box<Snapshot>),
 }
 
 struct State {
@@ -491,12 +492,12 @@ impl Trainer {
             && let Some(s) = &self.state
         {
             let (prior, step) = s.session.prior();
-            let _ = self.an_tx.send(ToAnalysis::Prior(Snapshot {
+            let _ = self.an_tx.send(ToAnalysis::Prior(Box::new(Snapshot {
                 session,
                 prior,
                 step,
                 received: Instant::now(),
-            }));
+            })));
         }
     }
 
@@ -777,7 +778,7 @@ impl Analyst {
                 }
                 self.view = view;
             }
-            ToAnalysis::Prior(p) => self.prior = Some(p),
+            ToAnalysis::Prior(p) => self.prior = Some(*p),
         }
     }
 
