@@ -715,6 +715,8 @@ struct Slice {
     secs: f64,
     /// Points in the next slice.
     next: usize,
+    /// When its first slice was computed.
+    started: Instant,
 }
 
 enum Work {
@@ -862,9 +864,9 @@ impl Analyst {
     /// current settings, of an older prior (at most once per `refresh_secs` while the prior
     /// trains), or a sliced map in progress (another sliced map waits until it is done).
     ///
-    /// Maps new under the current settings go first, cheapest first; after that the map that has
-    /// waited longest for what it costs, so a cheap map refreshes often and a slow one still gets
-    /// its turn.
+    /// Maps new under the current settings go first, cheapest first; after that (and for a sliced
+    /// map once begun) the map that has waited longest for what it costs, so a cheap map
+    /// refreshes often and a slow one still gets its turn.
     fn next_due(&self, live: &Live) -> Option<MapKind> {
         let training = live.running && !live.frozen;
         let refresh = Duration::from_secs_f32(self.view.refresh_secs.max(0.05));
@@ -884,8 +886,11 @@ impl Analyst {
                     .at
                     .map_or(f64::INFINITY, |at| at.elapsed().as_secs_f64() / cost)
             };
-            if self.slice.as_ref().is_some_and(|s| s.kind == kind) {
-                due.push((new, urgency, kind));
+            if let Some(s) = self.slice.as_ref().filter(|s| s.kind == kind) {
+                // Begun, it waits its turn like a refresh: a slow new map must not hold back
+                // the refreshes of the cheap ones for all the time it takes.
+                let since = clock.at.unwrap_or(s.started).elapsed().as_secs_f64();
+                due.push((false, since / cost, kind));
                 continue;
             }
             // One sliced map at a time: starting the other would throw the half-done one away,
@@ -995,6 +1000,7 @@ impl Analyst {
                 points,
                 secs: 0.0,
                 next: 32,
+                started: Instant::now(),
             });
         }
         let Some(s) = &mut self.slice else {
