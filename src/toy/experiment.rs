@@ -323,15 +323,40 @@ impl ToyRun {
 
     /// The prior's own NLL (exact likelihood by the ODE, METHOD.md section 1) on an `n x n` grid.
     pub fn prior_nll_heatmap(&self, prior: &VelocityMlp, reference: &[Point], n: usize) -> Heatmap {
-        self.grid_map(reference, n, |pts| {
-            let x = rows_to_tensor(pts.as_flattened(), 2, &self.device);
-            log_prob(prior, x, self.cfg.eval.likelihood_steps)
-                .try_into_vec_as::<f32>()
-                .expect("f32 readback")
-                .into_iter()
-                .map(|l| -l)
-                .collect()
-        })
+        self.grid_map(reference, n, |pts| self.prior_nll_at(prior, pts))
+    }
+
+    /// The prior's own exact NLL (METHOD.md section 3) at each of `points`; a heatmap computed
+    /// piece by piece (the window's) calls this on slices of [`Heatmap::points`].
+    pub fn prior_nll_at(&self, prior: &VelocityMlp, points: &[Point]) -> Vec<f32> {
+        let x = rows_to_tensor(points.as_flattened(), 2, &self.device);
+        log_prob(prior, x, self.cfg.eval.likelihood_steps)
+            .try_into_vec_as::<f32>()
+            .expect("f32 readback")
+            .into_iter()
+            .map(|l| -l)
+            .collect()
+    }
+
+    /// The bound `C(y) - L_align(y)` of METHOD.md section 3 at each of `points`, `draws` draws per
+    /// point from the evaluation stream's draw `part` (distinct parts draw independently).
+    pub fn bound_at(
+        &self,
+        prior: &VelocityMlp,
+        points: &[Point],
+        draws: usize,
+        part: u64,
+    ) -> Vec<f32> {
+        let mut rng = rng_for(self.cfg.seed, Stream::Eval, 1000 + part);
+        let est = bound(
+            prior,
+            points.as_flattened(),
+            2,
+            draws,
+            &mut rng,
+            &self.device,
+        );
+        est.elbo.iter().map(|&e| e as f32).collect()
     }
 
     /// `C(y) - L_align(y)` of METHOD.md section 3 (the estimate the paper calls a bound) on an
