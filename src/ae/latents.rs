@@ -75,6 +75,17 @@ impl Sums {
     }
 }
 
+/// How [`encode_folder`] writes its cache.
+#[derive(Debug, Clone, Copy)]
+pub struct EncodeOptions {
+    /// Images per shard file.
+    pub shard_size: usize,
+    /// Images per forward pass.
+    pub batch: usize,
+    /// Also store the latents of each image's horizontal flip.
+    pub flip: bool,
+}
+
 /// Encodes every readable image of `folder` (centre crops) into `out/latents-NNNNN.safetensors`
 /// shards of `shard_size` images (`latents` f32 `[n, tokens, dim]`, with `flip` also
 /// `latents_flip`, the latents of the mirrored images, and `labels` i64 `[n]`), and writes
@@ -84,11 +95,14 @@ pub fn encode_folder(
     folder: &ImageFolder,
     size: usize,
     out: &Path,
-    shard_size: usize,
-    batch: usize,
-    flip: bool,
+    opts: EncodeOptions,
     device: &Device,
 ) -> Result<LatentStats> {
+    let EncodeOptions {
+        shard_size,
+        batch,
+        flip,
+    } = opts;
     let mut cache = CacheWriter::create(out, flip)?;
     let indices: Vec<usize> = (0..folder.len()).collect();
     for shard in indices.chunks(shard_size.max(1)) {
@@ -429,7 +443,7 @@ pub fn read_latents_file(path: &Path) -> Result<(Vec<f32>, usize, usize)> {
 }
 
 /// Decodes `latents` (`[n, tokens, dim]`, flat, the autoencoder's own scale) with `model` into
-/// PNGs `out/NNNNNN.png` numbered from `first`, `batch` at a time; pixels are quantised as the
+/// PNGs `out/NNNNNN.png` numbered from 0, `batch` at a time; pixels are quantised as the
 /// evaluation does, `round(clip((x + 1) / 2 * 255))`. Returns the paths written.
 pub fn decode_to_pngs(
     model: &Autoencoder,
@@ -437,7 +451,6 @@ pub fn decode_to_pngs(
     tokens: usize,
     dim: usize,
     out: &Path,
-    first: usize,
     batch: usize,
     device: &Device,
 ) -> Result<Vec<PathBuf>> {
@@ -459,7 +472,7 @@ pub fn decode_to_pngs(
                     rgb[p * 3 + c] = ((v + 1.0) * 127.5).round().clamp(0.0, 255.0) as u8;
                 }
             }
-            let path = out.join(format!("{:06}.png", first + b * batch.max(1) + i));
+            let path = out.join(format!("{:06}.png", b * batch.max(1) + i));
             crate::report::write_png_rgb(&path, &rgb, (w as u32, h as u32))?;
             written.push(path);
         }

@@ -166,7 +166,7 @@ fn eval(args: EvalArgs) -> Result<()> {
 
 fn encode(args: EncodeArgs) -> Result<()> {
     use flowalign::ae::eval::load_autoencoder;
-    use flowalign::ae::latents::encode_folder;
+    use flowalign::ae::latents::{EncodeOptions, encode_folder};
     let (device, _) = select(args.device)?;
     let (cfg, model, step) = load_autoencoder(&args.ae, &device)?;
     let folder = flowalign::ae::data::ImageFolder::scan(&args.data)?;
@@ -176,9 +176,11 @@ fn encode(args: EncodeArgs) -> Result<()> {
         &folder,
         cfg.model.image_size,
         &args.out,
-        args.shard_size,
-        args.batch,
-        args.flip,
+        EncodeOptions {
+            shard_size: args.shard_size,
+            batch: args.batch,
+            flip: args.flip,
+        },
         &device,
     )?;
     tracing::info!(
@@ -462,7 +464,7 @@ fn decode(args: DecodeArgs) -> Result<()> {
     }
     let start = std::time::Instant::now();
     let written = decode_to_pngs(
-        &model, &latents, tokens, dim, &args.out, 0, args.batch, &device,
+        &model, &latents, tokens, dim, &args.out, args.batch, &device,
     )?;
     tracing::info!(
         "{} images in {:.1}s -> {}",

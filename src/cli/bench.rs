@@ -790,7 +790,10 @@ fn metrics(args: &BenchArgs) -> Result<Value> {
                 .map(|_| ())
                 .map_err(|e| flowalign::Error::Numeric(format!("{e:?}")))
         })?;
-        tracing::info!("Inception forward at batch {batch}: {:.2} images/s", calls * batch as f64);
+        tracing::info!(
+            "Inception forward at batch {batch}: {:.2} images/s",
+            calls * batch as f64
+        );
         network.push(json!({ "batch": batch, "images_per_sec": calls * batch as f64 }));
     }
     // Gaussian 2048-d rows, the second set shifted by 0.05 per coordinate.
@@ -822,8 +825,7 @@ fn metrics(args: &BenchArgs) -> Result<Value> {
     let logits: Vec<f32> = (0..10_000 * 1008)
         .map(|i| ((i * 7919) % 1000) as f32 / 100.0)
         .collect();
-    let is_s =
-        seconds(&mut || isc::inception_score(&logits, 1008, 10, Some(2020)).map(|_| ()))?;
+    let is_s = seconds(&mut || isc::inception_score(&logits, 1008, 10, Some(2020)).map(|_| ()))?;
     tracing::info!("IS of 10,000 rows: {is_s:.2} s");
     Ok(json!({
         "device": name,

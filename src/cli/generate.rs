@@ -295,7 +295,7 @@ fn sample(args: SampleArgs) -> Result<()> {
         }
         let images = args.out.join("images");
         let written = decode_to_pngs(
-            &ae_model, &latents, tokens, dim, &images, 0, args.batch, &device,
+            &ae_model, &latents, tokens, dim, &images, args.batch, &device,
         )?;
         tracing::info!("decoded {} images -> {}", written.len(), images.display());
     }

@@ -29,6 +29,8 @@ pub use sample::{SampleOptions, generate};
 
 /// Either generator, as one module type a trainer can hold.
 #[derive(Module, Debug)]
+// One generator lives per run, so the size gap between the variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Generator {
     /// MAR with the flow head (the paper's).
     Mar(mar::MarGenerator),

@@ -99,7 +99,11 @@ impl PriorRun {
             check_same_table(&cfg, m, &data)?;
         }
         run::write_config(dir, &cfg, lead)?;
-        let trainer = run::resume_trainer(new_trainer(&cfg, data.dim(), device), &opened, comm.as_ref())?;
+        let trainer = run::resume_trainer(
+            new_trainer(&cfg, data.dim(), device),
+            &opened,
+            comm.as_ref(),
+        )?;
         Ok(PriorRun {
             cfg,
             ctx: Context {
