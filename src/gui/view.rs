@@ -641,14 +641,11 @@ impl FlowAlignApp {
     /// by more than a tenth since), with the progress of its next refresh.
     fn badge(&self, kind: MapKind, step: Option<usize>) -> Option<Badge> {
         let s = &self.state;
-        let progress = s
-            .progress
-            .iter()
-            .find(|p| p.0 == kind)
-            .map(|p| format!(" · next {:.0} %", 100.0 * p.2));
+        let done = s.progress.iter().find(|p| p.0 == kind).map(|p| 100.0 * p.2);
+        let progress = done.map(|d| format!(" · next {d:.0} %"));
         let Some(step) = step else {
-            return progress.map(|p| Badge {
-                text: format!("computing{p}"),
+            return done.map(|d| Badge {
+                text: format!("{d:.0} % done"),
                 colour: Color32::LIGHT_GRAY,
             });
         };
