@@ -67,6 +67,30 @@ pub fn viridis(v: f32, lo: f32, hi: f32) -> [u8; 3] {
     [c.0, c.1, c.2]
 }
 
+/// The cells of `map` as filled rectangles in data coordinates, each coloured by `colour` of its
+/// value: what every heatmap figure draws.
+pub fn heatmap_cells<'a>(
+    map: &'a Heatmap,
+    colour: impl Fn(f32) -> RGBColor + 'a,
+) -> impl Iterator<Item = Rectangle<(f32, f32)>> + 'a {
+    let ((x0, x1), (y0, y1)) = map.extent();
+    let (nx, ny) = (map.xs.len(), map.ys.len());
+    let dx = (x1 - x0) / (nx - 1).max(1) as f32;
+    let dy = (y1 - y0) / (ny - 1).max(1) as f32;
+    (0..ny)
+        .flat_map(move |iy| (0..nx).map(move |ix| (ix, iy)))
+        .map(move |(ix, iy)| {
+            let (cx, cy) = (map.xs[ix], map.ys[iy]);
+            Rectangle::new(
+                [
+                    (cx - dx / 2.0, cy - dy / 2.0),
+                    (cx + dx / 2.0, cy + dy / 2.0),
+                ],
+                colour(map.values[iy * nx + ix]).filled(),
+            )
+        })
+}
+
 /// Writes `rgb` (row-major, 3 bytes a pixel) as a PNG of `size` pixels, atomically.
 pub fn write_png_rgb(path: &Path, rgb: &[u8], size: (u32, u32)) -> Result<()> {
     let mut png = Vec::new();
@@ -131,23 +155,10 @@ pub fn heatmap_panel(area: &Area, title: &str, map: &Heatmap, overlays: &[Overla
         .draw()
         .map_err(plot_err)?;
     let (lo, hi) = map.colour_range();
-    let (nx, ny) = (map.xs.len(), map.ys.len());
-    let dx = (x1 - x0) / (nx - 1).max(1) as f32;
-    let dy = (y1 - y0) / (ny - 1).max(1) as f32;
-    let cells = (0..ny)
-        .flat_map(|iy| (0..nx).map(move |ix| (ix, iy)))
-        .map(|(ix, iy)| {
-            let v = map.values[iy * nx + ix];
-            let c = ViridisRGB::get_color_normalized(v.clamp(lo, hi), lo, hi);
-            let (cx, cy) = (map.xs[ix], map.ys[iy]);
-            Rectangle::new(
-                [
-                    (cx - dx / 2.0, cy - dy / 2.0),
-                    (cx + dx / 2.0, cy + dy / 2.0),
-                ],
-                c.filled(),
-            )
-        });
+    let cells = heatmap_cells(map, move |v| {
+        let c = ViridisRGB::get_color_normalized(v.clamp(lo, hi), lo, hi);
+        RGBColor(c.0, c.1, c.2)
+    });
     chart.draw_series(cells).map_err(plot_err)?;
     for o in overlays {
         let inside = o

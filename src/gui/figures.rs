@@ -9,7 +9,7 @@ use plotters::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::grid::{Heatmap, Point, Range2};
-use crate::report::{save_png, viridis};
+use crate::report::{heatmap_cells, save_png, viridis};
 use crate::stats::moving_average;
 use crate::toy::Curves;
 
@@ -148,24 +148,10 @@ fn heat_figure(
         .draw()
         .map_err(err)?;
     let (lo, hi) = map.colour_range();
-    let (nx, ny) = (map.xs.len(), map.ys.len());
-    let dx = (x1 - x0) / (nx - 1).max(1) as f32;
-    let dy = (y1 - y0) / (ny - 1).max(1) as f32;
-    let cells = (0..ny)
-        .flat_map(|iy| (0..nx).map(move |ix| (ix, iy)))
-        .map(|(ix, iy)| {
-            let v = map.values[iy * nx + ix];
-            let v = if v.is_finite() { v } else { hi };
-            let [r, g, b] = viridis(v, lo, hi);
-            let (cx, cy) = (map.xs[ix], map.ys[iy]);
-            Rectangle::new(
-                [
-                    (cx - dx / 2.0, cy - dy / 2.0),
-                    (cx + dx / 2.0, cy + dy / 2.0),
-                ],
-                RGBColor(r, g, b).filled(),
-            )
-        });
+    let cells = heatmap_cells(map, move |v| {
+        let [r, g, b] = viridis(if v.is_finite() { v } else { hi }, lo, hi);
+        RGBColor(r, g, b)
+    });
     chart.draw_series(cells).map_err(err)?;
     let inside = |p: &&Point| p[0] >= x0 && p[0] <= x1 && p[1] >= y0 && p[1] <= y1;
     for d in dots.iter().filter(|d| !d.points.is_empty()) {
