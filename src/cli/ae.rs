@@ -11,7 +11,6 @@ use flowalign::ae::config::{AeConfig, AePreset};
 use flowalign::ae::model::VitSize;
 use flowalign::ae::train::AeRun;
 use flowalign::backend::{DeviceChoice, select};
-use flowalign::checkpoint;
 use flowalign::dist::Comm;
 
 #[derive(Subcommand)]
@@ -294,16 +293,24 @@ pub struct TrainArgs {
 
 impl TrainArgs {
     fn config(&self) -> Result<AeConfig> {
-        let mut cfg = if let Some(path) = &self.config {
-            AeConfig::from_toml_file(path)?
-        } else if self.resume && self.out.join(checkpoint::CONFIG).is_file() {
-            checkpoint::read_config(&self.out, "ae train")?
-        } else {
-            let (Some(data), Some(prior)) = (&self.data, &self.prior) else {
-                bail!("--data DIR and --prior RUN are required (or --config F.toml, or --resume)");
-            };
-            AeConfig::preset(self.preset.unwrap_or(AePreset::Paper), data, prior)
-        };
+        let mut cfg = super::starting_config(
+            self.config.as_deref(),
+            self.resume,
+            &self.out,
+            AeConfig::from_toml_file,
+            || {
+                let (Some(data), Some(prior)) = (&self.data, &self.prior) else {
+                    bail!(
+                        "--data DIR and --prior RUN are required (or --config F.toml, or --resume)"
+                    );
+                };
+                Ok(AeConfig::preset(
+                    self.preset.unwrap_or(AePreset::Paper),
+                    data,
+                    prior,
+                ))
+            },
+        )?;
         if let (Some(p), true) = (self.preset, self.config.is_some() || self.resume) {
             let base = AeConfig::preset(p, &cfg.data, &cfg.prior);
             (cfg.model, cfg.loss, cfg.train, cfg.preset) = (base.model, base.loss, base.train, p);

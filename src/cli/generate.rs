@@ -10,7 +10,6 @@ use clap::{Args, Subcommand};
 
 use flowalign::ae::latents::LatentSet;
 use flowalign::backend::{DeviceChoice, select};
-use flowalign::checkpoint;
 use flowalign::dist::Comm;
 use flowalign::generator::masking::CfgSchedule;
 use flowalign::generator::run::{GenRun, load_generator, write_latents};
@@ -73,25 +72,26 @@ impl TrainArgs {
     /// The requested config: the run's own when resuming, else a file or preset fitted to the
     /// cache's latents; then the flags.
     fn config(&self) -> Result<GenConfig> {
-        let saved = self.out.join(checkpoint::CONFIG);
-        let mut cfg = if let Some(path) = &self.config {
-            GenConfig::from_toml_file(path)?
-        } else if self.resume && saved.is_file() {
-            checkpoint::read_config(&self.out, "gen train")?
-        } else {
-            let Some(latents) = &self.latents else {
-                bail!("--latents DIR is required (or --config F.toml, or --resume)");
-            };
-            let mut cfg = GenConfig::preset(self.preset.unwrap_or(GenPreset::Small), latents);
-            let set = LatentSet::read(Path::new(latents))?;
-            cfg.fit_to(set.stats.tokens, set.stats.dim, set.num_classes());
-            cfg.data.scale = if set.stats.scale > 0.0 {
-                set.stats.scale
-            } else {
-                1.0 / set.stats.std.max(1e-12)
-            };
-            cfg
-        };
+        let mut cfg = super::starting_config(
+            self.config.as_deref(),
+            self.resume,
+            &self.out,
+            GenConfig::from_toml_file,
+            || {
+                let Some(latents) = &self.latents else {
+                    bail!("--latents DIR is required (or --config F.toml, or --resume)");
+                };
+                let mut cfg = GenConfig::preset(self.preset.unwrap_or(GenPreset::Small), latents);
+                let set = LatentSet::read(Path::new(latents))?;
+                cfg.fit_to(set.stats.tokens, set.stats.dim, set.num_classes());
+                cfg.data.scale = if set.stats.scale > 0.0 {
+                    set.stats.scale
+                } else {
+                    1.0 / set.stats.std.max(1e-12)
+                };
+                Ok(cfg)
+            },
+        )?;
         if let Some(l) = &self.latents {
             cfg.data.latents = l.clone();
         }

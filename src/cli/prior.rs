@@ -91,17 +91,21 @@ pub struct TrainArgs {
 impl TrainArgs {
     /// The requested config: the run's own when resuming, else a file or preset; then the flags.
     fn config(&self) -> Result<FeaturePriorConfig> {
-        let saved = self.out.join(checkpoint::CONFIG);
-        let mut cfg = if let Some(path) = &self.config {
-            FeaturePriorConfig::from_toml_file(path)?
-        } else if self.resume && saved.is_file() {
-            checkpoint::read_config(&self.out, "prior train")?
-        } else {
-            let Some(features) = &self.features else {
-                bail!("--features FILE[:TENSOR] is required (or --config F.toml, or --resume)");
-            };
-            FeaturePriorConfig::preset(self.preset.unwrap_or(PriorPreset::Paper), features)
-        };
+        let mut cfg = super::starting_config(
+            self.config.as_deref(),
+            self.resume,
+            &self.out,
+            FeaturePriorConfig::from_toml_file,
+            || {
+                let Some(features) = &self.features else {
+                    bail!("--features FILE[:TENSOR] is required (or --config F.toml, or --resume)");
+                };
+                Ok(FeaturePriorConfig::preset(
+                    self.preset.unwrap_or(PriorPreset::Paper),
+                    features,
+                ))
+            },
+        )?;
         if let (Some(p), true) = (self.preset, self.config.is_some() || self.resume) {
             let base = FeaturePriorConfig::preset(p, &cfg.data.features);
             (cfg.model, cfg.train, cfg.preset) = (base.model, base.train, p);
