@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""PyTorch reference for `flowalign::ae::inception` and `flowalign::ae::fid`: builds pytorch-fid's own
+"""PyTorch reference for `flowalign::metrics::inception` and `flowalign::metrics::fid`: builds pytorch-fid's own
 FID Inception-v3 (`pytorch_fid.inception.InceptionV3`, with its FIDInceptionA/C/E_1/E_2 blocks) from
 deterministic weights, and writes its pool3 features of two fixed sets of 8 images plus their FID.
 
@@ -91,7 +91,7 @@ def images(kind: str) -> np.ndarray:
 
 
 def exact_fid(f1: np.ndarray, f2: np.ndarray) -> float:
-    """FID in float64 by the symmetric eigen route (the maths of flowalign::ae::fid)."""
+    """FID in float64 by the symmetric eigen route (the maths of flowalign::metrics::fid)."""
     mu1, mu2 = f1.mean(0), f2.mean(0)
     s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
     w, v = linalg.eigh(s1)

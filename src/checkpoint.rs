@@ -246,11 +246,131 @@ pub fn load<D: DeserializeOwned>(dir: &Path) -> Result<Saved<D>> {
     Ok(Some((manifest, state)))
 }
 
-/// Appends metrics to `metrics.csv` and `metrics.jsonl` in a run folder.
+/// Appends metrics to `metrics.csv` and `metrics.jsonl` in a run folder, and to a TensorBoard
+/// event file beside them.
 pub struct MetricsLog {
     csv: PathBuf,
     jsonl: PathBuf,
     columns: Vec<String>,
+    events: EventLog,
+}
+
+/// A TensorBoard event file (`events.out.tfevents.*`) in a run folder: every number of a metrics
+/// line as a scalar, figures as images. `tensorboard --logdir runs/` shows each run folder as a run.
+///
+/// Each process that opens a run starts a new file; on a resumed run the file begins with a
+/// session start at the step after the checkpoint, so TensorBoard drops what the stopped session
+/// had logged beyond it.
+pub struct EventLog {
+    path: PathBuf,
+    writer: tfrecord::EventWriter<std::io::BufWriter<std::fs::File>>,
+}
+
+impl EventLog {
+    /// Starts a new event file in `dir` for a run at `step` (0 for a new run).
+    pub fn create(dir: &Path, step: usize) -> Result<EventLog> {
+        use tfrecord::protobuf::event::What;
+        use tfrecord::protobuf::{SessionLog, session_log::SessionStatus};
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        // A new name for every open, even two in one second of one process.
+        let path = (0..)
+            .map(|n| {
+                dir.join(format!(
+                    "events.out.tfevents.{}.flowalign.{}.{n}",
+                    now.as_secs(),
+                    std::process::id()
+                ))
+            })
+            .find(|p| !p.exists())
+            .expect("some free name");
+        let fail = |e: tfrecord::Error| {
+            Error::io(
+                &path,
+                "keep the run folder writable",
+                std::io::Error::other(e.to_string()),
+            )
+        };
+        let mut writer =
+            tfrecord::EventWriter::create(&path, tfrecord::EventWriterConfig { auto_flush: true })
+                .map_err(fail)?;
+        let event = |step: usize, what: What| tfrecord::Event {
+            wall_time: now.as_secs_f64(),
+            step: step as i64,
+            what: Some(what),
+            source_metadata: None,
+        };
+        writer
+            .write_event(event(0, What::FileVersion("brain.Event:2".into())))
+            .map_err(fail)?;
+        if step > 0 {
+            let start = SessionLog {
+                status: SessionStatus::Start as i32,
+                checkpoint_path: String::new(),
+                msg: format!("resumed at step {step}"),
+            };
+            writer
+                .write_event(event(step + 1, What::SessionLog(start)))
+                .map_err(fail)?;
+        }
+        Ok(EventLog { path, writer })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn fail(&self, e: tfrecord::Error) -> Error {
+        Error::io(
+            &self.path,
+            "keep the run folder writable",
+            std::io::Error::other(e.to_string()),
+        )
+    }
+
+    /// Every number of `row` (a JSON object with a `step`) but the step itself, as a scalar.
+    pub fn scalars(&mut self, row: &serde_json::Value) -> Result<()> {
+        let step = row["step"].as_i64().unwrap_or(0);
+        if let Some(map) = row.as_object() {
+            for (tag, v) in map {
+                if tag == "step" {
+                    continue;
+                }
+                if let Some(x) = v.as_f64() {
+                    self.writer
+                        .write_scalar(tag, step, x as f32)
+                        .map_err(|e| self.fail(e))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A PNG image (its bytes as written to disk) under `tag` at `step`.
+    pub fn image(&mut self, tag: &str, step: usize, png: &[u8]) -> Result<()> {
+        let (width, height) = png_size(png)
+            .ok_or_else(|| Error::input(&self.path, format!("image '{tag}' is not a PNG")))?;
+        let image = tfrecord::protobuf::summary::Image {
+            height: height as i32,
+            width: width as i32,
+            colorspace: 3,
+            encoded_image_string: png.to_vec(),
+        };
+        self.writer
+            .write_image(tag, step as i64, image)
+            .map_err(|e| self.fail(e))
+    }
+}
+
+/// A PNG's width and height from its IHDR chunk.
+fn png_size(png: &[u8]) -> Option<(u32, u32)> {
+    if png.len() < 24 || &png[..8] != b"\x89PNG\r\n\x1a\n" || &png[12..16] != b"IHDR" {
+        return None;
+    }
+    let be = |i: usize| u32::from_be_bytes([png[i], png[i + 1], png[i + 2], png[i + 3]]);
+    Some((be(16), be(20)))
 }
 
 impl MetricsLog {
@@ -261,6 +381,7 @@ impl MetricsLog {
             csv: dir.join("metrics.csv"),
             jsonl: dir.join("metrics.jsonl"),
             columns: columns.iter().map(|c| c.to_string()).collect(),
+            events: EventLog::create(dir, step)?,
         };
         let keep = |line: &str, step_of: &dyn Fn(&str) -> Option<usize>| {
             step_of(line).is_some_and(|s| s <= step)
@@ -288,9 +409,9 @@ impl MetricsLog {
         Ok(log)
     }
 
-    /// Appends one line: the JSON of `row`, and its fields named by the columns as CSV (absent or
-    /// null fields are empty).
-    pub fn append(&self, row: &impl Serialize) -> Result<()> {
+    /// Appends one line: the JSON of `row`, its fields named by the columns as CSV (absent or
+    /// null fields are empty), and its numbers as TensorBoard scalars.
+    pub fn append(&mut self, row: &impl Serialize) -> Result<()> {
         use std::io::Write;
         let value = serde_json::to_value(row).expect("metrics serialise");
         let cell = |c: &String| match &value[c.as_str()] {
@@ -310,13 +431,111 @@ impl MetricsLog {
                 .and_then(|mut f| f.write_all(line.as_bytes()))
                 .map_err(|e| Error::io(path, "keep the run folder writable", e))?;
         }
-        Ok(())
+        self.events.scalars(&value)
+    }
+
+    /// The run's TensorBoard event file, for images.
+    pub fn events(&mut self) -> &mut EventLog {
+        &mut self.events
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The events of every TensorBoard file in `dir`, in file order, read back by tfrecord's reader.
+    fn read_events(dir: &Path) -> Vec<tfrecord::Event> {
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().contains("tfevents"))
+            .collect();
+        files.sort();
+        files
+            .iter()
+            .flat_map(|f| {
+                tfrecord::EventIter::open(f, Default::default())
+                    .unwrap()
+                    .map(|e| e.unwrap())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn metrics_lines_and_figures_reach_a_tensorboard_file_that_parses() {
+        use tfrecord::protobuf::event::What;
+        use tfrecord::protobuf::summary::value::Value as V;
+        let dir = tempfile::tempdir().unwrap();
+        #[derive(Serialize)]
+        struct Line {
+            step: usize,
+            loss: f32,
+            val_loss: Option<f32>,
+            note: &'static str,
+        }
+        let mut log = MetricsLog::open(dir.path(), 0, &["step", "loss", "val_loss"]).unwrap();
+        for step in [10, 20] {
+            log.append(&Line {
+                step,
+                loss: 1.0 / step as f32,
+                val_loss: (step == 20).then_some(0.25),
+                note: "text is not a scalar",
+            })
+            .unwrap();
+        }
+        let grid = dir.path().join("grid.png");
+        crate::report::write_image_grid(&grid, &[0.5; 3 * 4 * 4], &[-0.5; 3 * 4 * 4], 4).unwrap();
+        log.events()
+            .image("grid", 20, &std::fs::read(&grid).unwrap())
+            .unwrap();
+        let events = read_events(dir.path());
+        assert!(matches!(&events[0].what, Some(What::FileVersion(v)) if v == "brain.Event:2"));
+        let mut scalars = Vec::new();
+        let mut images = Vec::new();
+        for e in &events {
+            if let Some(What::Summary(s)) = &e.what {
+                for v in &s.value {
+                    match &v.value {
+                        Some(V::SimpleValue(x)) => scalars.push((v.tag.clone(), e.step, *x)),
+                        Some(V::Image(i)) => {
+                            images.push((v.tag.clone(), e.step, i.width, i.height))
+                        }
+                        _ => panic!("unexpected value {v:?}"),
+                    }
+                }
+            }
+        }
+        scalars.sort_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
+        assert_eq!(
+            scalars,
+            vec![
+                ("loss".to_string(), 10, 0.1),
+                ("loss".to_string(), 20, 0.05),
+                ("val_loss".to_string(), 20, 0.25),
+            ]
+        );
+        assert_eq!(images, vec![("grid".to_string(), 20, 4, 8)]);
+
+        // A resumed run starts a new file with a session start after its checkpoint.
+        let mut again = MetricsLog::open(dir.path(), 10, &["step", "loss", "val_loss"]).unwrap();
+        again
+            .append(&Line {
+                step: 20,
+                loss: 0.07,
+                val_loss: None,
+                note: "",
+            })
+            .unwrap();
+        let events = read_events(dir.path());
+        let start = events
+            .iter()
+            .position(|e| matches!(e.what, Some(What::SessionLog(_))))
+            .expect("a session start");
+        assert_eq!(events[start].step, 11);
+        assert!(events[start..].iter().any(|e| e.step == 20));
+    }
     use crate::prior::data::TableInfo;
 
     #[test]

@@ -21,6 +21,10 @@ pub enum Error {
         msg: String,
         setting: Option<&'static str>,
     },
+    /// A model named by its hub id (`hf:ORG/NAME...`) is not in the local Hugging Face cache, or
+    /// the id is malformed.
+    #[error("{id}: {msg}")]
+    Hub { id: String, msg: String },
     /// A file could not be read or written.
     #[error("{path}: {source} ({hint})")]
     Io {
@@ -61,6 +65,9 @@ pub enum Error {
     /// A numerical computation met non-finite values or did not converge.
     #[error("{0}")]
     Numeric(String),
+    /// A metric cannot be computed from the samples given (too few of them for its estimator).
+    #[error("{0}")]
+    Metric(String),
     /// The backend could not provide the requested device.
     #[error("device: {0}")]
     Device(String),

@@ -52,6 +52,10 @@ enum Command {
     /// Stage 2 of the ImageNet recipe: an image autoencoder aligned to a frozen prior.
     #[command(subcommand)]
     Ae(cli::ae::AeCommand),
+    /// Stage 3: a generator (MAR with a flow head) on an autoencoder's latents, its samples, and the
+    /// generation metrics of the paper's Table 1.
+    #[command(subcommand)]
+    Gen(cli::generate::GenCommand),
     /// Throughput benchmarks (JSON), side by side with PyTorch when it is installed.
     Bench(cli::bench::BenchArgs),
 }
@@ -102,6 +106,7 @@ fn main() -> ExitCode {
         Some(Command::Features(cmd)) => cli::features::run(cmd),
         Some(Command::Prior(cmd)) => cli::prior::run(cmd),
         Some(Command::Ae(cmd)) => cli::ae::run(cmd),
+        Some(Command::Gen(cmd)) => cli::generate::run(cmd),
         Some(Command::Bench(args)) => cli::bench::run(args),
     };
     match result {

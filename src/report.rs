@@ -46,10 +46,49 @@ pub fn save_png(
     write_png_rgb(path, &buf, size)
 }
 
+/// Writes `text` in a strip of `height` pixels along the bottom of `area` (a figure's budget or
+/// caption) and returns the area above it.
+pub fn with_footer<'a>(area: &Area<'a>, text: &str, height: u32) -> Result<Area<'a>> {
+    let (w, h) = area.dim_in_pixel();
+    let (upper, lower) = area.split_vertically(h.saturating_sub(height));
+    let style = TextStyle::from(("sans-serif", 16)).color(&BLACK);
+    // Long captions are cut at the figure's width rather than drawn off it.
+    let max_chars = (w as usize / 9).max(10);
+    let line: String = text.chars().take(max_chars).collect();
+    lower
+        .draw_text(&line, &style, (10, (height as i32 - 15) / 2))
+        .map_err(plot_err)?;
+    Ok(upper)
+}
+
 /// The viridis colour of `v` on the range `[lo, hi]` (clamped), as RGB bytes.
 pub fn viridis(v: f32, lo: f32, hi: f32) -> [u8; 3] {
     let c = ViridisRGB::get_color_normalized(v.clamp(lo, hi), lo, hi);
     [c.0, c.1, c.2]
+}
+
+/// The cells of `map` as filled rectangles in data coordinates, each coloured by `colour` of its
+/// value: what every heatmap figure draws.
+pub fn heatmap_cells<'a>(
+    map: &'a Heatmap,
+    colour: impl Fn(f32) -> RGBColor + 'a,
+) -> impl Iterator<Item = Rectangle<(f32, f32)>> + 'a {
+    let ((x0, x1), (y0, y1)) = map.extent();
+    let (nx, ny) = (map.xs.len(), map.ys.len());
+    let dx = (x1 - x0) / (nx - 1).max(1) as f32;
+    let dy = (y1 - y0) / (ny - 1).max(1) as f32;
+    (0..ny)
+        .flat_map(move |iy| (0..nx).map(move |ix| (ix, iy)))
+        .map(move |(ix, iy)| {
+            let (cx, cy) = (map.xs[ix], map.ys[iy]);
+            Rectangle::new(
+                [
+                    (cx - dx / 2.0, cy - dy / 2.0),
+                    (cx + dx / 2.0, cy + dy / 2.0),
+                ],
+                colour(map.values[iy * nx + ix]).filled(),
+            )
+        })
 }
 
 /// Writes `rgb` (row-major, 3 bytes a pixel) as a PNG of `size` pixels, atomically.
@@ -99,39 +138,27 @@ pub struct Overlay<'a> {
 
 /// Draws `map` with viridis colours, a colour bar and the overlays, titled `title`.
 pub fn heatmap_panel(area: &Area, title: &str, map: &Heatmap, overlays: &[Overlay]) -> Result<()> {
-    let (main, bar) = area.split_horizontally(area.dim_in_pixel().0.saturating_sub(70));
+    let (main, bar) =
+        area.split_horizontally(area.dim_in_pixel().0.saturating_sub(COLOUR_BAR_WIDTH));
     let ((x0, x1), (y0, y1)) = map.extent();
     let mut chart = ChartBuilder::on(&main)
-        .caption(title, ("sans-serif", 18))
+        .caption(title, ("sans-serif", 20))
         .margin(6)
-        .x_label_area_size(28)
-        .y_label_area_size(36)
+        .x_label_area_size(32)
+        .y_label_area_size(44)
         .build_cartesian_2d(x0..x1, y0..y1)
         .map_err(plot_err)?;
     chart
         .configure_mesh()
         .disable_mesh()
-        .label_style(("sans-serif", 12))
+        .label_style(("sans-serif", 14))
         .draw()
         .map_err(plot_err)?;
     let (lo, hi) = map.colour_range();
-    let (nx, ny) = (map.xs.len(), map.ys.len());
-    let dx = (x1 - x0) / (nx - 1).max(1) as f32;
-    let dy = (y1 - y0) / (ny - 1).max(1) as f32;
-    let cells = (0..ny)
-        .flat_map(|iy| (0..nx).map(move |ix| (ix, iy)))
-        .map(|(ix, iy)| {
-            let v = map.values[iy * nx + ix];
-            let c = ViridisRGB::get_color_normalized(v.clamp(lo, hi), lo, hi);
-            let (cx, cy) = (map.xs[ix], map.ys[iy]);
-            Rectangle::new(
-                [
-                    (cx - dx / 2.0, cy - dy / 2.0),
-                    (cx + dx / 2.0, cy + dy / 2.0),
-                ],
-                c.filled(),
-            )
-        });
+    let cells = heatmap_cells(map, move |v| {
+        let c = ViridisRGB::get_color_normalized(v.clamp(lo, hi), lo, hi);
+        RGBColor(c.0, c.1, c.2)
+    });
     chart.draw_series(cells).map_err(plot_err)?;
     for o in overlays {
         let inside = o
@@ -145,20 +172,44 @@ pub fn heatmap_panel(area: &Area, title: &str, map: &Heatmap, overlays: &[Overla
     colour_bar(&bar, lo, hi)
 }
 
+/// Pixels a heatmap panel gives its colour bar: the bar and room for labels such as `-12.35`.
+const COLOUR_BAR_WIDTH: u32 = 90;
+
+/// A short tick label: three or four significant digits, never more than six characters
+/// (`-12.35`, `0.125`, `1234`), so a colour bar's labels fit beside it.
+pub fn tick_label(v: f32) -> String {
+    let a = v.abs();
+    if a >= 100.0 || v == 0.0 {
+        format!("{v:.0}")
+    } else if a >= 10.0 {
+        format!("{v:.1}")
+    } else if a >= 1.0 {
+        format!("{v:.2}")
+    } else if a >= 0.01 {
+        format!("{v:.3}")
+    } else {
+        format!("{v:.0e}")
+    }
+}
+
 fn colour_bar(area: &Area, lo: f32, hi: f32) -> Result<()> {
+    // The labels stand left of an 18-pixel bar; the label area is sized for six characters at
+    // 14 px, so they are never cut (the bar is drawn after the labels and would cover them).
     let mut chart = ChartBuilder::on(area)
         .margin_top(34)
         .margin_bottom(34)
-        .margin_right(8)
-        .y_label_area_size(44)
+        .margin_right(6)
+        .y_label_area_size(COLOUR_BAR_WIDTH - 24)
         .build_cartesian_2d(0f32..1f32, lo..hi)
         .map_err(plot_err)?;
     chart
         .configure_mesh()
         .disable_mesh()
         .disable_x_axis()
-        .label_style(("sans-serif", 11))
+        .label_style(("sans-serif", 14))
         .y_labels(6)
+        // A trailing space keeps the right-aligned label off the bar's edge.
+        .y_label_formatter(&|v| format!("{} ", tick_label(*v)))
         .draw()
         .map_err(plot_err)?;
     let n = 100;
@@ -224,11 +275,11 @@ pub fn twin_curves_panel(
     let (l0, l1) = pad((l0, l1));
     let (n0, n1) = pad((n0, n1));
     let mut chart = ChartBuilder::on(area)
-        .caption(title, ("sans-serif", 18))
+        .caption(title, ("sans-serif", 20))
         .margin(8)
         .x_label_area_size(32)
-        .y_label_area_size(46)
-        .right_y_label_area_size(46)
+        .y_label_area_size(58)
+        .right_y_label_area_size(58)
         .build_cartesian_2d((1f64..n).log_scale(), l0..l1)
         .map_err(plot_err)?
         .set_secondary_coord((1f64..n).log_scale(), n0..n1);
@@ -236,13 +287,16 @@ pub fn twin_curves_panel(
         .configure_mesh()
         .x_desc("step")
         .y_desc(left.0)
-        .label_style(("sans-serif", 12))
+        .label_style(("sans-serif", 14))
+        .y_label_formatter(&|v| tick_label(*v))
+        .x_label_formatter(&|v| format!("{v:.0}"))
         .draw()
         .map_err(plot_err)?;
     chart
         .configure_secondary_axes()
         .y_desc(right.0)
-        .label_style(("sans-serif", 12))
+        .label_style(("sans-serif", 14))
+        .y_label_formatter(&|v| tick_label(*v))
         .draw()
         .map_err(plot_err)?;
     let blue = RGBColor(31, 119, 180);
@@ -267,7 +321,7 @@ pub fn twin_curves_panel(
         .configure_series_labels()
         .border_style(BLACK)
         .background_style(WHITE.mix(0.8))
-        .label_font(("sans-serif", 12))
+        .label_font(("sans-serif", 14))
         .draw()
         .map_err(plot_err)?;
     Ok(())
@@ -283,15 +337,15 @@ pub fn scatter_panel(
 ) -> Result<()> {
     let ((x0, x1), (y0, y1)) = range;
     let mut chart = ChartBuilder::on(area)
-        .caption(title, ("sans-serif", 18))
+        .caption(title, ("sans-serif", 20))
         .margin(6)
-        .x_label_area_size(28)
-        .y_label_area_size(36)
+        .x_label_area_size(32)
+        .y_label_area_size(44)
         .build_cartesian_2d(x0..x1, y0..y1)
         .map_err(plot_err)?;
     chart
         .configure_mesh()
-        .label_style(("sans-serif", 12))
+        .label_style(("sans-serif", 14))
         .light_line_style(WHITE)
         .draw()
         .map_err(plot_err)?;
@@ -316,15 +370,15 @@ pub fn arrows_panel(
 ) -> Result<()> {
     let ((x0, x1), (y0, y1)) = range;
     let mut chart = ChartBuilder::on(area)
-        .caption(title, ("sans-serif", 18))
+        .caption(title, ("sans-serif", 20))
         .margin(6)
-        .x_label_area_size(28)
-        .y_label_area_size(36)
+        .x_label_area_size(32)
+        .y_label_area_size(44)
         .build_cartesian_2d(x0..x1, y0..y1)
         .map_err(plot_err)?;
     chart
         .configure_mesh()
-        .label_style(("sans-serif", 12))
+        .label_style(("sans-serif", 14))
         .light_line_style(WHITE)
         .draw()
         .map_err(plot_err)?;

@@ -34,6 +34,11 @@ pub enum Stream {
     Adversarial = 10,
     /// Initialisation of the discriminator (its heads, and its trunk when no DINOv2 file is given).
     DiscInit = 11,
+    /// Generator training draws (stage 3): mask ratio, orders, label drops, the head's (t, noise)
+    /// and the dropout seed, one generator per step.
+    Mask = 12,
+    /// Generator sampling: orders and noise.
+    Sample = 13,
 }
 
 /// A generator for `stream` at `step` of the run seeded by `seed`.

@@ -209,6 +209,49 @@ pub trait Job {
     fn logged(&mut self, _dir: &Path, _line: &Self::Line) -> Result<()> {
         Ok(())
     }
+
+    /// The PNG figures (file names in the run folder) the job writes while it trains, such as a
+    /// reconstruction grid: each new version goes to TensorBoard as an image, tagged by its name.
+    fn figures(&self) -> &'static [&'static str] {
+        &[]
+    }
+}
+
+/// The last modification seen of each of a job's figures; sends a changed one to TensorBoard.
+struct FigureWatch {
+    seen: Vec<Option<std::time::SystemTime>>,
+}
+
+impl FigureWatch {
+    fn new(names: &[&str]) -> Self {
+        FigureWatch {
+            seen: vec![None; names.len()],
+        }
+    }
+
+    fn send(
+        &mut self,
+        dir: &Path,
+        names: &[&str],
+        step: usize,
+        log: &mut MetricsLog,
+    ) -> Result<()> {
+        for (name, seen) in names.iter().zip(&mut self.seen) {
+            let path = dir.join(name);
+            let Ok(modified) = std::fs::metadata(&path).and_then(|m| m.modified()) else {
+                continue;
+            };
+            if *seen == Some(modified) {
+                continue;
+            }
+            *seen = Some(modified);
+            let png = std::fs::read(&path)
+                .map_err(|e| crate::error::Error::io(&path, "keep the run folder readable", e))?;
+            let tag = name.strip_suffix(".png").unwrap_or(name);
+            log.events().image(tag, step, &png)?;
+        }
+        Ok(())
+    }
 }
 
 /// Where and among whom a run trains.
@@ -252,15 +295,17 @@ pub fn train<J: Job>(
 ) -> Result<Summary> {
     let lead = ctx.leads();
     let resumed_from = job.step();
-    let log = lead
+    let mut log = lead
         .then(|| MetricsLog::open(&ctx.dir, resumed_from, ctx.columns))
         .transpose()?;
+    let mut figures = FigureWatch::new(job.figures());
     if resumed_from == 0
         && let Some(line) = job.first_line()?
-        && let Some(log) = &log
+        && let Some(log) = &mut log
     {
         log.append(&line)?;
         job.logged(&ctx.dir, &line)?;
+        figures.send(&ctx.dir, job.figures(), 0, log)?;
     }
     let mut window = Instant::now();
     let mut interrupted = false;
@@ -285,12 +330,15 @@ pub fn train<J: Job>(
                 window.elapsed().as_secs_f64(),
                 checkpoint || interrupted,
             )?;
-            if let Some(log) = &log {
+            if let Some(log) = &mut log {
                 log.append(&line)?;
                 job.logged(&ctx.dir, &line)?;
             }
             on_log(&line);
             window = Instant::now();
+        }
+        if let Some(log) = &mut log {
+            figures.send(&ctx.dir, job.figures(), step, log)?;
         }
         if interrupted {
             break;
@@ -301,6 +349,20 @@ pub fn train<J: Job>(
         step: job.step(),
         interrupted,
     })
+}
+
+/// The trainer of an opened run: `fresh`, restored from the checkpoint when resuming, then, in a
+/// multi-process run, rank 0's state adopted by every rank.
+pub fn resume_trainer<M: Module, D>(
+    fresh: Trainer<M>,
+    opened: &Opened<D>,
+    comm: Option<&Arc<Comm>>,
+) -> Result<Trainer<M>> {
+    let mut trainer = fresh;
+    if let Some((_, state)) = &opened.saved {
+        trainer.restore(state)?;
+    }
+    Ok(adopt(trainer, comm)?.0)
 }
 
 /// A rank's trainer adopted from rank 0 when `comm` is given (see [`Trainer::adopt`]); with no

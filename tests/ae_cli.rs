@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use burn::prelude::Device;
 use flowalign::ae::config::AeConfig;
-use flowalign::ae::inception::Layout;
 use flowalign::ae::train::AeRun;
 use flowalign::checkpoint;
+use flowalign::metrics::inception::Layout;
 use flowalign::params::param_values;
 
 mod common;
@@ -123,6 +123,38 @@ fn ae_train_improves_monitors_and_resumes() {
         "{mon:?}"
     );
     assert!(whole.join("recon.png").is_file() && whole.join("alignment.png").is_file());
+    // TensorBoard gets the same figures as images, and the metrics as scalars.
+    let (mut images, mut scalars) = (Vec::new(), 0);
+    for file in std::fs::read_dir(&whole)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+    {
+        if !file.to_string_lossy().contains("tfevents") {
+            continue;
+        }
+        for event in tfrecord::EventIter::open(&file, Default::default()).unwrap() {
+            let event = event.unwrap();
+            if let Some(tfrecord::protobuf::event::What::Summary(s)) = event.what {
+                for v in s.value {
+                    match v.value {
+                        Some(tfrecord::protobuf::summary::value::Value::Image(i)) => {
+                            assert!(i.width > 0 && i.encoded_image_string.starts_with(b"\x89PNG"));
+                            images.push(v.tag);
+                        }
+                        Some(tfrecord::protobuf::summary::value::Value::SimpleValue(_)) => {
+                            scalars += 1
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        images.iter().any(|t| t == "recon") && images.iter().any(|t| t == "alignment"),
+        "{images:?}"
+    );
+    assert!(scalars > 10);
     // The adversarial term: off before step 20, every column finite once it runs.
     assert!(adv_columns(&whole, 10).iter().all(Option::is_none));
     let adv = adv_columns(&whole, 150);
@@ -283,9 +315,10 @@ fn ae_train_improves_monitors_and_resumes() {
     args.extend(["--gpus", "2"]);
     let out = flowalign(&args);
     assert!(out.status.success(), "{out:?}");
-    // Equal up to float summation order: the first logged losses agree closely. Over 150 Adam steps
-    // such rounding differences grow (Adam normalises tiny gradients), so the end is compared
-    // loosely.
+    // Equal up to float summation order: the losses logged before the adversarial term starts
+    // (steps 10 and 20) agree closely. From step 20 the generator and the discriminator train
+    // against each other, which amplifies rounding differences (and Adam normalises tiny
+    // gradients), so the end of the 150 steps is compared loosely.
     let loss_at = |dir: &Path| -> Vec<f32> {
         std::fs::read_to_string(dir.join("metrics.csv"))
             .unwrap()
@@ -302,14 +335,18 @@ fn ae_train_improves_monitors_and_resumes() {
         l1.last().unwrap(),
         l2.last().unwrap()
     );
-    assert!(
-        (l1[0] - l2[0]).abs() <= 1e-4 * l1[0].abs(),
-        "{} vs {}",
-        l1[0],
-        l2[0]
-    );
+    eprintln!("losses every 10 steps, one replica: {l1:?}\ntwo replicas: {l2:?}");
+    for i in 0..2 {
+        assert!(
+            (l1[i] - l2[i]).abs() <= 1e-4 * l1[i].abs(),
+            "step {}: {} vs {}",
+            10 * (i + 1),
+            l1[i],
+            l2[i]
+        );
+    }
     let (e1, e2) = (l1.last().unwrap(), l2.last().unwrap());
-    assert!((e1 - e2).abs() <= 0.02 * e1.abs(), "{e1} vs {e2}");
+    assert!((e1 - e2).abs() <= 0.06 * e1.abs(), "{e1} vs {e2}");
 
     // lambda = 0, same seed: the latents drift from the prior; the reconstruction is comparable.
     let plain = tmp.path().join("plain");

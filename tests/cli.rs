@@ -138,8 +138,11 @@ fn toy_run_writes_every_output_and_reuses_its_prior() {
         "/heatmap/pearson",
         "/heatmap/spearman",
         "/heatmap/seconds",
-        "/bound/mean_log_p",
-        "/bound/mean_elbo",
+        "/estimate/mean_log_p",
+        "/estimate/paper/mean",
+        "/estimate/paper/mean_gap",
+        "/estimate/with_base_term/mean",
+        "/estimate/with_base_term/violations",
         "/seed",
     ] {
         assert!(
@@ -189,8 +192,8 @@ fn same_seed_gives_bit_identical_numbers() {
         "/align/nll_final",
         "/align/loss_final",
         "/heatmap/pearson",
-        "/bound/mean_elbo",
-        "/bound/mean_log_p",
+        "/estimate/paper/mean",
+        "/estimate/mean_log_p",
         "/prior/sample_nll",
     ] {
         assert_eq!(sa.pointer(key), sb.pointer(key), "{key} differs");

@@ -52,8 +52,10 @@ fn the_real_window_renders_trains_and_saves_a_screenshot() {
     let stats = dir.path().join("stats.json");
     let out = Command::new(xvfb)
         .args(["-a", "-s", "-screen 0 1600x1000x24", bin(), "gui"])
-        .args(["--target", "spiral", "--autostart", "--prior-steps", "300"])
-        .args(["--align-steps", "100000", "--exit-after", "12"])
+        // 100 prior steps take about 2 s on 2 quiet cores; the 25 s leave room for a loaded
+        // machine (the software renderer shares the cores with training).
+        .args(["--target", "spiral", "--autostart", "--prior-steps", "100"])
+        .args(["--align-steps", "100000", "--exit-after", "25"])
         .arg("--screenshot")
         .arg(&shot)
         .arg("--stats")
@@ -88,7 +90,7 @@ fn the_real_window_renders_trains_and_saves_a_screenshot() {
     let stats: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
     assert!(stats["frames"].as_u64().unwrap() > 10, "{stats}");
-    assert_eq!(stats["prior_steps"].as_u64(), Some(300), "{stats}");
+    assert_eq!(stats["prior_steps"].as_u64(), Some(100), "{stats}");
     assert!(stats["align_steps"].as_u64().unwrap() > 0, "{stats}");
     assert!(
         stats["landscape_refreshes"].as_u64().unwrap() >= 1,

@@ -31,7 +31,7 @@ fn undocumented(help: &str) -> Vec<String> {
             continue;
         }
         let flag = trimmed
-            .split(|c: char| c == ' ' || c == ',')
+            .split([' ', ','])
             .find(|w| w.starts_with("--"))
             .unwrap_or(trimmed)
             .to_string();
@@ -41,7 +41,7 @@ fn undocumented(help: &str) -> Vec<String> {
             let words = text.trim();
             !words.is_empty() && !words.starts_with('[')
         };
-        let same_line = trimmed.split("  ").skip(1).any(|part| says(part));
+        let same_line = trimmed.split("  ").skip(1).any(&says);
         let next_line = lines.get(i + 1).is_some_and(|next| {
             let indent = next.len() - next.trim_start().len();
             indent > line.len() - trimmed.len() && !next.trim_start().starts_with('-') && says(next)

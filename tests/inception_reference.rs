@@ -8,8 +8,8 @@
 use std::path::Path;
 
 use burn::prelude::*;
-use flowalign::ae::fid::{FeatureStats, fid};
-use flowalign::ae::inception::{Inception, Layout};
+use flowalign::metrics::fid::{FeatureStats, fid};
+use flowalign::metrics::inception::{Inception, Layout};
 use safetensors::Dtype;
 
 mod common;
@@ -266,7 +266,7 @@ fn features_and_fid_match_pytorch_fid() {
         let (mut a, mut b) = (FeatureStats::new(2048), FeatureStats::new(2048));
         a.add(&torch("features_a64"));
         b.add(&torch("features_b64"));
-        let general = flowalign::ae::fid::frechet_distance(
+        let general = flowalign::metrics::fid::frechet_distance(
             a.mean(),
             &a.covariance().unwrap(),
             b.mean(),
@@ -354,47 +354,4 @@ fn bad_weights_are_refused_naming_the_tensor() {
         .unwrap()
         .to_string();
     assert!(msg.contains("/no/inception.safetensors"), "{msg}");
-}
-
-/// Throughput of the network on 256 px images (resized to 299) at batch 1, 8 and 32, and the time of
-/// the FID maths at 2048 dimensions by both routes: the README's numbers.
-#[test]
-#[ignore]
-fn speed() {
-    let dev = Device::flex();
-    let tmp = tempfile::tempdir().unwrap();
-    let file = tmp.path().join("inception.safetensors");
-    write_inception(&file, Layout::PytorchFid);
-    let net = Inception::load(&file, &dev).unwrap();
-    for batch in [1usize, 8, 32] {
-        let x = || {
-            let pixels: Vec<f32> = (0..batch * 3 * 256 * 256)
-                .map(|i| (i % 251) as f32 / 250.0)
-                .collect();
-            Tensor::<4>::from_data(TensorData::new(pixels, [batch, 3, 256, 256]), &dev)
-        };
-        let _ = net.features(x()).try_into_vec_as::<f32>().unwrap(); // warm-up
-        let start = std::time::Instant::now();
-        let _ = net.features(x()).try_into_vec_as::<f32>().unwrap();
-        eprintln!(
-            "Inception forward, batch {batch}: {:.2} images/s",
-            batch as f64 / start.elapsed().as_secs_f64()
-        );
-    }
-    for n in [64usize, 2100] {
-        let rows = |seed: usize| -> Vec<f32> {
-            (0..n * 2048)
-                .map(|i| ((i * 7919 + seed) % 1000) as f32 / 1000.0 + (i % 2048) as f32 * 1e-3)
-                .collect()
-        };
-        let (mut a, mut b) = (FeatureStats::new(2048), FeatureStats::new(2048));
-        a.add(&rows(1));
-        b.add(&rows(2));
-        let start = std::time::Instant::now();
-        let f = fid(&a, &b).unwrap();
-        eprintln!(
-            "FID of {n} vs {n} rows of 2048 dims: {f:.4} in {:.2} s",
-            start.elapsed().as_secs_f64()
-        );
-    }
 }

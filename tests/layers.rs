@@ -191,7 +191,7 @@ fn expand(item: &str, prefix: &[String]) -> Vec<Vec<String>> {
     let mut base = prefix.to_vec();
     base.extend(
         head.split("::")
-            .map(|p| p.trim().split_whitespace().next().unwrap_or("").to_string())
+            .map(|p| p.split_whitespace().next().unwrap_or("").to_string())
             .filter(|p| !p.is_empty() && p != "self"),
     );
     let mut out = vec![base.clone()];

@@ -260,3 +260,67 @@ fn precision_flag_trains_in_bf16_and_a_resume_may_change_it() {
     ]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
 }
+
+/// Table 1's discrete and low-level priors from the CLI (METHOD.md section 6): a VQ-codebook-like
+/// 8-column table mapped up to 32 dims by the random projection, and a KL-VAE-like 32-column table
+/// used as it is (`auto` = identity). Each run's prior is 32-dimensional and the start says what a
+/// step costs.
+#[test]
+fn table_one_priors_vq_8_to_32_and_vae_32_to_32_train_from_the_cli() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (cols, kind) in [(8usize, "Random"), (32, "Identity")] {
+        let file = tmp.path().join(format!("table{cols}.safetensors"));
+        write_table(&file, 2048, cols);
+        let spec = format!("{}:{TENSOR}", file.display());
+        let out_dir = tmp.path().join(format!("prior{cols}"));
+        let mut args = prior_args(&spec, out_dir.to_str().unwrap(), "30");
+        common::set(&mut args, "--latent-dim", "32");
+        let out = flowalign(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{stderr}");
+        assert!(
+            stderr.contains(&format!("2048 rows x {cols}"))
+                && stderr.contains(&format!("-> 32 dims by {kind} projection")),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains("TFLOP") && stderr.contains("a step on this"),
+            "{stderr}"
+        );
+        let (prior, meta) = load_prior(&out_dir, &Device::flex()).unwrap();
+        assert_eq!(meta.dim, 32);
+        assert!(param_values(&prior).iter().all(|v| v.is_finite()));
+        let config = std::fs::read_to_string(out_dir.join("config.toml")).unwrap();
+        assert!(config.contains("latent_dim = 32"), "{config}");
+        assert!(config.contains("projection = \"auto\""), "{config}");
+        let prior_toml = std::fs::read_to_string(out_dir.join("prior.toml")).unwrap();
+        assert!(prior_toml.contains("dim = 32"), "{prior_toml}");
+
+        // TensorBoard's event file beside metrics.csv parses and holds every line's loss.
+        let lines = std::fs::read_to_string(out_dir.join("metrics.csv"))
+            .unwrap()
+            .lines()
+            .count()
+            - 1;
+        let events = std::fs::read_dir(&out_dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.to_string_lossy().contains("tfevents"))
+            .expect("an event file");
+        let mut losses = Vec::new();
+        for event in tfrecord::EventIter::open(&events, Default::default()).unwrap() {
+            let event = event.unwrap();
+            if let Some(tfrecord::protobuf::event::What::Summary(s)) = event.what {
+                for v in s.value.iter().filter(|v| v.tag == "loss") {
+                    if let Some(tfrecord::protobuf::summary::value::Value::SimpleValue(x)) = v.value
+                    {
+                        losses.push((event.step, x));
+                    }
+                }
+            }
+        }
+        assert_eq!(losses.len(), lines, "{losses:?}");
+        assert_eq!(losses.last().unwrap().0, 30);
+        assert!(losses.iter().all(|(_, x)| x.is_finite()));
+    }
+}

@@ -30,7 +30,6 @@
 //! draw (0.5 for CR); here one draw serves both, with cutout 0.5 (the DiffAugment paper's default).
 
 use std::ops::Range;
-use std::path::Path;
 
 use burn::prelude::*;
 use rand::RngExt;
@@ -260,7 +259,8 @@ impl Adversary {
         );
         match &cfg.disc_init {
             Some(file) => {
-                let (loaded, report) = super::dinov2::init_trunk(trunk, Path::new(file), device)?;
+                let (path, _) = crate::hub::resolve(file)?;
+                let (loaded, report) = super::dinov2::init_trunk(trunk, &path, device)?;
                 trunk = loaded;
                 tracing::info!(
                     "discriminator trunk from {file}: {} tensors loaded (patch embedding resampled {} -> {}); unused: {}",

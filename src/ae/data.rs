@@ -4,7 +4,8 @@
 //!
 //! Every batch is a pure function of (seed, step), so a resumed run sees the same images and crops.
 //! An unreadable image is skipped with one warning naming it, replaced by the next image, and
-//! counted.
+//! counted; so is a truncated one, which the decoder would otherwise fill in without a word
+//! (PyTorch's usual loader, PIL, refuses it too).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -118,11 +119,10 @@ pub fn load_image(
     crop: Crop,
     rng: &mut Rng,
 ) -> std::result::Result<(Vec<f32>, bool), String> {
-    let img = image::ImageReader::open(path)
-        .map_err(|e| e.to_string())?
-        .with_guessed_format()
-        .map_err(|e| e.to_string())?
-        .decode()
+    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+    let format = image::guess_format(&bytes).map_err(|e| e.to_string())?;
+    check_complete(&bytes, format)?;
+    let img = image::load_from_memory_with_format(&bytes, format)
         .map_err(|e| e.to_string())?
         .to_rgb8();
     let (w, h) = img.dimensions();
@@ -155,6 +155,67 @@ pub fn load_image(
         }
     }
     Ok((out, small))
+}
+
+/// Refuses a file that ends before its image does. The JPEG decoder fills a cut-off scan with grey
+/// and reports success, so a JPEG must hold an end-of-image marker (FF D9) after its first
+/// start-of-scan: inside entropy-coded data every FF byte is stuffed (FF 00) or a restart marker,
+/// so FF D9 there is the real end, and an EXIF thumbnail's own FF D9 comes before the scan. A PNG
+/// must hold its IEND chunk.
+pub fn check_complete(bytes: &[u8], format: image::ImageFormat) -> std::result::Result<(), String> {
+    let truncated = || {
+        Err(format!(
+            "is truncated ({} bytes; the image data ends early)",
+            bytes.len()
+        ))
+    };
+    match format {
+        image::ImageFormat::Jpeg => {
+            let Some(scan) = jpeg_first_scan(bytes) else {
+                return truncated();
+            };
+            if bytes[scan..].windows(2).any(|w| w == [0xFF, 0xD9]) {
+                Ok(())
+            } else {
+                truncated()
+            }
+        }
+        image::ImageFormat::Png => {
+            if bytes.windows(4).rev().take(64).any(|w| w == b"IEND") {
+                Ok(())
+            } else {
+                truncated()
+            }
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The offset just past the first start-of-scan (FF DA) segment header of a JPEG, walking the
+/// marker segments from the start; `None` when the file ends before one.
+fn jpeg_first_scan(b: &[u8]) -> Option<usize> {
+    let mut i = 2; // after SOI (FF D8)
+    while i + 4 <= b.len() {
+        if b[i] != 0xFF {
+            return None;
+        }
+        let marker = b[i + 1];
+        if marker == 0xFF {
+            i += 1; // fill byte
+            continue;
+        }
+        if (0xD0..=0xD8).contains(&marker) || marker == 0x01 {
+            i += 2; // standalone markers carry no length
+            continue;
+        }
+        let len = u16::from_be_bytes([b[i + 2], b[i + 3]]) as usize;
+        let end = i + 2 + len;
+        if marker == 0xDA {
+            return (end <= b.len()).then_some(end);
+        }
+        i = end;
+    }
+    None
 }
 
 /// A batch of images.
@@ -415,6 +476,69 @@ mod tests {
         assert_eq!((part.first, part.total, part.len()), (2, 6, 3));
         assert_eq!(a.pixels, b.pixels);
         assert!(a.pixels.iter().all(|v| (-1.0..=1.0).contains(v)));
+    }
+
+    /// A photo-like JPEG (smooth gradients and fine texture, so it compresses like a photo).
+    fn photo_jpeg(w: u32, h: u32) -> Vec<u8> {
+        let img = image::RgbImage::from_fn(w, h, |x, y| {
+            let t = ((x * 7 + y * 13) % 23) as u8;
+            image::Rgb([
+                (x * 255 / w) as u8 ^ t,
+                (y * 255 / h) as u8,
+                ((x + y) % 256) as u8 ^ (t << 2),
+            ])
+        });
+        let mut out = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90)
+            .encode_image(&img)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn a_truncated_image_is_skipped_and_counted_like_an_unreadable_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let whole = photo_jpeg(320, 240);
+        assert!(whole.len() > 10_000, "{} bytes", whole.len());
+        std::fs::create_dir_all(root.join("a")).unwrap();
+        std::fs::write(root.join("a/0-whole.jpg"), &whole).unwrap();
+        std::fs::write(root.join("a/1-cut.jpg"), &whole[..3_000]).unwrap();
+        // The decoder alone accepts the cut file and fills in what is missing: the reason for
+        // the check.
+        let filled = image::load_from_memory(&whole[..3_000]);
+        assert!(
+            filled.is_ok(),
+            "the decoder refused it by itself: {filled:?}"
+        );
+        // A PNG cut short is refused too.
+        let mut png = Vec::new();
+        image::RgbImage::from_pixel(64, 64, image::Rgb([9, 99, 199]))
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        std::fs::write(root.join("a/2-cut.png"), &png[..png.len() - 20]).unwrap();
+        write_png(&root.join("a/3-ok.png"), 40, 40, [1, 2, 3]);
+
+        let jpeg = image::ImageFormat::Jpeg;
+        assert!(check_complete(&whole, jpeg).is_ok());
+        let err = check_complete(&whole[..3_000], jpeg).unwrap_err();
+        assert!(err.contains("truncated"), "{err}");
+        assert!(check_complete(&whole[..whole.len() - 2], jpeg).is_err());
+        assert!(
+            check_complete(&whole[..100], jpeg).is_err(),
+            "cut before the scan"
+        );
+
+        let loader = ImageLoader::new(ImageFolder::scan(root).unwrap(), 32, 0, Crop::Centre);
+        let b = loader.gather(&[0, 1, 2, 3], 0).unwrap();
+        // Reads skipped: 1-cut and then 2-cut for image 1, 2-cut again for image 2; each is
+        // replaced by the next readable image, 3-ok.
+        assert_eq!(loader.skipped(), 3);
+        assert_eq!(b.len(), 4);
+        let px = 3 * 32 * 32;
+        assert_eq!(b.pixels[px..2 * px], b.pixels[3 * px..4 * px]);
+        assert_eq!(b.pixels[2 * px..3 * px], b.pixels[3 * px..4 * px]);
+        assert_ne!(b.pixels[..px], b.pixels[3 * px..4 * px]);
     }
 
     #[test]

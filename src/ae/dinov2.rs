@@ -13,69 +13,11 @@ use std::path::Path;
 use burn::module::Param;
 use burn::nn::{LayerNorm, Linear};
 use burn::prelude::*;
-use safetensors::{Dtype, SafeTensors};
 
 use super::discriminator::DinoTrunk;
 use super::model::Encoder;
 use crate::error::{Error, Result};
-
-/// A tensor read from a weights file as f32.
-pub(crate) struct Loaded {
-    pub shape: Vec<usize>,
-    pub data: Vec<f32>,
-}
-
-/// Every tensor of a safetensors weights file (f32, f16 or bf16) as f32, by name.
-pub(crate) fn read_all(path: &Path) -> Result<BTreeMap<String, Loaded>> {
-    read_matching(path, |_| true)
-}
-
-/// The tensors of a safetensors weights file whose names pass `keep`, as f32, by name; the others
-/// are neither converted nor checked (e.g. integer batch-norm counters).
-pub(crate) fn read_matching(
-    path: &Path,
-    keep: impl Fn(&str) -> bool,
-) -> Result<BTreeMap<String, Loaded>> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| Error::io(path, "check the path of the weights file", e))?;
-    let st = SafeTensors::deserialize(&bytes)
-        .map_err(|e| Error::input(path, format!("not a readable safetensors file ({e})")))?;
-    let mut out = BTreeMap::new();
-    for (name, view) in st.tensors() {
-        if !keep(&name) {
-            continue;
-        }
-        let raw = view.data();
-        let data: Vec<f32> = match view.dtype() {
-            Dtype::F32 => raw
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::F16 => raw
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => raw
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            other => {
-                return Err(Error::input(
-                    path,
-                    format!("tensor {name} has dtype {other:?}; weights must be f32, f16 or bf16"),
-                ));
-            }
-        };
-        out.insert(
-            name,
-            Loaded {
-                shape: view.shape().to_vec(),
-                data,
-            },
-        );
-    }
-    Ok(out)
-}
+use crate::params::{Loaded, read_all};
 
 /// Bilinear resize of a `[h, w]` grid to `[nh, nw]` (half-pixel centres, like PyTorch's
 /// `interpolate(mode="bilinear", align_corners=False)`).
@@ -421,7 +363,8 @@ pub(crate) mod tests {
             .map(|(n, s, d)| {
                 (
                     n.clone(),
-                    safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), d).unwrap(),
+                    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d)
+                        .unwrap(),
                 )
             })
             .collect();

@@ -8,11 +8,11 @@ use serde::Serialize;
 
 use super::config::AeConfig;
 use super::data::{ImageFolder, load_image};
-use super::fid::{FeatureStats, fid};
-use super::inception::{FEATURES, Inception};
 use super::model::Autoencoder;
 use crate::checkpoint;
 use crate::error::{Error, Result};
+use crate::metrics::fid::{FeatureStats, fid};
+use crate::metrics::inception::{FEATURES, Inception};
 use crate::rng::{Stream, rng_for};
 
 /// The autoencoder of an `ae train` run folder: EMA weights when the run kept them.

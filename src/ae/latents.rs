@@ -75,6 +75,17 @@ impl Sums {
     }
 }
 
+/// How [`encode_folder`] writes its cache.
+#[derive(Debug, Clone, Copy)]
+pub struct EncodeOptions {
+    /// Images per shard file.
+    pub shard_size: usize,
+    /// Images per forward pass.
+    pub batch: usize,
+    /// Also store the latents of each image's horizontal flip.
+    pub flip: bool,
+}
+
 /// Encodes every readable image of `folder` (centre crops) into `out/latents-NNNNN.safetensors`
 /// shards of `shard_size` images (`latents` f32 `[n, tokens, dim]`, with `flip` also
 /// `latents_flip`, the latents of the mirrored images, and `labels` i64 `[n]`), and writes
@@ -84,20 +95,20 @@ pub fn encode_folder(
     folder: &ImageFolder,
     size: usize,
     out: &Path,
-    shard_size: usize,
-    batch: usize,
-    flip: bool,
+    opts: EncodeOptions,
     device: &Device,
 ) -> Result<LatentStats> {
-    std::fs::create_dir_all(out)
-        .map_err(|e| Error::io(out, "choose an output folder you can write to", e))?;
-    let mut sums = Sums::default();
-    let (mut tokens, mut dim, mut images) = (0, 0, 0);
-    let mut shards = Vec::new();
+    let EncodeOptions {
+        shard_size,
+        batch,
+        flip,
+    } = opts;
+    let mut cache = CacheWriter::create(out, flip)?;
     let indices: Vec<usize> = (0..folder.len()).collect();
-    for (s, shard) in indices.chunks(shard_size.max(1)).enumerate() {
+    for shard in indices.chunks(shard_size.max(1)) {
         let (mut lat, mut lat_flip, mut labels) =
             (Vec::<f32>::new(), Vec::<f32>::new(), Vec::new());
+        let (mut tokens, mut dim) = (0, 0);
         for chunk in shard.chunks(batch.max(1)) {
             let (pixels, kept) = read_centre(folder, chunk, size);
             if kept.is_empty() {
@@ -116,51 +127,134 @@ pub fn encode_folder(
             lat.extend(z.try_into_vec_as::<f32>().expect("f32 readback"));
             labels.extend(kept.iter().map(|&i| i64::from(folder.labels[i])));
         }
-        if labels.is_empty() {
-            continue;
+        if !labels.is_empty() {
+            cache.write_shard(&lat, flip.then_some(&lat_flip[..]), &labels, tokens, dim)?;
         }
-        sums.add(&lat, tokens * dim, dim);
-        images += labels.len();
-        let name = format!("latents-{s:05}.safetensors");
-        write_shard(
-            &out.join(&name),
-            &lat,
-            flip.then_some(&lat_flip[..]),
-            &labels,
-            tokens,
-            dim,
-        )?;
-        shards.push(name);
     }
-    if images == 0 {
+    if cache.images == 0 {
         return Err(Error::input(&folder.root, "no readable images to encode"));
     }
-    let n = sums.entries as f64;
-    let per = (sums.entries / dim) as f64;
-    let mean = sums.sum / n;
-    let sample_var = sums.sample_var.iter().sum::<f64>() / sums.sample_var.len() as f64;
-    let stats = LatentStats {
-        images,
-        tokens,
-        dim,
-        mean,
-        std: (sums.sq / n - mean * mean).max(0.0).sqrt(),
-        channel_mean: sums.channel.iter().map(|c| c.0 / per).collect(),
-        channel_std: sums
-            .channel
+    cache.finish(&folder.classes)
+}
+
+/// Writes a latent cache shard by shard, as `ae encode` does: `latents-NNNNN.safetensors`
+/// shards, then `stats.json` and `classes.txt`. Latents from another encoder written this way
+/// train a generator like `ae encode`'s.
+pub struct CacheWriter {
+    out: PathBuf,
+    flip: bool,
+    sums: Sums,
+    tokens: usize,
+    dim: usize,
+    images: usize,
+    shards: Vec<String>,
+}
+
+impl CacheWriter {
+    /// A cache in the folder `out` (created); with `flip`, every shard also holds the latents of
+    /// the mirrored images.
+    pub fn create(out: &Path, flip: bool) -> Result<CacheWriter> {
+        std::fs::create_dir_all(out)
+            .map_err(|e| Error::io(out, "choose an output folder you can write to", e))?;
+        Ok(CacheWriter {
+            out: out.to_path_buf(),
+            flip,
+            sums: Sums::default(),
+            tokens: 0,
+            dim: 0,
+            images: 0,
+            shards: Vec::new(),
+        })
+    }
+
+    /// Writes the next shard.
+    ///
+    /// # Shapes
+    /// - `latents`, `flipped`: `[n, tokens, dim]` flat
+    /// - `labels`: `[n]`, class indices into the `classes` given to [`CacheWriter::finish`]
+    pub fn write_shard(
+        &mut self,
+        latents: &[f32],
+        flipped: Option<&[f32]>,
+        labels: &[i64],
+        tokens: usize,
+        dim: usize,
+    ) -> Result<()> {
+        let name = format!("latents-{:05}.safetensors", self.shards.len());
+        let path = self.out.join(&name);
+        let n = labels.len();
+        if n == 0 || tokens * dim == 0 || latents.len() != n * tokens * dim {
+            return Err(Error::input(
+                &path,
+                format!(
+                    "{} latent values for {n} labels of {tokens} x {dim}",
+                    latents.len()
+                ),
+            ));
+        }
+        if self.images > 0 && (tokens, dim) != (self.tokens, self.dim) {
+            return Err(Error::input(
+                &path,
+                format!(
+                    "latents of {tokens} x {dim} after shards of {} x {}",
+                    self.tokens, self.dim
+                ),
+            ));
+        }
+        if flipped.is_some() != self.flip || flipped.is_some_and(|f| f.len() != latents.len()) {
+            return Err(Error::input(
+                &path,
+                "every shard of a flipped cache needs as many flipped latents as latents",
+            ));
+        }
+        if let Some(bad) = latents
             .iter()
-            .map(|c| (c.1 / per - (c.0 / per).powi(2)).max(0.0).sqrt())
-            .collect(),
-        scale: 1.0 / sample_var.max(1e-12).sqrt(),
-        flipped: flip,
-        shards,
-    };
-    write_json(&out.join("stats.json"), &stats)?;
-    write_atomic(
-        &out.join("classes.txt"),
-        (folder.classes.join("\n") + "\n").as_bytes(),
-    )?;
-    Ok(stats)
+            .chain(flipped.unwrap_or(&[]))
+            .find(|v| !v.is_finite())
+        {
+            return Err(Error::input(&path, format!("a latent is {bad}")));
+        }
+        write_shard(&path, latents, flipped, labels, tokens, dim)?;
+        self.sums.add(latents, tokens * dim, dim);
+        (self.tokens, self.dim) = (tokens, dim);
+        self.images += n;
+        self.shards.push(name);
+        Ok(())
+    }
+
+    /// Writes `stats.json` and `classes.txt` (one name per class index).
+    pub fn finish(self, classes: &[String]) -> Result<LatentStats> {
+        let (sums, dim) = (&self.sums, self.dim);
+        if self.images == 0 {
+            return Err(Error::input(&self.out, "no latents were written"));
+        }
+        let n = sums.entries as f64;
+        let per = (sums.entries / dim) as f64;
+        let mean = sums.sum / n;
+        let sample_var = sums.sample_var.iter().sum::<f64>() / sums.sample_var.len() as f64;
+        let stats = LatentStats {
+            images: self.images,
+            tokens: self.tokens,
+            dim,
+            mean,
+            std: (sums.sq / n - mean * mean).max(0.0).sqrt(),
+            channel_mean: sums.channel.iter().map(|c| c.0 / per).collect(),
+            channel_std: sums
+                .channel
+                .iter()
+                .map(|c| (c.1 / per - (c.0 / per).powi(2)).max(0.0).sqrt())
+                .collect(),
+            scale: 1.0 / sample_var.max(1e-12).sqrt(),
+            flipped: self.flip,
+            shards: self.shards,
+        };
+        write_json(&self.out.join("stats.json"), &stats)?;
+        write_atomic(
+            &self.out.join("classes.txt"),
+            (classes.join("\n") + "\n").as_bytes(),
+        )?;
+        Ok(stats)
+    }
 }
 
 fn write_shard(
@@ -349,7 +443,7 @@ pub fn read_latents_file(path: &Path) -> Result<(Vec<f32>, usize, usize)> {
 }
 
 /// Decodes `latents` (`[n, tokens, dim]`, flat, the autoencoder's own scale) with `model` into
-/// PNGs `out/NNNNNN.png` numbered from `first`, `batch` at a time; pixels are quantised as the
+/// PNGs `out/NNNNNN.png` numbered from 0, `batch` at a time; pixels are quantised as the
 /// evaluation does, `round(clip((x + 1) / 2 * 255))`. Returns the paths written.
 pub fn decode_to_pngs(
     model: &Autoencoder,
@@ -357,7 +451,6 @@ pub fn decode_to_pngs(
     tokens: usize,
     dim: usize,
     out: &Path,
-    first: usize,
     batch: usize,
     device: &Device,
 ) -> Result<Vec<PathBuf>> {
@@ -379,7 +472,7 @@ pub fn decode_to_pngs(
                     rgb[p * 3 + c] = ((v + 1.0) * 127.5).round().clamp(0.0, 255.0) as u8;
                 }
             }
-            let path = out.join(format!("{:06}.png", first + b * batch.max(1) + i));
+            let path = out.join(format!("{:06}.png", b * batch.max(1) + i));
             crate::report::write_png_rgb(&path, &rgb, (w as u32, h as u32))?;
             written.push(path);
         }

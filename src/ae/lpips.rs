@@ -43,7 +43,7 @@ pub struct Lpips {
 impl Lpips {
     /// Reads the weights from `path` onto `device`, checking every name and shape.
     pub fn load(path: &Path, device: &Device) -> Result<Lpips> {
-        let mut tensors = super::dinov2::read_all(path)?;
+        let mut tensors = crate::params::read_all(path)?;
         let mut take = |names: &[String], shape: &[usize]| -> Result<Vec<f32>> {
             let name = names
                 .iter()

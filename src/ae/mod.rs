@@ -7,8 +7,6 @@ pub mod data;
 pub mod dinov2;
 pub mod discriminator;
 pub mod eval;
-pub mod fid;
-pub mod inception;
 pub mod latents;
 pub mod loss;
 pub mod lpips;

@@ -304,7 +304,8 @@ pub fn new_trainer(cfg: &AeConfig, device: &Device) -> Result<Trainer<Autoencode
     let mut rng = rng_for(cfg.train.run.seed, Stream::Init, 0);
     let mut model = cfg.model.init(&mut rng, &ad);
     if let Some(file) = &cfg.encoder_init {
-        let (encoder, report) = super::dinov2::init_encoder(model.encoder, Path::new(file), &ad)?;
+        let (path, _) = crate::hub::resolve(file)?;
+        let (encoder, report) = super::dinov2::init_encoder(model.encoder, &path, &ad)?;
         model.encoder = encoder;
         tracing::info!(
             "encoder initialised from {file}: {} tensors loaded (patch embedding resampled {} -> {}, position embeddings interpolated){}",
@@ -505,7 +506,7 @@ impl AeRun {
             adversary = adversary.map(|a| a.adopt(c)).transpose()?;
         }
         let lpips = match (&cfg.lpips_weights, cfg.loss.lpips > 0.0) {
-            (Some(file), true) => Some(Lpips::load(Path::new(file), device)?),
+            (Some(file), true) => Some(Lpips::load(&crate::hub::resolve(file)?.0, device)?),
             (None, true) => {
                 tracing::info!(
                     "LPIPS is off: set lpips_weights to the lpips package's VGG weights as safetensors to add it"
@@ -875,6 +876,10 @@ impl Job for AeRun {
             monitor_log_rk: rk,
             skipped_images: 0,
         }))
+    }
+
+    fn figures(&self) -> &'static [&'static str] {
+        &["recon.png", "alignment.png"]
     }
 
     fn logged(&mut self, _dir: &Path, line: &AeMetrics) -> Result<()> {

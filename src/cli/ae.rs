@@ -11,7 +11,6 @@ use flowalign::ae::config::{AeConfig, AePreset};
 use flowalign::ae::model::VitSize;
 use flowalign::ae::train::AeRun;
 use flowalign::backend::{DeviceChoice, select};
-use flowalign::checkpoint;
 use flowalign::dist::Comm;
 
 #[derive(Subcommand)]
@@ -69,9 +68,10 @@ pub struct EvalArgs {
     #[arg(long)]
     out: Option<PathBuf>,
     /// FID Inception-v3 weights as safetensors (pytorch-fid's pt_inception-2015-12-05, converted:
-    /// see the README), for rFID. Without them rFID is skipped (with a notice).
+    /// see the README), for rFID: a file or a hub id `hf:ORG/NAME[/FILE]`. Without them rFID is
+    /// skipped (with a notice).
     #[arg(long, value_name = "FILE")]
-    inception: Option<PathBuf>,
+    inception: Option<String>,
     /// Compute device: auto (a GPU when built with one, else the CPU), cpu, wgpu or cuda.
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     device: DeviceChoice,
@@ -109,7 +109,12 @@ fn eval(args: EvalArgs) -> Result<()> {
     let (device, device_name) = select(args.device)?;
     let (cfg, model, step) = load_autoencoder(&args.ae, &device)?;
     let inception = match &args.inception {
-        Some(file) => Some(flowalign::ae::inception::Inception::load(file, &device)?),
+        Some(file) => {
+            let (path, _) = flowalign::hub::resolve(file)?;
+            Some(flowalign::metrics::inception::Inception::load(
+                &path, &device,
+            )?)
+        }
         None => {
             tracing::info!(
                 "rFID is off: pass --inception FILE (the FID Inception-v3 weights as safetensors; see the README) to add it"
@@ -160,7 +165,7 @@ fn eval(args: EvalArgs) -> Result<()> {
 
 fn encode(args: EncodeArgs) -> Result<()> {
     use flowalign::ae::eval::load_autoencoder;
-    use flowalign::ae::latents::encode_folder;
+    use flowalign::ae::latents::{EncodeOptions, encode_folder};
     let (device, _) = select(args.device)?;
     let (cfg, model, step) = load_autoencoder(&args.ae, &device)?;
     let folder = flowalign::ae::data::ImageFolder::scan(&args.data)?;
@@ -170,9 +175,11 @@ fn encode(args: EncodeArgs) -> Result<()> {
         &folder,
         cfg.model.image_size,
         &args.out,
-        args.shard_size,
-        args.batch,
-        args.flip,
+        EncodeOptions {
+            shard_size: args.shard_size,
+            batch: args.batch,
+            flip: args.flip,
+        },
         &device,
     )?;
     tracing::info!(
@@ -215,7 +222,8 @@ pub struct TrainArgs {
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Start the encoder from DINOv2 weights (Hugging Face Dinov2Model safetensors of the --model
-    /// size): patch embedding resampled to --patch, position embeddings interpolated.
+    /// size, a file or a hub id such as hf:facebook/dinov2-large): patch embedding resampled to
+    /// --patch, position embeddings interpolated.
     #[arg(long, value_name = "FILE")]
     encoder_init: Option<String>,
     /// LPIPS-VGG weights: the lpips package's `LPIPS(net="vgg").state_dict()` as safetensors.
@@ -223,7 +231,8 @@ pub struct TrainArgs {
     #[arg(long, value_name = "FILE")]
     lpips_weights: Option<String>,
     /// DINOv2 weights (Hugging Face Dinov2Model safetensors of loss.adv.model.size, ViT-S in the
-    /// paper preset) for the discriminator's frozen trunk; random (and frozen) without.
+    /// paper preset; a file or a hub id such as hf:facebook/dinov2-small) for the discriminator's
+    /// frozen trunk; random (and frozen) without.
     #[arg(long, value_name = "FILE")]
     disc_init: Option<String>,
     /// The weight of the adversarial term (paper: 0.2; 0 = off, the small preset's default).
@@ -284,16 +293,24 @@ pub struct TrainArgs {
 
 impl TrainArgs {
     fn config(&self) -> Result<AeConfig> {
-        let mut cfg = if let Some(path) = &self.config {
-            AeConfig::from_toml_file(path)?
-        } else if self.resume && self.out.join(checkpoint::CONFIG).is_file() {
-            checkpoint::read_config(&self.out, "ae train")?
-        } else {
-            let (Some(data), Some(prior)) = (&self.data, &self.prior) else {
-                bail!("--data DIR and --prior RUN are required (or --config F.toml, or --resume)");
-            };
-            AeConfig::preset(self.preset.unwrap_or(AePreset::Paper), data, prior)
-        };
+        let mut cfg = super::starting_config(
+            self.config.as_deref(),
+            self.resume,
+            &self.out,
+            AeConfig::from_toml_file,
+            || {
+                let (Some(data), Some(prior)) = (&self.data, &self.prior) else {
+                    bail!(
+                        "--data DIR and --prior RUN are required (or --config F.toml, or --resume)"
+                    );
+                };
+                Ok(AeConfig::preset(
+                    self.preset.unwrap_or(AePreset::Paper),
+                    data,
+                    prior,
+                ))
+            },
+        )?;
         if let (Some(p), true) = (self.preset, self.config.is_some() || self.resume) {
             let base = AeConfig::preset(p, &cfg.data, &cfg.prior);
             (cfg.model, cfg.loss, cfg.train, cfg.preset) = (base.model, base.loss, base.train, p);
@@ -454,7 +471,7 @@ fn decode(args: DecodeArgs) -> Result<()> {
     }
     let start = std::time::Instant::now();
     let written = decode_to_pngs(
-        &model, &latents, tokens, dim, &args.out, 0, args.batch, &device,
+        &model, &latents, tokens, dim, &args.out, args.batch, &device,
     )?;
     tracing::info!(
         "{} images in {:.1}s -> {}",

@@ -30,7 +30,8 @@ pub struct BenchArgs {
     #[arg(long)]
     pub depth: Option<usize>,
     /// `prior`: feature vectors per step (default: the paper's 32,768 on a GPU, 1,024 on the CPU);
-    /// `ae`: images per step (default 256 on a GPU, 2 on the CPU).
+    /// `ae`: images per step (default 256 on a GPU, 2 on the CPU); `gen`: latents per step
+    /// (default 256 on a GPU, 8 on the CPU).
     #[arg(long)]
     pub batch: Option<usize>,
     /// `ae`: the ViT size of encoder and decoder.
@@ -40,6 +41,24 @@ pub struct BenchArgs {
     /// discriminator at patch 16, random frozen trunk): generator and discriminator steps.
     #[arg(long)]
     pub adv: bool,
+    /// `gen`: the generator preset, `paper` (MAR-B with its 1024 x 6 flow head) or `small`.
+    #[arg(long, value_enum, default_value_t = flowalign::generator::GenPreset::Paper)]
+    pub gen_preset: flowalign::generator::GenPreset,
+    /// `gen`: MAR iterations to time sampling at.
+    #[arg(long, value_delimiter = ',', default_value = "8,16,64")]
+    pub iters: Vec<usize>,
+    /// `gen`: time points of the head's Euler sampler to time sampling at.
+    #[arg(long, value_delimiter = ',', default_value = "10,50,100")]
+    pub head_steps: Vec<usize>,
+    /// `gen`: images per sampling call (default 2 on the CPU, 64 on a GPU).
+    #[arg(long)]
+    pub sample_batch: Option<usize>,
+    /// `gen`: measure the training step only.
+    #[arg(long)]
+    pub no_sampling: bool,
+    /// `metrics`: the FID Inception-v3 weights (safetensors; default: stand-in weights).
+    #[arg(long, value_name = "FILE")]
+    pub inception: Option<PathBuf>,
     /// `prior`: (t, eps) draws per vector.
     #[arg(long, default_value_t = 4)]
     pub mc: usize,
@@ -84,6 +103,14 @@ pub enum BenchKind {
     /// Stage-2 autoencoder training: images/s of the step (L2 + L_align, AdamW, clip, EMA) and of
     /// the data loader (JPEG decode + augment) per core.
     Ae,
+    /// Stage-3 generator: the training step (latents/s, peak memory; the PyTorch MAR-B peer on the
+    /// CPU) and seconds per image of sampling over MAR iterations x head steps, with and without
+    /// guidance.
+    Gen,
+    /// Generation metrics: the FID Inception's images/s at batch 1, 8 and 32 (`--inception FILE`,
+    /// else deterministic stand-in weights of the same shapes), and the metric maths at
+    /// torch-fidelity's sizes (FID, KID, precision/recall, IS on random 2048-d features).
+    Metrics,
     /// Multi-process data parallelism; run it under `mpirun -np N` (build with `--features mpi`):
     /// the prior step's vectors/s per rank at a fixed per-rank batch, the gradient all-reduce of
     /// the prior (staged from the device), and a bucketed all-reduce of the `--model` autoencoder's
@@ -293,6 +320,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         BenchKind::Landscape => "landscape",
         BenchKind::Prior => "prior",
         BenchKind::Ae => "ae",
+        BenchKind::Gen => "gen",
+        BenchKind::Metrics => "metrics",
         BenchKind::Dist => return dist(&args),
     };
     let out = args
@@ -308,6 +337,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         BenchKind::Prior => prior(&args)?,
         BenchKind::Ae => ae(&args)?,
+        BenchKind::Gen => generator(&args)?,
+        BenchKind::Metrics => metrics(&args)?,
         BenchKind::Dist => unreachable!("handled above"),
     };
     write_result(&out, &result)
@@ -432,7 +463,7 @@ fn toy_flops(figures: &Value, flops: &super::peak::MlpFlops, shared_time: bool, 
 /// `flowalign bench toy`: flowalign and, when it can run, the PyTorch peer, alternating in rounds.
 fn toy(args: &BenchArgs) -> Result<Value> {
     let (width, depth) = (args.width.unwrap_or(512), args.depth.unwrap_or(4));
-    if !(args.seconds > 0.0) || args.rounds == 0 {
+    if args.seconds.is_nan() || args.seconds <= 0.0 || args.rounds == 0 {
         bail!(
             "--seconds must be a positive number and --rounds at least 1, got {} and {}",
             args.seconds,
@@ -769,6 +800,259 @@ fn ae(args: &BenchArgs) -> Result<Value> {
         "loader_images_per_sec_all_cores": all * 32.0,
         "loader_cores": rayon::current_num_threads(),
         "adversarial": adv,
+    }))
+}
+
+/// MAR-B's guidance scale (the original MAR-B's; the paper's is unpublished), for the guided
+/// sampling figures.
+const BENCH_CFG: f32 = 2.9;
+
+/// `flowalign bench gen`: the stage-3 training step on the chosen device (and the PyTorch MAR peer
+/// on the CPU), then sampling seconds per image over iterations x head steps, CFG off and on.
+fn generator(args: &BenchArgs) -> Result<Value> {
+    use flowalign::generator::run::{gen_step, new_trainer};
+    use flowalign::generator::sample::generate;
+    use flowalign::generator::{Arch, GenConfig};
+    let (device, name) = flowalign::backend::select(args.device)?;
+    let on_cpu = name.starts_with("cpu");
+    let mut cfg = GenConfig::preset(args.gen_preset, "-");
+    cfg.arch = Arch::Mar;
+    cfg.train.run.batch = args.batch.unwrap_or(if on_cpu { 8 } else { 256 });
+    cfg.train.run.precision = args.precision;
+    cfg.validate()?;
+    let (b, m, h) = (cfg.train.run.batch, &cfg.mar, &cfg.head);
+    let (tokens, dim, classes) = cfg.model_shape();
+    tracing::info!(
+        "measuring the MAR training step ({name}, width {}, {} + {} blocks, head {} x {}, {tokens} x {dim} tokens, batch {b}, {})",
+        m.width,
+        m.encoder_depth,
+        m.decoder_depth,
+        h.width,
+        h.depth,
+        args.precision
+    );
+    let mut trainer = new_trainer(&cfg, &device);
+    let params = trainer.model().num_params();
+    let mut rng = rng_for(0, Stream::Mask, 0);
+    let raw = normal_rows(&mut rng, b, tokens * dim);
+    let labels: Vec<usize> = (0..b).map(|i| i % classes).collect();
+    let sps = timed(args.seconds, || {
+        gen_step(
+            &mut trainer,
+            &cfg,
+            raw.clone(),
+            labels.clone(),
+            &mut rng,
+            &device,
+        )
+        .map(|_| ())
+    })?
+    .per_sec;
+    let train_rss = peak_rss_mib();
+    let extra: Vec<String> = [
+        "--batch".to_string(),
+        b.to_string(),
+        "--width".into(),
+        m.width.to_string(),
+        "--encoder-depth".into(),
+        m.encoder_depth.to_string(),
+        "--decoder-depth".into(),
+        m.decoder_depth.to_string(),
+        "--heads".into(),
+        m.heads.to_string(),
+        "--buffer".into(),
+        m.buffer.to_string(),
+        "--head-width".into(),
+        h.width.to_string(),
+        "--head-depth".into(),
+        h.depth.to_string(),
+        "--batch-mul".into(),
+        h.batch_mul.to_string(),
+        "--seq-len".into(),
+        tokens.to_string(),
+        "--token-dim".into(),
+        dim.to_string(),
+        "--classes".into(),
+        classes.to_string(),
+        // At least 5 timed steps, about `--seconds` long.
+        "--steps".into(),
+        ((args.seconds * sps).ceil() as usize).max(5).to_string(),
+        "--threads".into(),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+            .to_string(),
+    ]
+    .to_vec();
+    let theirs = if on_cpu && args.precision == flowalign::precision::Precision::F32 {
+        peer(args, "benches/torch_mar.py", &extra)
+    } else {
+        None
+    };
+    let ratio = theirs
+        .as_ref()
+        .and_then(|p| Some(sps * p["step_ms_median"].as_f64()? / 1e3));
+
+    let mut sampling = Vec::new();
+    if !args.no_sampling {
+        let model = trainer.frozen();
+        let n = args.sample_batch.unwrap_or(if on_cpu { 2 } else { 64 });
+        let wanted: Vec<Option<usize>> = (0..n).map(|i| Some(i % classes)).collect();
+        for &iters in &args.iters {
+            for &steps in &args.head_steps {
+                for guidance in [1.0, BENCH_CFG] {
+                    let mut opts = cfg.sample_options();
+                    (opts.num_iter, opts.time_points, opts.cfg) = (iters, steps, guidance);
+                    let start = Instant::now();
+                    generate(&model, &wanted, &opts, cfg.data.scale as f32, &mut rng)?;
+                    let per_image = start.elapsed().as_secs_f64() / n as f64;
+                    tracing::info!(
+                        "sampling: {iters} iterations, {steps} time points, cfg {guidance}: {per_image:.3} s/image"
+                    );
+                    sampling.push(json!({
+                        "iterations": iters, "time_points": steps, "cfg": f64::from(guidance * 10.0).round() / 10.0,
+                        "seconds_per_image": per_image, "images_per_sec": 1.0 / per_image,
+                    }));
+                }
+            }
+        }
+    }
+    Ok(json!({
+        "model": { "preset": args.gen_preset, "width": m.width, "encoder_depth": m.encoder_depth,
+                   "decoder_depth": m.decoder_depth, "head_width": h.width, "head_depth": h.depth,
+                   "head_batch_mul": h.batch_mul, "tokens": tokens, "token_dim": dim, "params": params },
+        "batch": b,
+        "device": name,
+        "precision": args.precision,
+        "flowalign": {
+            "train_steps_per_sec": sps,
+            "train_latents_per_sec": sps * b as f64,
+            "peak_rss_mib_after_training": train_rss,
+        },
+        "pytorch": theirs,
+        "ratio_flowalign_over_pytorch": ratio,
+        "sampling": { "batch": args.sample_batch.unwrap_or(if on_cpu { 2 } else { 64 }), "figures": sampling },
+        "peak_rss_mib": peak_rss_mib(),
+    }))
+}
+
+/// Writes stand-in FID Inception weights (every tensor of the network, deterministic values of a
+/// sensible scale: He-uniform convolutions, positive variances) to `path`: the speed of the network
+/// does not depend on its values.
+fn stand_in_inception(path: &std::path::Path) -> Result<()> {
+    use flowalign::metrics::inception::{Layout, expected_tensors};
+    use rand::RngExt;
+    let mut rng = rng_for(0, Stream::Init, 7);
+    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = expected_tensors(Layout::PytorchFid)
+        .into_iter()
+        .map(|(name, shape)| {
+            let n: usize = shape.iter().product();
+            let fan_in: usize = shape[1..].iter().product::<usize>().max(1);
+            let bound = (6.0 / fan_in as f32).sqrt();
+            let bytes = (0..n)
+                .map(|_| {
+                    let u: f32 = rng.random_range(-1.0..1.0);
+                    if name.ends_with("running_var") || name.ends_with("bn.weight") {
+                        1.0 + 0.2 * u
+                    } else if shape.len() > 1 {
+                        bound * u
+                    } else {
+                        0.1 * u
+                    }
+                })
+                .flat_map(f32::to_le_bytes)
+                .collect();
+            (name, shape, bytes)
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(name, shape, bytes)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                .map(|v| (name.clone(), v))
+                .context("a stand-in tensor")
+        })
+        .collect::<Result<_>>()?;
+    safetensors::serialize_to_file(views, None, path)
+        .with_context(|| format!("writing stand-in weights to {}", path.display()))
+}
+
+/// `flowalign bench metrics`: the Inception network's throughput and the metric maths at
+/// torch-fidelity's sizes, on the CPU or the chosen device.
+fn metrics(args: &BenchArgs) -> Result<Value> {
+    use flowalign::metrics::fid::{FeatureStats, fid};
+    use flowalign::metrics::inception::Inception;
+    use flowalign::metrics::{isc, kid, prc};
+    let (device, name) = flowalign::backend::select(args.device)?;
+    let tmp = tempfile::tempdir().context("a writable temporary folder is needed")?;
+    let (weights, stand_in) = match &args.inception {
+        Some(file) => (file.clone(), false),
+        None => {
+            let file = tmp.path().join("inception.safetensors");
+            stand_in_inception(&file)?;
+            (file, true)
+        }
+    };
+    let net = Inception::load(&weights, &device)?;
+    let mut network = Vec::new();
+    for batch in [1usize, 8, 32] {
+        let pixels: Vec<f32> = (0..batch * 3 * 256 * 256)
+            .map(|i| (i % 251) as f32 / 250.0)
+            .collect();
+        let x = Tensor::<4>::from_data(TensorData::new(pixels, [batch, 3, 256, 256]), &device);
+        let calls = timed(args.seconds / 3.0, || {
+            net.features(x.clone())
+                .try_into_vec_as::<f32>()
+                .map(|_| ())
+                .map_err(|e| flowalign::Error::Numeric(format!("{e:?}")))
+        })?
+        .per_sec;
+        tracing::info!(
+            "Inception forward at batch {batch}: {:.2} images/s",
+            calls * batch as f64
+        );
+        network.push(json!({ "batch": batch, "images_per_sec": calls * batch as f64 }));
+    }
+    // Gaussian 2048-d rows, the second set shifted by 0.05 per coordinate.
+    let rows = |n: usize, seed: u64| -> Vec<f32> {
+        normal_rows(&mut rng_for(seed, Stream::Reference, 0), n, 2048)
+            .into_iter()
+            .map(|v| v + 0.05 * (seed - 1) as f32)
+            .collect()
+    };
+    let seconds = |f: &mut dyn FnMut() -> flowalign::Result<()>| -> Result<f64> {
+        let start = Instant::now();
+        f()?;
+        Ok(start.elapsed().as_secs_f64())
+    };
+    let mut fid_s = Vec::new();
+    for n in [64usize, 2100] {
+        let (mut a, mut b) = (FeatureStats::new(2048), FeatureStats::new(2048));
+        a.add(&rows(n, 1));
+        b.add(&rows(n, 2));
+        let s = seconds(&mut || fid(&a, &b).map(|_| ()))?;
+        tracing::info!("FID of {n} vs {n} rows: {s:.2} s");
+        fid_s.push(json!({ "rows": n, "seconds": s }));
+    }
+    let (a, b) = (rows(5000, 1), rows(5000, 2));
+    let kid_s = seconds(&mut || kid::kid(&a, &b, 2048, 100, 1000, 2020).map(|_| ()))?;
+    tracing::info!("KID, 100 subsets of 1000: {kid_s:.1} s");
+    let prc_s = seconds(&mut || prc::precision_recall(&a, &b, 2048, 3).map(|_| ()))?;
+    tracing::info!("precision/recall, 5000 vs 5000 rows: {prc_s:.1} s");
+    let logits: Vec<f32> = (0..10_000 * 1008)
+        .map(|i| ((i * 7919) % 1000) as f32 / 100.0)
+        .collect();
+    let is_s = seconds(&mut || isc::inception_score(&logits, 1008, 10, Some(2020)).map(|_| ()))?;
+    tracing::info!("IS of 10,000 rows: {is_s:.2} s");
+    Ok(json!({
+        "device": name,
+        "inception": { "weights": if stand_in { "stand-in".to_string() } else { weights.display().to_string() },
+                       "input_px": 256, "forward": network },
+        "fid_2048d": fid_s,
+        "kid_100_subsets_of_1000_seconds": kid_s,
+        "precision_recall_k3_5000_vs_5000_seconds": prc_s,
+        "inception_score_10000_rows_seconds": is_s,
+        "peak_rss_mib": peak_rss_mib(),
     }))
 }
 

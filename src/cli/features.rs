@@ -15,8 +15,9 @@ use flowalign::prior::data::project_table;
 pub enum FeaturesCommand {
     /// Print the name, shape and dtype of every tensor in FILE.
     Inspect {
-        /// A .safetensors, .npy or .npz file.
-        file: PathBuf,
+        /// A .safetensors, .npy or .npz file, or a model in the Hugging Face cache
+        /// (hf:ORG/NAME[/FILE]).
+        file: String,
     },
     /// Scale a feature table by 1/std and project it to the latent dimension (METHOD.md section
     /// 2); write .npy.
@@ -78,7 +79,8 @@ fn project(args: ProjectArgs) -> Result<()> {
     Ok(())
 }
 
-fn inspect(file: PathBuf) -> Result<()> {
+fn inspect(file: String) -> Result<()> {
+    let (file, _) = flowalign::hub::resolve(&file)?;
     let infos = flowalign::features::inspect(&file)?;
     let width = infos.iter().map(|t| t.name.len()).max().unwrap_or(4).max(4);
     let mut out = format!("{:width$}  {:>20}  dtype\n", "name", "shape");

@@ -4,8 +4,10 @@
 pub mod ae;
 pub mod bench;
 pub mod features;
+pub mod generate;
 pub mod gui;
 pub mod hints;
+pub mod metrics;
 pub mod peak;
 pub mod prior;
 pub mod toy;
@@ -199,6 +201,26 @@ impl DistArgs {
 
 /// Rank 0's config on every rank (each rank parses the same command line, but only rank 0 may
 /// read the run folder, e.g. when resuming).
+/// Where a run's config starts before the flags apply: `--config FILE` when given (read by
+/// `from_file`), else the run's own `config.toml` when resuming a folder that has one, else
+/// `fresh()` (a preset from the flags).
+pub fn starting_config<C: flowalign::run::RunConfig>(
+    file: Option<&std::path::Path>,
+    resume: bool,
+    out: &std::path::Path,
+    from_file: fn(&std::path::Path) -> flowalign::Result<C>,
+    fresh: impl FnOnce() -> Result<C>,
+) -> Result<C> {
+    use flowalign::checkpoint;
+    Ok(if let Some(path) = file {
+        from_file(path)?
+    } else if resume && out.join(checkpoint::CONFIG).is_file() {
+        checkpoint::read_config(out, C::COMMAND)?
+    } else {
+        fresh()?
+    })
+}
+
 pub fn shared_config<C: Serialize + DeserializeOwned>(
     comm: Option<&Comm>,
     make: impl FnOnce() -> Result<C>,

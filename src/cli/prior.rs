@@ -91,17 +91,21 @@ pub struct TrainArgs {
 impl TrainArgs {
     /// The requested config: the run's own when resuming, else a file or preset; then the flags.
     fn config(&self) -> Result<FeaturePriorConfig> {
-        let saved = self.out.join(checkpoint::CONFIG);
-        let mut cfg = if let Some(path) = &self.config {
-            FeaturePriorConfig::from_toml_file(path)?
-        } else if self.resume && saved.is_file() {
-            checkpoint::read_config(&self.out, "prior train")?
-        } else {
-            let Some(features) = &self.features else {
-                bail!("--features FILE[:TENSOR] is required (or --config F.toml, or --resume)");
-            };
-            FeaturePriorConfig::preset(self.preset.unwrap_or(PriorPreset::Paper), features)
-        };
+        let mut cfg = super::starting_config(
+            self.config.as_deref(),
+            self.resume,
+            &self.out,
+            FeaturePriorConfig::from_toml_file,
+            || {
+                let Some(features) = &self.features else {
+                    bail!("--features FILE[:TENSOR] is required (or --config F.toml, or --resume)");
+                };
+                Ok(FeaturePriorConfig::preset(
+                    self.preset.unwrap_or(PriorPreset::Paper),
+                    features,
+                ))
+            },
+        )?;
         if let (Some(p), true) = (self.preset, self.config.is_some() || self.resume) {
             let base = FeaturePriorConfig::preset(p, &cfg.data.features);
             (cfg.model, cfg.train, cfg.preset) = (base.model, base.train, p);
@@ -160,6 +164,12 @@ fn train_rank(args: &TrainArgs, comm: Option<Arc<Comm>>) -> Result<(bool, usize)
         if run.step() > 0 {
             tracing::info!("resuming {} at step {}", args.out.display(), run.step());
         }
+        step_cost_notice(
+            &cfg,
+            data.dim(),
+            &device_name,
+            args.preset.is_none() && args.config.is_none(),
+        );
     }
     let stop = super::stop_flag()?;
     let pb = super::lead_bar(lead, "prior", cfg.train.run.steps, run.step());
@@ -209,6 +219,59 @@ fn train_rank(args: &TrainArgs, comm: Option<Arc<Comm>>) -> Result<(bool, usize)
         );
     }
     Ok((run_summary.interrupted, run_summary.step))
+}
+
+/// burn's CPU backend sustains about this many FLOP/s per core on the prior's step (README:
+/// 131.6 vectors/s of the 1024 x 6 prior at mc 4 on 2 cores).
+const CPU_FLOPS_PER_CORE: f64 = 5.5e10;
+
+/// Says at the start what one step costs on the chosen device, and when the first log line comes;
+/// on a CPU with a step of more than a few seconds, suggests `--preset small`.
+fn step_cost_notice(cfg: &FeaturePriorConfig, dim: usize, device_name: &str, default_preset: bool) {
+    let t = &cfg.train.run;
+    let flops = cfg.step_flops(dim);
+    let what = format!(
+        "one step = {} vectors x {} draws through {:.1} M parameters = {:.2} TFLOP",
+        t.batch,
+        cfg.train.mc,
+        cfg.params(dim) as f64 / 1e6,
+        flops / 1e12
+    );
+    if device_name.starts_with("cpu") {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let secs = flops / (CPU_FLOPS_PER_CORE * cores as f64);
+        let first_line = secs * t.log_every.min(t.steps) as f64;
+        tracing::info!(
+            "{what}: about {} a step on this {cores}-core CPU, so the first log line (step {}) comes in about {}",
+            human_secs(secs),
+            t.log_every.min(t.steps),
+            human_secs(first_line)
+        );
+        if secs > 5.0 {
+            tracing::warn!(
+                "the {} preset is sized for GPUs; on a CPU start with --preset small (256 x 3, 1,024 vectors a step){}",
+                format!("{:?}", cfg.preset).to_lowercase(),
+                if default_preset {
+                    " (paper is the default)"
+                } else {
+                    ""
+                }
+            );
+        }
+    } else {
+        tracing::info!("{what} on {device_name}");
+    }
+}
+
+/// `4.2 s`, `3.5 min`, `2.1 h`.
+fn human_secs(s: f64) -> String {
+    if s < 90.0 {
+        format!("{s:.1} s")
+    } else if s < 5400.0 {
+        format!("{:.1} min", s / 60.0)
+    } else {
+        format!("{:.1} h", s / 3600.0)
+    }
 }
 
 #[derive(Args)]

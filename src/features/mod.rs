@@ -104,6 +104,16 @@ fn format(path: &Path) -> Result<Format> {
     }
 }
 
+/// The file and tensor a feature spec names: `FILE[:TENSOR]`, or a model on the Hugging Face hub,
+/// `hf:ORG/NAME[@REV][/FILE][:TENSOR]`, resolved offline in the local hub cache (see [`crate::hub`]).
+pub fn resolve_spec(spec: &str) -> Result<(PathBuf, Option<String>)> {
+    if crate::hub::is_hub_id(spec) {
+        crate::hub::resolve(spec)
+    } else {
+        Ok(parse_spec(spec))
+    }
+}
+
 /// Splits `FILE[:TENSOR]`. A colon belongs to the file name when the whole string is an existing file.
 pub fn parse_spec(spec: &str) -> (PathBuf, Option<String>) {
     if !Path::new(spec).exists()

@@ -49,8 +49,8 @@ pub struct FinalLayer {
 #[derive(Module, Debug)]
 pub struct VelocityMlp {
     input_proj: Linear,
-    time_fc1: Linear,
-    time_fc2: Linear,
+    pub(crate) time_fc1: Linear,
+    pub(crate) time_fc2: Linear,
     blocks: Vec<AdaLnBlock>,
     final_layer: FinalLayer,
 }
@@ -217,7 +217,7 @@ impl VelocityMlp {
         silu(c)
     }
 
-    fn forward_conditioned(&self, z: Tensor<2>, c_act: Tensor<2>) -> Tensor<2> {
+    pub(crate) fn forward_conditioned(&self, z: Tensor<2>, c_act: Tensor<2>) -> Tensor<2> {
         let mut x = self.input_proj.forward(z); // [batch, C]
         if let Some(v) = self.forward_fused(x.clone(), c_act.clone()) {
             return v;
@@ -338,18 +338,18 @@ mod tests {
         let times: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).fract()).collect();
         let z = Tensor::<2>::from_data(TensorData::new(rows, [37, 3]), &dev);
         let t = Tensor::<1>::from_data(TensorData::new(times, [37]), &dev);
+        // One graph at a time: both passes share the parameters, and a backward pass consumes
+        // every node it reaches.
         let fused = m.forward(z.clone(), t.clone());
+        let a: Vec<f32> = fused.clone().try_into_vec_as().unwrap();
+        let gf = burn::optim::GradientsParams::from_grads(fused.powi_scalar(2).sum().backward(), &m);
         let plain = plain_forward(&m, z, t);
-        let (a, b): (Vec<f32>, Vec<f32>) = (
-            fused.clone().try_into_vec_as().unwrap(),
-            plain.clone().try_into_vec_as().unwrap(),
-        );
+        let b: Vec<f32> = plain.clone().try_into_vec_as().unwrap();
+        let gp = burn::optim::GradientsParams::from_grads(plain.powi_scalar(2).sum().backward(), &m);
         assert!(b.iter().any(|v| v.abs() > 1e-2));
         for (x, y) in a.iter().zip(&b) {
             assert!((x - y).abs() < 1e-5 * (1.0 + y.abs()), "{x} vs {y}");
         }
-        let gf = burn::optim::GradientsParams::from_grads(fused.powi_scalar(2).sum().backward(), &m);
-        let gp = burn::optim::GradientsParams::from_grads(plain.powi_scalar(2).sum().backward(), &m);
         let mut same = SameGrads {
             fused: &gf,
             plain: &gp,
@@ -373,7 +373,14 @@ mod tests {
                 .map(|_| 0.1 * self.0.sample::<f32, _>(StandardNormal))
                 .collect();
             let noise = Tensor::<D>::from_data(TensorData::new(noise, shape), &t.device());
-            burn::module::Param::from_mapped_value(id, t + noise, mapper)
+            // A fresh leaf: `t + noise` would carry the addition's graph into every pass.
+            let sum = (t.clone() + noise).detach();
+            let sum = if t.is_require_grad() {
+                sum.require_grad()
+            } else {
+                sum
+            };
+            burn::module::Param::from_mapped_value(id, sum, mapper)
         }
     }
 

@@ -1,7 +1,9 @@
-//! The visualizer's app: persisted settings, the state reported by the training thread, and the UI.
+//! The visualizer's app: persisted settings, the state reported by the training thread, and the
+//! effects of the user's actions.
 //!
-//! UI functions (`*_ui`) draw and push [`Action`]s; [`FlowAlignApp::apply`] carries them out, so
-//! every effect has one place.
+//! UI functions (`*_ui`, in `view.rs`) draw and push [`Action`]s; [`FlowAlignApp::apply`] carries
+//! them out, so every effect has one place. An action that would throw a session away asks
+//! first; one that replaces the target or the settings can be undone.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -11,22 +13,21 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::time::{Duration, Instant};
 
 use burn::prelude::Device;
-use eframe::egui::{self, Color32, ColorImage, Key, RichText, Ui};
+use eframe::egui::{self, ColorImage, Key};
 use rand::RngExt;
 use serde::{Deserialize, Serialize};
 
-use super::panels::{
-    self, CurveStyle, HeatTexture, LATENT_COLOUR, Overlay, PanelResponse, TARGET_COLOUR,
+use super::figures::{self, Dots, Figure};
+use super::panels::{CurveStyle, HeatTexture};
+use super::worker::{
+    Command, MapData, MapKind, MapUpdate, Stage, Update, ViewRequest, Worker, target_key,
 };
-use super::worker::{Analysis, Command, SLOW_GRID_MAX, Stage, Update, ViewRequest, Worker};
-use crate::align::Reduction;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::files::{write_atomic, write_json};
-use crate::flow::solver::Solver;
-use crate::grid::Point;
+use crate::grid::{Heatmap, Point, Range2};
 use crate::report::write_png_rgb;
 use crate::toy::targets::{Target, read_points_csv};
-use crate::toy::{Curves, Event, LatentInit, Preset, TargetKind, ToyConfig};
+use crate::toy::{Curves, Event, Preset, TargetKind, ToyConfig};
 
 /// How the window was launched (command-line options); the default is an interactive session.
 #[derive(Debug, Clone, Default)]
@@ -55,16 +56,39 @@ impl Launch {
     }
 }
 
+/// How fast this machine trained, as parameters x samples per second, for time estimates.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Speed {
+    pub prior: f64,
+    pub align: f64,
+}
+
+impl Default for Speed {
+    /// The interactive preset on 2 CPU cores (burn flex): 58 prior steps/s at batch 512 and 49
+    /// alignment steps/s with 1,000 latents, with 193,346 parameters.
+    fn default() -> Self {
+        Speed {
+            prior: 5.7e9,
+            align: 9.5e9,
+        }
+    }
+}
+
 /// What persists between launches.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Settings {
     /// The session: target (or inline points), hyperparameters and seed.
     pub cfg: ToyConfig,
+    /// Where the custom points came from: a file's name, or `None` when drawn here.
+    pub points_source: Option<String>,
     pub view: ViewRequest,
     pub curves: CurveStyle,
     /// Where exports are written.
     pub export_dir: PathBuf,
+    /// Width in pixels of a panel exported as a figure.
+    pub figure_width: u32,
     /// Radius of the drawing brush (drawing canvas units).
     pub brush: f32,
     /// Points added per frame while drawing.
@@ -73,21 +97,72 @@ pub struct Settings {
     pub file_path: String,
     /// Repaints per second while training runs (lower leaves more CPU to training).
     pub max_fps: f32,
+    /// The last measured training speed.
+    pub speed: Speed,
 }
 
 impl Default for Settings {
     fn default() -> Self {
         Settings {
             cfg: ToyConfig::preset(Preset::Interactive, TargetKind::Mog),
+            points_source: None,
             view: ViewRequest::default(),
             curves: CurveStyle::default(),
             export_dir: super::default_export_dir(),
+            figure_width: 1600,
             brush: 0.3,
             brush_rate: 3,
             file_path: String::new(),
             max_fps: 20.0,
+            speed: Speed::default(),
         }
     }
+}
+
+/// Parameters of the velocity network of METHOD.md section 4 on 2D data.
+pub fn prior_params(width: usize, depth: usize) -> usize {
+    let (c, d) = (width, 2);
+    let input = d * c + c;
+    let time = 256 * c + c + c * c + c;
+    let block = 2 * c + (3 * c * c + 3 * c) + 2 * (c * c + c);
+    let last = 2 * c * c + 2 * c + c * d + d;
+    input + time + depth * block + last
+}
+
+/// The seconds a session of `cfg` should take at `speed`: (training the prior, aligning).
+pub fn estimate_secs(cfg: &ToyConfig, speed: &Speed) -> (f64, f64) {
+    let params = prior_params(cfg.prior.width, cfg.prior.depth) as f64;
+    let prior = cfg.prior.steps as f64 * cfg.prior.batch as f64 * params / speed.prior;
+    let align =
+        cfg.align.steps as f64 * (cfg.align.n_latents * cfg.align.mc) as f64 * params / speed.align;
+    (prior, align)
+}
+
+/// A duration for people: "12 s", "3 min 20 s", "9 h 40 min".
+pub fn duration(secs: f64) -> String {
+    if !secs.is_finite() {
+        return "?".into();
+    }
+    let s = secs.round().max(0.0) as u64;
+    match s {
+        0 => "under a second".into(),
+        1..=59 => format!("{s} s"),
+        60..=3599 => format!("{} min {} s", s / 60, s % 60),
+        _ => format!("{} h {} min", s / 3600, (s % 3600) / 60),
+    }
+}
+
+/// A count with thousands separators: 100,000.
+pub fn count(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// The recorded alignment: y after selected steps (every `stride`-th once the history is long).
@@ -123,58 +198,170 @@ impl History {
     }
 }
 
-/// Steps per second over the session's running time.
+/// Steps per second of a stage over the time it ran: paused time does not count, and nor does
+/// the lag between a step and the frame that shows it, so a resume never reads as a burst.
 #[derive(Debug, Default, Clone)]
 pub struct Rate {
-    first: Option<(Instant, usize)>,
+    /// Steps and seconds of finished stretches of running.
+    steps: usize,
+    secs: f64,
+    /// The running stretch: where it started and the latest report.
+    open: Option<(Instant, usize)>,
     last: Option<(Instant, usize)>,
+    /// The step a pause stopped at (the next stretch counts from it).
+    paused_at: Option<usize>,
 }
 
 impl Rate {
-    fn record(&mut self, step: usize) {
-        let now = (Instant::now(), step);
-        if self.first.is_none() {
-            self.first = Some(now);
+    /// No rate is shown before a stage has run this long.
+    pub const MIN_SECS: f64 = 0.5;
+
+    /// A step reported at `now`.
+    pub fn record_at(&mut self, step: usize, now: Instant) {
+        if self.open.is_none() {
+            self.open = Some((now, step));
         }
-        self.last = Some(now);
+        self.last = Some((now, step));
     }
 
-    /// Mean steps per second since the first recorded step.
-    pub fn per_sec(&self) -> f64 {
-        match (self.first, self.last) {
-            (Some((t0, s0)), Some((t1, s1))) if s1 > s0 => {
-                (s1 - s0) as f64 / (t1 - t0).as_secs_f64().max(1e-9)
-            }
-            _ => 0.0,
+    /// The stage paused at `now`: the time until [`Rate::resume_at`] does not count.
+    pub fn pause_at(&mut self, now: Instant) {
+        if let (Some((t0, s0)), Some((_, s1))) = (self.open.take(), self.last.take()) {
+            self.steps += s1.saturating_sub(s0);
+            self.secs += (now - t0).as_secs_f64();
+            self.paused_at = Some(s1);
         }
     }
 
-    /// Starts over (after a pause, so paused time does not count).
-    fn restart(&mut self) {
-        *self = Rate::default();
+    /// The stage resumed at `now`: the clock runs again from the step it paused at.
+    pub fn resume_at(&mut self, now: Instant) {
+        if let Some(step) = self.paused_at.take() {
+            self.open = Some((now, step));
+            self.last = Some((now, step));
+        }
+    }
+
+    /// Mean steps per second over the running time; `None` until it has run for
+    /// [`Rate::MIN_SECS`].
+    pub fn per_sec(&self) -> Option<f64> {
+        let (mut steps, mut secs) = (self.steps, self.secs);
+        if let (Some((t0, s0)), Some((t1, s1))) = (self.open, self.last) {
+            steps += s1.saturating_sub(s0);
+            secs += (t1 - t0).as_secs_f64();
+        }
+        (secs >= Self::MIN_SECS && steps > 0).then(|| steps as f64 / secs)
     }
 }
 
-/// Everything the training thread has reported about the current session.
+/// A map with the prior step it was computed from.
+#[derive(Debug, Clone)]
+pub struct Stamped<T> {
+    pub prior_step: usize,
+    /// Seconds it took.
+    pub secs: f64,
+    pub value: Arc<T>,
+}
+
+/// The velocity field at one time.
+#[derive(Debug, Clone)]
+pub struct Velocity {
+    pub arrows: Vec<(Point, Point)>,
+    pub t: f32,
+}
+
+/// ODE samples of the prior and some of their paths.
+#[derive(Debug, Clone)]
+pub struct Samples {
+    pub samples: Vec<Point>,
+    pub paths: Vec<Vec<Point>>,
+}
+
+/// The landscapes on show, each as of the prior step it was computed from.
+#[derive(Debug, Clone, Default)]
+pub struct Analysis {
+    pub align: Option<Stamped<Heatmap>>,
+    /// Pearson and Spearman correlation of the target's NLL map and `align`.
+    pub correlation: Option<(f64, f64)>,
+    /// The prior's own exact NLL.
+    pub prior_nll: Option<Stamped<Heatmap>>,
+    /// `-(C(y) - L_align)`, the paper's estimate of METHOD.md section 3 (not a bound), on the NLL scale.
+    pub neg_bound: Option<Stamped<Heatmap>>,
+    pub velocity: Option<Stamped<Velocity>>,
+    pub samples: Option<Stamped<Samples>>,
+}
+
+impl Analysis {
+    /// The prior step of the L_align map, which names a checkpoint.
+    pub fn prior_step(&self) -> Option<usize> {
+        self.align.as_ref().map(|a| a.prior_step)
+    }
+
+    /// The prior step the map of `kind` shows, if it has arrived.
+    pub fn step_of(&self, kind: MapKind) -> Option<usize> {
+        match kind {
+            MapKind::Align => self.align.as_ref().map(|m| m.prior_step),
+            MapKind::PriorNll => self.prior_nll.as_ref().map(|m| m.prior_step),
+            MapKind::Bound => self.neg_bound.as_ref().map(|m| m.prior_step),
+            MapKind::Velocity => self.velocity.as_ref().map(|m| m.prior_step),
+            MapKind::Samples => self.samples.as_ref().map(|m| m.prior_step),
+        }
+    }
+
+    fn insert(&mut self, update: MapUpdate) {
+        let (step, secs) = (update.prior_step, update.secs);
+        let stamp = |value| Stamped {
+            prior_step: step,
+            secs,
+            value: Arc::new(value),
+        };
+        match update.data {
+            MapData::Heat { map, correlation } => match update.kind {
+                MapKind::Align => {
+                    self.align = Some(stamp(map));
+                    self.correlation = correlation;
+                }
+                MapKind::PriorNll => self.prior_nll = Some(stamp(map)),
+                _ => self.neg_bound = Some(stamp(map)),
+            },
+            MapData::Velocity { arrows, t } => {
+                self.velocity = Some(Stamped {
+                    prior_step: step,
+                    secs,
+                    value: Arc::new(Velocity { arrows, t }),
+                })
+            }
+            MapData::Samples { samples, paths } => {
+                self.samples = Some(Stamped {
+                    prior_step: step,
+                    secs,
+                    value: Arc::new(Samples { samples, paths }),
+                })
+            }
+        }
+    }
+}
+
+/// Everything the training thread has reported about the target and the current session.
 #[derive(Debug, Default)]
 pub struct RunState {
     pub stage: Stage,
     pub paused: bool,
-    /// The last error (divergence, bad file), shown until dismissed.
-    pub error: Option<String>,
-    /// The last informational message.
-    pub notice: Option<String>,
     pub target_name: String,
+    /// A random subset of the target's samples, and the view range.
     pub target_samples: Vec<Point>,
-    pub range: ((f32, f32), (f32, f32)),
+    pub range: Range2,
+    /// The target's NLL on the heatmap grid (shown as soon as a target is picked).
+    pub target_map: Option<Arc<Heatmap>>,
     pub prior_total: usize,
     pub align_total: usize,
     /// The loss curves of both stages, recorded from the session's events as `flowalign toy`
     /// records them.
     pub curves: Curves,
     pub history: History,
-    /// Landscapes of the prior at the steps they were taken (the prior's checkpoints), newest last.
+    /// Landscapes of the prior, one per L_align map (the prior's checkpoints), newest last.
     pub analyses: Vec<Arc<Analysis>>,
+    /// Sliced maps being computed: kind, prior step, fraction done.
+    pub progress: Vec<(MapKind, usize, f32)>,
     pub prior_rate: Rate,
     pub align_rate: Rate,
     /// Replay: an index into `history` (None = live), whether it plays, and the shown checkpoint.
@@ -209,6 +396,48 @@ impl RunState {
         match self.replay_index {
             Some(i) => self.history.steps.get(i),
             None => self.history.latest(),
+        }
+    }
+
+    /// The rate of the stage that runs now.
+    fn stage_rate(&mut self) -> &mut Rate {
+        match self.stage {
+            Stage::Prior => &mut self.prior_rate,
+            _ => &mut self.align_rate,
+        }
+    }
+
+    fn add_map(&mut self, update: MapUpdate) {
+        self.progress.retain(|p| p.0 != update.kind);
+        // A new L_align map of a new prior step is a new checkpoint; other maps join the newest.
+        let new_checkpoint = update.kind == MapKind::Align
+            && self
+                .analyses
+                .last()
+                .is_none_or(|a| a.prior_step().is_some_and(|s| s != update.prior_step));
+        if new_checkpoint {
+            let mut next = self
+                .analyses
+                .last()
+                .map(|a| (**a).clone())
+                .unwrap_or_default();
+            next.insert(update);
+            self.analyses.push(Arc::new(next));
+            if self.analyses.len() > 200 {
+                self.analyses.remove(1);
+                if let Some(c) = &mut self.checkpoint {
+                    *c = c.saturating_sub(1);
+                }
+            }
+        } else {
+            match self.analyses.last_mut() {
+                Some(last) => Arc::make_mut(last).insert(update),
+                None => {
+                    let mut a = Analysis::default();
+                    a.insert(update);
+                    self.analyses.push(Arc::new(a));
+                }
+            }
         }
     }
 }
@@ -255,6 +484,14 @@ fn push_capped(v: &mut VecDeque<f32>, x: f32) {
     v.push_back(x);
 }
 
+/// A target in the target menu.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum TargetChoice {
+    Builtin(TargetKind),
+    /// The user's own points (drawn or loaded).
+    Custom,
+}
+
 /// What the user asked for this frame.
 #[derive(Debug, Clone)]
 #[must_use]
@@ -265,43 +502,90 @@ pub enum Action {
     /// Freeze the prior as trained so far and align (again) with the current alignment settings.
     Align,
     Reset,
+    /// Pick a target.
+    SetTarget(TargetChoice),
+    /// Turn drawing on panel (a) on or off.
+    SetDrawing(bool),
+    /// Fill in a preset's prior, alignment and evaluation settings.
+    SetPreset(Preset),
     /// Load a CSV of points or a session TOML.
     Load(PathBuf),
     /// Open a file dialog for [`Action::Load`].
     Browse,
+    ClearDrawing,
+    /// Put back the settings the last undoable action replaced.
+    Undo,
+    /// Carry out the action the open question asks about.
+    Confirm,
+    /// Close the open question without doing anything.
+    KeepSession,
+    DismissMessage,
     ExportCurves,
     ExportSession,
-    /// A PNG of the window or of one panel.
+    /// A panel as a figure (title, axes, colour bar) at the chosen width: `nll`, `align`,
+    /// `prior_nll`, `bound`, `velocity`, `samples` or `curves`.
+    ExportFigure(&'static str),
+    /// A PNG of the window.
     Screenshot(Shot),
-    ClearDrawing,
 }
 
-/// Which part of the window a screenshot keeps.
+/// Which screenshot of the window to take.
 #[derive(Debug, Clone)]
 pub enum Shot {
     Window,
-    Panel(&'static str, egui::Rect),
     /// The scripted screenshot taken before closing.
     Closing(PathBuf),
+}
+
+/// Settings an action replaced, and what to say when they are put back.
+#[derive(Debug, Clone)]
+pub struct Undo {
+    pub what: String,
+    pub cfg: ToyConfig,
+    pub points_source: Option<String>,
+}
+
+/// A question before an action that would end the session.
+#[derive(Debug, Clone)]
+pub struct Question {
+    pub text: String,
+    /// The label of the button that goes ahead.
+    pub yes: String,
+    pub action: Action,
+}
+
+/// The one line of messages at the bottom of the window.
+#[derive(Debug, Clone, Default)]
+pub struct Status {
+    /// The last error, until dismissed or until an action succeeds.
+    pub error: Option<String>,
+    /// The last informational message.
+    pub notice: Option<String>,
 }
 
 /// The visualizer.
 pub struct FlowAlignApp {
     pub settings: Settings,
     pub state: RunState,
+    pub status: Status,
     /// Whether dragging on panel (a) adds target points.
     pub drawing: bool,
     /// Files written by exports, newest last.
     pub exported: Vec<PathBuf>,
     pub frames: FrameStats,
-    launch: Launch,
+    pub(super) undo: Option<Undo>,
+    pub(super) question: Option<Question>,
+    pub(super) launch: Launch,
     worker: Worker,
     /// `settings.max_fps` as f32 bits, read by the training thread's repaint requests.
     max_fps: Arc<AtomicU32>,
     view_sent: Option<ViewRequest>,
-    textures: Option<(usize, Vec<(&'static str, HeatTexture)>)>,
-    panel_rects: Vec<(&'static str, egui::Rect)>,
-    hover: Option<[f64; 2]>,
+    /// The target (key and grid) last sent for a preview.
+    previewed: Option<String>,
+    /// Textures of the heatmaps on show: panel, the map's address, the texture.
+    pub(super) textures: Vec<(&'static str, usize, HeatTexture)>,
+    pub(super) panel_rects: Vec<(&'static str, egui::Rect)>,
+    pub(super) hover: Option<[f64; 2]>,
     shot_tx: Sender<(Shot, Arc<ColorImage>)>,
     shot_rx: Receiver<(Shot, Arc<ColorImage>)>,
     browse_rx: Option<Receiver<Option<PathBuf>>>,
@@ -323,6 +607,7 @@ impl FlowAlignApp {
         };
         if let Some(cfg) = &launch.cfg {
             settings.cfg = cfg.clone();
+            settings.points_source = cfg.points.as_ref().map(|_| "the command line".into());
         }
         settings.view.prior_nll |= launch.prior_nll;
         settings.view.bound |= launch.bound;
@@ -337,14 +622,18 @@ impl FlowAlignApp {
         FlowAlignApp {
             settings,
             state: RunState::default(),
+            status: Status::default(),
             drawing: false,
             exported: Vec::new(),
             frames: FrameStats::default(),
+            undo: None,
+            question: None,
             launch,
             worker,
             max_fps,
             view_sent: None,
-            textures: None,
+            previewed: None,
+            textures: Vec::new(),
             panel_rects: Vec::new(),
             hover: None,
             shot_tx,
@@ -357,16 +646,86 @@ impl FlowAlignApp {
         }
     }
 
-    /// Carries out one user action.
+    /// The question waiting for an answer, if any.
+    pub fn question(&self) -> Option<&Question> {
+        self.question.as_ref()
+    }
+
+    /// What Undo would put back, if anything.
+    pub fn undo_available(&self) -> Option<&str> {
+        self.undo.as_ref().map(|u| u.what.as_str())
+    }
+
+    /// Whether the training and analysis threads are alive.
+    pub fn worker_alive(&self) -> bool {
+        self.worker.alive()
+    }
+
+    /// Whether a session exists (or was asked for) that an action would throw away.
+    fn has_session(&self) -> bool {
+        self.state.stage != Stage::Idle || self.state.session_cfg.is_some()
+    }
+
+    /// The question to ask before `action`, when it would end the session.
+    fn question_for(&self, action: &Action) -> Option<Question> {
+        if !self.has_session() {
+            return None;
+        }
+        let cfg = &self.settings.cfg;
+        let custom = cfg.points.is_some();
+        let what = match action {
+            Action::SetTarget(TargetChoice::Builtin(kind)) if custom || cfg.target != *kind => {
+                format!("Switching to {} ends", kind.name())
+            }
+            Action::SetTarget(TargetChoice::Custom) if !custom => "Drawing a target ends".into(),
+            Action::SetDrawing(true) if !custom => "Drawing a target ends".into(),
+            Action::ClearDrawing if custom => "Clearing the points ends".into(),
+            Action::Load(path) => format!("Loading {} ends", file_name(path)),
+            Action::SetPreset(p) => format!("The {} preset ends", preset_name(*p)),
+            Action::Undo => "Undo ends".into(),
+            _ => return None,
+        };
+        let s = &self.state;
+        let progress = match s.stage {
+            Stage::Prior => format!("the prior is at step {}", count(s.prior_step())),
+            _ => format!(
+                "the prior trained {} steps and alignment is at step {}",
+                count(s.prior_step()),
+                count(s.align_step())
+            ),
+        };
+        Some(Question {
+            text: format!("{what} the current session ({progress}). It cannot be undone."),
+            yes: "End the session".into(),
+            action: action.clone(),
+        })
+    }
+
+    /// Carries out one user action (after asking, when it would end the session).
     pub fn apply(&mut self, ctx: &egui::Context, action: Action) {
+        if !matches!(action, Action::Screenshot(Shot::Closing(_))) {
+            // A new action replaces the last error; a failure sets its own.
+            self.status.error = None;
+        }
+        // A file that cannot be loaded is refused before any question.
+        if let Action::Load(path) = &action
+            && let Err(e) = read_session_or_points(path, &self.settings.cfg)
+        {
+            self.status.error = Some(window_message(&e));
+            return;
+        }
+        if let Some(q) = self.question_for(&action) {
+            self.question = Some(q);
+            return;
+        }
+        self.carry_out(ctx, action);
+    }
+
+    fn carry_out(&mut self, ctx: &egui::Context, action: Action) {
         match action {
             Action::Start => self.start(),
             Action::Pause => self.worker.send(Command::Pause),
-            Action::Resume => {
-                self.state.prior_rate.restart();
-                self.state.align_rate.restart();
-                self.worker.send(Command::Resume);
-            }
+            Action::Resume => self.worker.send(Command::Resume),
             Action::Align => {
                 if self.state.stage == Stage::Idle {
                     return;
@@ -376,9 +735,35 @@ impl FlowAlignApp {
                     .send(Command::Align(self.settings.cfg.align.clone()));
             }
             Action::Reset => self.reset(None),
+            Action::SetTarget(choice) => self.set_target(choice),
+            Action::SetDrawing(on) => {
+                self.drawing = on;
+                if on && self.settings.cfg.points.is_none() {
+                    self.settings.cfg.points = Some(Vec::new());
+                    self.settings.points_source = None;
+                }
+                self.end_session_if_changed();
+            }
+            Action::SetPreset(preset) => {
+                let before = self.remember(format!("the {} settings", preset_name(preset)));
+                let cfg = &mut self.settings.cfg;
+                let base = ToyConfig::preset(preset, cfg.target);
+                (cfg.preset, cfg.prior, cfg.align, cfg.eval) =
+                    (preset, base.prior, base.align, base.eval);
+                let (prior, align) = estimate_secs(cfg, &self.settings.speed);
+                let notice = format!(
+                    "{} preset: {} prior steps at width {}, about {} on this machine",
+                    preset_name(preset),
+                    count(cfg.prior.steps),
+                    cfg.prior.width,
+                    duration(prior + align)
+                );
+                self.note_undoable(before, notice);
+                self.end_session_if_changed();
+            }
             Action::Load(path) => {
                 if let Err(e) = self.load(&path) {
-                    self.state.error = Some(e.to_string());
+                    self.status.error = Some(window_message(&e));
                 }
             }
             Action::Browse => {
@@ -393,8 +778,40 @@ impl FlowAlignApp {
                 });
                 self.browse_rx = Some(rx);
             }
+            Action::ClearDrawing => {
+                let n = self.settings.cfg.points.as_ref().map_or(0, Vec::len);
+                let before = self.remember(self.points_description());
+                self.settings.cfg.points = Some(Vec::new());
+                self.settings.points_source = None;
+                self.drawing = true;
+                if n > 0 {
+                    self.note_undoable(before, format!("cleared {}", self.undo_what(n)));
+                }
+                self.end_session_if_changed();
+            }
+            Action::Undo => {
+                if let Some(u) = self.undo.take() {
+                    self.settings.cfg = u.cfg;
+                    self.settings.points_source = u.points_source;
+                    self.drawing = false;
+                    self.status.notice = Some(format!("restored {}", u.what));
+                    self.end_session_if_changed();
+                }
+            }
+            Action::Confirm => {
+                if let Some(q) = self.question.take() {
+                    self.reset(None);
+                    self.carry_out(ctx, q.action);
+                }
+            }
+            Action::KeepSession => self.question = None,
+            Action::DismissMessage => {
+                self.status = Status::default();
+                self.undo = None;
+            }
             Action::ExportCurves => self.report(|app| app.export_curves()),
             Action::ExportSession => self.report(|app| app.export_session()),
+            Action::ExportFigure(panel) => self.report(|app| app.export_figure(panel)),
             Action::Screenshot(shot) => {
                 let tx = self.shot_tx.clone();
                 let repaint = ctx.clone();
@@ -403,20 +820,79 @@ impl FlowAlignApp {
                     repaint.request_repaint();
                 });
             }
-            Action::ClearDrawing => {
-                self.settings.cfg.points = Some(Vec::new());
-                self.reset(None);
+        }
+    }
+
+    /// The undo record of the settings as they are, to keep if an action replaces them.
+    fn remember(&self, what: String) -> Undo {
+        Undo {
+            what,
+            cfg: self.settings.cfg.clone(),
+            points_source: self.settings.points_source.clone(),
+        }
+    }
+
+    /// Keeps `undo` and says `notice` (the status line offers Undo).
+    fn note_undoable(&mut self, undo: Undo, notice: String) {
+        self.undo = Some(undo);
+        self.status.notice = Some(notice);
+    }
+
+    /// "1,000 drawn points" or "400 points from ring.csv".
+    pub fn points_description(&self) -> String {
+        let n = self.settings.cfg.points.as_ref().map_or(0, Vec::len);
+        self.undo_what(n)
+    }
+
+    fn undo_what(&self, n: usize) -> String {
+        match &self.settings.points_source {
+            Some(src) => format!("{} points from {src}", count(n)),
+            None => format!("{} drawn points", count(n)),
+        }
+    }
+
+    fn set_target(&mut self, choice: TargetChoice) {
+        let cfg = &self.settings.cfg;
+        let had_points = cfg.points.as_ref().is_some_and(|p| !p.is_empty());
+        let before = self.remember(if had_points {
+            self.points_description()
+        } else {
+            format!("the {} target", cfg.target.name())
+        });
+        match choice {
+            TargetChoice::Builtin(kind) => {
+                let cfg = &mut self.settings.cfg;
+                cfg.target = kind;
+                cfg.points = None;
+                cfg.target_csv = None;
+                self.settings.points_source = None;
+                self.drawing = false;
+                if had_points {
+                    let what = before.what.clone();
+                    self.note_undoable(
+                        before,
+                        format!("target: {} (replaced {what})", kind.name()),
+                    );
+                }
+            }
+            TargetChoice::Custom => {
+                if self.settings.cfg.points.is_none() {
+                    self.settings.cfg.points = Some(Vec::new());
+                    self.settings.points_source = None;
+                    self.drawing = true;
+                }
             }
         }
+        self.end_session_if_changed();
     }
 
     fn report(&mut self, export: impl FnOnce(&mut Self) -> Result<PathBuf>) {
         match export(self) {
             Ok(path) => {
-                self.state.notice = Some(format!("wrote {}", path.display()));
+                self.status.notice = Some(format!("wrote {}", path.display()));
                 self.exported.push(path);
             }
-            Err(e) => self.state.error = Some(e.to_string()),
+            Err(e) => self.status.error = Some(window_message(&e)),
         }
     }
 
@@ -425,19 +901,35 @@ impl FlowAlignApp {
         if let Some(points) = &cfg.points
             && let Err(e) = Target::from_points("custom", points)
         {
-            self.state.error = Some(format!("{e} (draw more points, or pick a built-in target)"));
+            self.status.error = Some(format!(
+                "{} (draw more points, or pick a built-in target)",
+                window_message(&e)
+            ));
             return;
         }
         if let Err(e) = cfg.validate() {
-            self.state.error = Some(e.to_string());
+            self.status.error = Some(window_message(&e));
             return;
         }
         self.drawing = false;
+        // The target on show stays while the session starts, when it is the same one.
+        let same_target = self.previewed.as_deref() == Some(&self.preview_key());
+        let old = std::mem::take(&mut self.state);
         self.state = RunState {
             session_cfg: Some(cfg.clone()),
             ..RunState::default()
         };
-        self.textures = None;
+        if same_target {
+            let s = &mut self.state;
+            (s.target_name, s.target_samples, s.range, s.target_map) = (
+                old.target_name,
+                old.target_samples,
+                old.range,
+                old.target_map,
+            );
+        }
+        self.previewed = None;
+        self.textures.clear();
         self.view_sent = None;
         self.sync_view();
         self.worker.send(Command::Start {
@@ -449,13 +941,12 @@ impl FlowAlignApp {
     /// Cancels the session; `notice` says why when the user did not ask.
     fn reset(&mut self, notice: Option<String>) {
         self.worker.send(Command::Reset);
-        let error = self.state.error.take();
-        self.state = RunState {
-            notice,
-            error,
-            ..RunState::default()
-        };
-        self.textures = None;
+        self.state = RunState::default();
+        self.previewed = None;
+        self.textures.clear();
+        if notice.is_some() {
+            self.status.notice = notice;
+        }
     }
 
     fn reset_alignment(&mut self) {
@@ -463,44 +954,38 @@ impl FlowAlignApp {
         s.curves.align.clear();
         s.curves.nll.clear();
         s.history = History::default();
-        s.align_rate.restart();
+        s.align_rate = Rate::default();
         s.replay_index = None;
         s.replay_playing = false;
     }
 
     /// Loads a points CSV (the new target) or a session TOML; on error nothing changes.
     pub fn load(&mut self, path: &Path) -> Result<()> {
-        let is_toml = path
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("toml"));
-        let mut cfg = self.settings.cfg.clone();
-        if is_toml {
-            cfg = ToyConfig::from_toml_file(path)?;
-            if let Some(csv) = cfg.target_csv.take() {
-                cfg.points = Some(read_points_csv(&csv)?);
-            }
-        } else {
-            let points = read_points_csv(path)?;
-            Target::from_points("custom", &points)
-                .map_err(|e| crate::Error::input(path, e.to_string()))?;
-            cfg.points = Some(points);
-            cfg.target_csv = None;
-        }
-        if let Some(points) = &cfg.points {
-            Target::from_points("custom", points)
-                .map_err(|e| crate::Error::input(path, e.to_string()))?;
-        }
+        let is_toml = is_toml(path);
+        let name = file_name(path);
+        let cfg = read_session_or_points(path, &self.settings.cfg)?;
+        let before = self.remember(match &self.settings.cfg.points {
+            Some(p) if !p.is_empty() => self.points_description(),
+            _ => "the settings before the load".into(),
+        });
+        let what = match &cfg.points {
+            Some(p) if is_toml => format!("session {name}: {} points", count(p.len())),
+            Some(p) => format!("{} points from {name}", count(p.len())),
+            None => format!("session {name}: target {}", cfg.target.name()),
+        };
+        self.settings.points_source = cfg.points.as_ref().map(|_| name);
         self.settings.cfg = cfg;
         self.settings.file_path = path.display().to_string();
         self.drawing = false;
-        self.reset(Some(format!("loaded {}", path.display())));
+        self.end_session_if_changed();
+        self.note_undoable(before, format!("loaded {what}"));
         Ok(())
     }
 
     fn export_dir(&self) -> Result<PathBuf> {
         let dir = self.settings.export_dir.clone();
         std::fs::create_dir_all(&dir)
-            .map_err(|e| crate::Error::io(&dir, "choose an export folder you can write to", e))?;
+            .map_err(|e| Error::io(&dir, "choose an export folder you can write to", e))?;
         Ok(dir)
     }
 
@@ -542,30 +1027,143 @@ impl FlowAlignApp {
         Ok(path)
     }
 
-    fn save_shot(&mut self, shot: Shot, image: &ColorImage, ppp: f32) -> Result<PathBuf> {
-        let (image, path) = match shot {
-            Shot::Window => (
-                image.clone(),
+    /// Writes panel `panel` as a figure (title, axes, colour bar) `figure_width` pixels wide.
+    pub fn export_figure(&mut self, panel: &'static str) -> Result<PathBuf> {
+        let path =
+            self.export_dir()?
+                .join(format!("{panel}-{}-{}.png", self.stem(), self.frame_count));
+        figures::write(
+            &self.panel_figure(panel)?,
+            &path,
+            self.settings.figure_width,
+        )?;
+        Ok(path)
+    }
+
+    /// Panel `panel` as it shows now, as plain data for a figure.
+    fn panel_figure(&self, panel: &str) -> Result<Figure<'_>> {
+        let s = &self.state;
+        let a = s.shown_analysis();
+        let missing = || Error::Figure(format!("panel {panel} has nothing to draw yet"));
+        let step_note = |step: usize| format!("prior step {step}");
+        Ok(match panel {
+            "nll" => {
+                let map = s.target_map.as_deref().ok_or_else(missing)?;
+                let mut title = format!("(a) {}: NLL of the target", s.target_name);
+                let latents = match s.shown_latents() {
+                    Some((step, y)) => {
+                        title.push_str(&format!(", y after {step} alignment steps"));
+                        &y[..]
+                    }
+                    None => &[],
+                };
+                let dots = vec![
+                    Dots {
+                        label: "target samples",
+                        points: &s.target_samples,
+                        colour: figures::TARGET_DOTS,
+                        radius: 1.2,
+                    },
+                    Dots {
+                        label: "y",
+                        points: latents,
+                        colour: figures::LATENT_DOTS,
+                        radius: 2.2,
+                    },
+                ];
+                Figure::Heat {
+                    title,
+                    map,
+                    dots,
+                    label: "NLL",
+                }
+            }
+            "align" | "prior_nll" | "bound" => {
+                let a = a.ok_or_else(missing)?;
+                let (stamp, title, label) = match panel {
+                    "align" => {
+                        let corr = a.correlation.map_or(String::new(), |(p, sp)| {
+                            format!(" (Pearson {p:.3}, Spearman {sp:.3})")
+                        });
+                        (a.align.as_ref(), format!("(b) L_align{corr}"), "L_align")
+                    }
+                    "prior_nll" => (
+                        a.prior_nll.as_ref(),
+                        "the prior's exact NLL (ODE)".to_string(),
+                        "NLL",
+                    ),
+                    _ => (
+                        a.neg_bound.as_ref(),
+                        "-(C(y) - L_align): the paper's estimate, not a bound".to_string(),
+                        "-estimate",
+                    ),
+                };
+                let stamp = stamp.ok_or_else(missing)?;
+                Figure::Heat {
+                    title: format!(
+                        "{}: {title}, {}",
+                        s.target_name,
+                        step_note(stamp.prior_step)
+                    ),
+                    map: &stamp.value,
+                    dots: Vec::new(),
+                    label,
+                }
+            }
+            "velocity" => {
+                let v = a.and_then(|a| a.velocity.as_ref()).ok_or_else(missing)?;
+                Figure::Arrows {
+                    title: format!(
+                        "{}: velocity v(z, t = {:.2}), {}",
+                        s.target_name,
+                        v.value.t,
+                        step_note(v.prior_step)
+                    ),
+                    range: s.range,
+                    arrows: &v.value.arrows,
+                }
+            }
+            "samples" => {
+                let m = a.and_then(|a| a.samples.as_ref()).ok_or_else(missing)?;
+                Figure::Samples {
+                    title: format!(
+                        "{}: ODE samples of the prior, {}",
+                        s.target_name,
+                        step_note(m.prior_step)
+                    ),
+                    range: s.range,
+                    target: &s.target_samples,
+                    samples: &m.value.samples,
+                    paths: &m.value.paths,
+                }
+            }
+            "curves" => {
+                if s.curves.prior.is_empty() && s.curves.align.is_empty() {
+                    return Err(missing());
+                }
+                Figure::Curves {
+                    target: &s.target_name,
+                    curves: &s.curves,
+                    smoothing: self.settings.curves.smoothing,
+                }
+            }
+            _ => return Err(Error::Figure(format!("no panel named {panel}"))),
+        })
+    }
+
+    fn save_shot(&mut self, shot: Shot, image: &ColorImage) -> Result<PathBuf> {
+        let path = match shot {
+            Shot::Window => {
                 self.export_dir()?
-                    .join(format!("window-{}-{}.png", self.stem(), self.frame_count)),
-            ),
-            Shot::Panel(name, rect) => (
-                {
-                    // A panel may reach past the window's edge; crop to what was rendered.
-                    let size = egui::vec2(image.size[0] as f32, image.size[1] as f32) / ppp;
-                    let rect = rect.intersect(egui::Rect::from_min_size(egui::Pos2::ZERO, size));
-                    image.region(&rect, Some(ppp))
-                },
-                self.export_dir()?
-                    .join(format!("{name}-{}-{}.png", self.stem(), self.frame_count)),
-            ),
+                    .join(format!("window-{}-{}.png", self.stem(), self.frame_count))
+            }
             Shot::Closing(path) => {
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                     std::fs::create_dir_all(dir).map_err(|e| {
-                        crate::Error::io(dir, "choose a --screenshot path you can write to", e)
+                        Error::io(dir, "choose a screenshot path you can write to", e)
                     })?;
                 }
-                (image.clone(), path)
+                path
             }
         };
         let rgb: Vec<u8> = image
@@ -580,6 +1178,7 @@ impl FlowAlignApp {
     /// The frame and throughput statistics of this window.
     pub fn stats_json(&self) -> serde_json::Value {
         let f = &self.frames;
+        let last = self.state.analyses.last();
         serde_json::json!({
             "frames": self.frame_count,
             "frame_cpu_ms_p50": FrameStats::quantile(&f.cpu_ms, 0.5),
@@ -587,12 +1186,11 @@ impl FlowAlignApp {
             "frame_interval_ms_p50": FrameStats::quantile(&f.interval_ms, 0.5),
             "frame_interval_ms_p95": FrameStats::quantile(&f.interval_ms, 0.95),
             "prior_steps": self.state.prior_step(),
-            "prior_steps_per_sec": self.state.prior_rate.per_sec(),
+            "prior_steps_per_sec": self.state.prior_rate.per_sec().unwrap_or(0.0),
             "align_steps": self.state.align_step(),
-            "align_steps_per_sec": self.state.align_rate.per_sec(),
+            "align_steps_per_sec": self.state.align_rate.per_sec().unwrap_or(0.0),
             "landscape_refreshes": self.state.analyses.len(),
-            "align_heatmap_secs": self.state.analyses.last().map(|a| a.align_map_secs),
-            "analysis_secs": self.state.analyses.last().map(|a| a.total_secs),
+            "align_heatmap_secs": last.and_then(|a| a.align.as_ref()).map(|m| m.secs),
             "grid": self.settings.view.grid,
             "t_values": self.settings.view.t_values,
             "stage": format!("{:?}", self.state.stage),
@@ -609,34 +1207,86 @@ impl FlowAlignApp {
         }
     }
 
+    /// What a preview shows: the target and the grid of its NLL map.
+    fn preview_key(&self) -> String {
+        format!(
+            "{} grid {}",
+            target_key(&self.settings.cfg),
+            self.settings.cfg.eval.grid
+        )
+    }
+
+    /// Without a session, shows the chosen target (its samples and NLL map) as soon as it changes.
+    fn preview(&mut self) {
+        if self.has_session() || self.drawing {
+            return;
+        }
+        let cfg = &self.settings.cfg;
+        if cfg
+            .points
+            .as_ref()
+            .is_some_and(|p| Target::from_points("custom", p).is_err())
+        {
+            return;
+        }
+        let key = self.preview_key();
+        if self.previewed.as_ref() == Some(&key) {
+            return;
+        }
+        self.previewed = Some(key);
+        let s = &mut self.state;
+        (s.target_samples, s.target_map) = (Vec::new(), None);
+        self.textures.retain(|t| t.0 != "nll");
+        self.worker.send(Command::Preview(Box::new(cfg.clone())));
+    }
+
     /// Applies the training thread's reports.
     fn drain(&mut self) {
+        let now = Instant::now();
         for update in self.worker.drain() {
             let s = &mut self.state;
             match update {
-                Update::Session {
-                    target,
+                Update::Target {
+                    name,
                     samples,
                     range,
+                } => {
+                    s.target_name = name;
+                    s.target_samples = samples;
+                    s.range = range;
+                }
+                Update::Session {
                     prior_steps,
                     align_steps,
                 } => {
-                    s.target_name = target;
-                    s.target_samples = samples;
-                    s.range = range;
                     s.prior_total = prior_steps;
                     s.align_total = align_steps;
                 }
-                Update::Stage(stage) => s.stage = stage,
-                Update::Paused(p) => s.paused = p,
+                Update::TargetMap(map) => s.target_map = Some(Arc::new(map)),
+                Update::Stage(stage) => {
+                    s.stage = stage;
+                    if stage == Stage::Idle {
+                        // A start that failed: no session after all.
+                        s.session_cfg = None;
+                    }
+                }
+                Update::Paused(p) => {
+                    if p && !s.paused {
+                        s.stage_rate().pause_at(now);
+                    } else if !p && s.paused {
+                        s.stage_rate().resume_at(now);
+                    }
+                    s.paused = p;
+                }
                 Update::Progress(event) => {
                     s.curves.record(&event);
                     match event {
-                        Event::PriorStep { step, .. } => s.prior_rate.record(step),
+                        Event::PriorStep { step, .. } => s.prior_rate.record_at(step, now),
                         Event::AlignStart { latents, align, .. } => {
+                            s.prior_rate.pause_at(now);
                             s.history = History::default();
                             s.history.push(0, latents);
-                            s.align_rate.restart();
+                            s.align_rate = Rate::default();
                             s.align_total = align.steps;
                             if let Some(cfg) = &mut s.session_cfg {
                                 cfg.align = align;
@@ -644,35 +1294,52 @@ impl FlowAlignApp {
                         }
                         Event::AlignStep { step, latents, .. } => {
                             s.history.push(step, latents);
-                            s.align_rate.record(step);
+                            s.align_rate.record_at(step, now);
                         }
-                        Event::Done => {}
+                        Event::Done => s.align_rate.pause_at(now),
                     }
                 }
-                Update::Analysis(a) => {
-                    let a: Arc<Analysis> = Arc::from(a);
-                    // During alignment the prior is frozen: the newest landscapes replace the last.
-                    if s.analyses
-                        .last()
-                        .is_some_and(|l| l.prior_step == a.prior_step)
-                    {
-                        s.analyses.pop();
-                    }
-                    s.analyses.push(a);
-                    if s.analyses.len() > 200 {
-                        s.analyses.remove(1);
-                    }
+                Update::Map(update) => s.add_map(*update),
+                Update::MapProgress {
+                    kind,
+                    prior_step,
+                    done,
+                } => {
+                    s.progress.retain(|p| p.0 != kind);
+                    s.progress.push((kind, prior_step, done));
                 }
+                Update::Notice(text) => self.status.notice = Some(text),
                 Update::Failed(msg) => {
                     tracing::warn!("{msg}");
-                    s.error = Some(msg);
+                    self.status.error = Some(msg);
                 }
             }
         }
+        self.measure_speed();
     }
 
-    /// A session's prior settings changed under it: cancel the session.
-    fn cancel_if_changed(&mut self) {
+    /// Keeps the measured training speed for the time estimates.
+    fn measure_speed(&mut self) {
+        let Some(cfg) = &self.state.session_cfg else {
+            return;
+        };
+        let params = prior_params(cfg.prior.width, cfg.prior.depth) as f64;
+        if let Some(r) = self.state.prior_rate.per_sec()
+            && self.state.prior_step() >= 100
+        {
+            self.settings.speed.prior = r * cfg.prior.batch as f64 * params;
+        }
+        if let Some(r) = self.state.align_rate.per_sec()
+            && self.state.align_step() >= 50
+        {
+            let latents = (cfg.align.n_latents * cfg.align.mc) as f64;
+            self.settings.speed.align = r * latents * params;
+        }
+    }
+
+    /// A session's target or prior settings changed under it (outside the guarded actions):
+    /// cancel the session.
+    fn end_session_if_changed(&mut self) {
         let Some(cfg) = &self.state.session_cfg else {
             return;
         };
@@ -684,7 +1351,7 @@ impl FlowAlignApp {
                 || cfg.points != s.points)
         {
             self.reset(Some(
-                "the target or the prior's settings changed: session reset (press Start)".into(),
+                "the target or the prior's settings changed: session ended (press Start)".into(),
             ));
         }
     }
@@ -694,18 +1361,33 @@ impl FlowAlignApp {
         if ctx.egui_wants_keyboard_input() {
             return actions;
         }
-        let (space, r) = ctx.input(|i| (i.key_pressed(Key::Space), i.key_pressed(Key::R)));
+        if self.question.is_some() {
+            if ctx.input(|i| i.key_pressed(Key::Enter)) {
+                actions.push(Action::Confirm);
+            }
+            return actions;
+        }
+        let (space, r, undo) = ctx.input(|i| {
+            (
+                i.key_pressed(Key::Space),
+                i.key_pressed(Key::R),
+                i.modifiers.command && i.key_pressed(Key::Z),
+            )
+        });
         if space {
             actions.push(self.primary_action());
         }
         if r {
             actions.push(Action::Reset);
         }
+        if undo && self.undo.is_some() {
+            actions.push(Action::Undo);
+        }
         actions
     }
 
     /// What space does: start, pause or resume.
-    fn primary_action(&self) -> Action {
+    pub(super) fn primary_action(&self) -> Action {
         match (self.state.stage, self.state.paused) {
             (Stage::Idle, _) => Action::Start,
             (_, true) => Action::Resume,
@@ -767,7 +1449,7 @@ impl FlowAlignApp {
             match picked {
                 Some(path) => actions.push(Action::Load(path)),
                 None => {
-                    self.state.notice = Some(
+                    self.status.notice = Some(
                         "no file chosen (without a desktop file-dialog service, type the path and press Load)"
                             .into(),
                     )
@@ -778,24 +1460,120 @@ impl FlowAlignApp {
     }
 
     fn receive_shots(&mut self, ctx: &egui::Context) {
-        let ppp = ctx.pixels_per_point();
         while let Ok((shot, image)) = self.shot_rx.try_recv() {
             let closing = matches!(shot, Shot::Closing(_));
-            match self.save_shot(shot, &image, ppp) {
+            match self.save_shot(shot, &image) {
                 Ok(path) => {
                     tracing::info!("wrote {}", path.display());
-                    self.state.notice = Some(format!("wrote {}", path.display()));
+                    if !closing {
+                        self.status.notice = Some(format!("wrote {}", path.display()));
+                    }
                     self.exported.push(path);
                 }
                 Err(e) => {
                     tracing::error!("{e}");
-                    self.state.error = Some(e.to_string());
+                    self.status.error = Some(window_message(&e));
                 }
             }
             if closing {
                 self.close(ctx);
             }
         }
+    }
+
+    /// Adds a few points, uniform in the brush's disc around `p` (drawing canvas coordinates).
+    pub fn add_drawn_points(&mut self, p: [f64; 2]) {
+        let radius = self.settings.brush;
+        let mut rng = rand::rng();
+        let points = self.settings.cfg.points.get_or_insert_with(Vec::new);
+        for _ in 0..self.settings.brush_rate {
+            let r = radius * rng.random::<f32>().sqrt();
+            let a = std::f32::consts::TAU * rng.random::<f32>();
+            points.push([p[0] as f32 + r * a.cos(), p[1] as f32 + r * a.sin()]);
+        }
+        self.settings.cfg.target_csv = None;
+        if let Some(src) = &self.settings.points_source
+            && !src.ends_with(", edited")
+        {
+            self.settings.points_source = Some(format!("{src}, edited"));
+        }
+    }
+
+    /// Where panel `name` was drawn last frame (`nll`, `align`, `velocity`, `samples`, ...).
+    pub fn panel_rect(&self, name: &str) -> Option<egui::Rect> {
+        self.panel_rects
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, r)| *r)
+    }
+}
+
+fn is_toml(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("toml"))
+}
+
+/// The settings after loading `path` over `cfg`: a session TOML replaces them, a points CSV
+/// becomes the target.
+fn read_session_or_points(path: &Path, cfg: &ToyConfig) -> Result<ToyConfig> {
+    let mut cfg = cfg.clone();
+    if is_toml(path) {
+        cfg = ToyConfig::from_toml_file(path)?;
+        if let Some(csv) = cfg.target_csv.take() {
+            cfg.points = Some(read_points_csv(&csv)?);
+        }
+    } else {
+        cfg.points = Some(read_points_csv(path)?);
+        cfg.target_csv = None;
+    }
+    if let Some(points) = &cfg.points {
+        Target::from_points("custom", points).map_err(|e| Error::input(path, e.to_string()))?;
+    }
+    Ok(cfg)
+}
+
+/// The last component of `path`, for messages.
+fn file_name(path: &Path) -> String {
+    path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into(),
+    )
+}
+
+fn preset_name(p: Preset) -> &'static str {
+    match p {
+        Preset::Interactive => "interactive",
+        Preset::Paper => "paper",
+    }
+}
+
+/// The window's label for a setting's TOML key.
+fn control_label(key: &str) -> Option<&'static str> {
+    Some(match key {
+        "prior.width" => "Prior > width",
+        "prior.depth" => "Prior > depth",
+        "prior.batch" => "Prior > batch",
+        "prior.lr" => "Prior > prior lr",
+        "prior.steps" => "Prior > prior steps",
+        "prior.ema" => "Prior > EMA",
+        "align.n_latents" => "Alignment > latents",
+        "align.steps" => "Alignment > align steps",
+        "align.lr" => "Alignment > align lr",
+        "align.mc" => "Alignment > mc samples",
+        "eval.grid" => "Landscapes > heatmap grid",
+        "eval.t_values" => "Landscapes > t values",
+        _ => return None,
+    })
+}
+
+/// An error as the window says it: settings by the names of their controls, not by their keys.
+pub fn window_message(e: &Error) -> String {
+    match e {
+        Error::Setting { key, msg } => match control_label(key) {
+            Some(label) => format!("{label}: {msg}"),
+            None => e.to_string(),
+        },
+        _ => e.to_string(),
     }
 }
 
@@ -824,21 +1602,15 @@ impl eframe::App for FlowAlignApp {
         }
     }
 
-    fn ui(&mut self, ui: &mut Ui, _frame: &mut eframe::Frame) {
+    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
         let ctx = ui.ctx().clone();
-        let mut actions = Vec::new();
-        egui::Panel::top("controls").show(ui, |ui| self.controls_ui(ui, &mut actions));
-        egui::Panel::left("settings")
-            .default_size(290.0)
-            .show(ui, |ui| {
-                egui::ScrollArea::vertical().show(ui, |ui| self.settings_ui(ui, &mut actions));
-            });
-        egui::CentralPanel::default().show(ui, |ui| self.landscapes_ui(ui, &mut actions));
+        let actions = self.window_ui(ui);
         for a in actions {
             self.apply(&ctx, a);
         }
-        self.cancel_if_changed();
+        self.end_session_if_changed();
         self.sync_view();
+        self.preview();
         self.max_fps
             .store(self.settings.max_fps.to_bits(), Ordering::Relaxed);
     }
@@ -857,693 +1629,70 @@ impl eframe::App for FlowAlignApp {
     }
 }
 
-const GREEN: Color32 = Color32::from_rgb(80, 200, 120);
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-impl FlowAlignApp {
-    fn controls_ui(&mut self, ui: &mut Ui, actions: &mut Vec<Action>) {
-        let s = &self.state;
-        ui.horizontal_wrapped(|ui| {
-            ui.heading("flowalign");
-            ui.separator();
-            match s.stage {
-                Stage::Idle => {
-                    if ui.button("Start").on_hover_text("train the prior (space)").clicked() {
-                        actions.push(Action::Start);
-                    }
-                }
-                _ => {
-                    if s.stage != Stage::Done {
-                        if s.paused {
-                            if ui.button("Resume").on_hover_text("space").clicked() {
-                                actions.push(Action::Resume);
-                            }
-                        } else if ui.button("Pause").on_hover_text("space").clicked() {
-                            actions.push(Action::Pause);
-                        }
-                    }
-                    let label = if s.stage == Stage::Prior {
-                        "Align now"
-                    } else {
-                        "Restart alignment"
-                    };
-                    if ui
-                        .button(label)
-                        .on_hover_text(
-                            "freeze the prior as trained so far and align the latents with the current alignment settings",
-                        )
-                        .clicked()
-                    {
-                        actions.push(Action::Align);
-                    }
-                    if ui.button("Reset").on_hover_text("R").clicked() {
-                        actions.push(Action::Reset);
-                    }
-                }
-            }
-            ui.separator();
-            let stage = match (s.stage, s.paused) {
-                (Stage::Idle, _) => "idle".to_string(),
-                (Stage::Prior, p) => format!(
-                    "prior {}/{}{}",
-                    s.prior_step(),
-                    s.prior_total,
-                    if p { " (paused)" } else { "" }
-                ),
-                (Stage::Align, p) => format!(
-                    "align {}/{}{}",
-                    s.align_step(),
-                    s.align_total,
-                    if p { " (paused)" } else { "" }
-                ),
-                (Stage::Done, _) => format!("done: align {}/{}", s.align_step(), s.align_total),
-            };
-            ui.label(RichText::new(format!("stage: {stage}")).strong().color(GREEN));
-            match s.stage {
-                Stage::Prior => {
-                    if let Some(&(_, loss, lr)) = s.curves.prior.last() {
-                        ui.label(format!(
-                            "loss {loss:.3}  lr {lr:.1e}  {:.0} steps/s",
-                            s.prior_rate.per_sec()
-                        ));
-                    }
-                }
-                Stage::Align | Stage::Done => {
-                    if let (Some(l), Some(n)) = (s.curves.align.last(), s.curves.nll.last()) {
-                        ui.label(format!(
-                            "L_align {:.3}  NLL(y) {:.3}  {:.0} steps/s",
-                            l.1,
-                            n.1,
-                            s.align_rate.per_sec()
-                        ));
-                    }
-                }
-                Stage::Idle => {}
-            }
-            ui.separator();
-            ui.label(format!(
-                "frame {:.1} ms (p95 {:.1})",
-                FrameStats::quantile(&self.frames.cpu_ms, 0.5),
-                FrameStats::quantile(&self.frames.cpu_ms, 0.95)
-            ))
-            .on_hover_text("CPU time of the UI pass, median and 95th percentile");
-            ui.separator();
-            if ui.button("Window PNG").clicked() {
-                actions.push(Action::Screenshot(Shot::Window));
-            }
-        });
-        if let Some(e) = self.state.error.clone() {
-            ui.horizontal(|ui| {
-                ui.label(
-                    RichText::new(format!("error: {e}")).color(Color32::from_rgb(255, 90, 90)),
-                );
-                if ui.small_button("dismiss").clicked() {
-                    self.state.error = None;
-                }
-            });
-        } else if let Some(n) = &self.state.notice {
-            ui.label(RichText::new(n).italics());
+    #[test]
+    fn a_resume_is_no_burst_and_paused_time_does_not_count() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut r = Rate::default();
+        // 100 steps/s for a second.
+        for k in 0..=100 {
+            r.record_at(k, at(10 * k as u64));
+        }
+        let before = r.per_sec().unwrap();
+        assert!((before - 100.0).abs() < 1.0, "{before}");
+        // Paused for 10 s, then several reports drained in the frame right after the resume.
+        r.pause_at(at(1000));
+        r.resume_at(at(11_000));
+        for k in 101..=104 {
+            r.record_at(k, at(11_001));
+        }
+        let burst = r.per_sec().unwrap();
+        assert!(burst < 110.0, "a resume reads as {burst} steps/s");
+        // Another second at 100 steps/s: still 100, not halved by the pause.
+        for k in 105..=200 {
+            r.record_at(k, at(11_000 + 10 * (k - 100) as u64));
+        }
+        let after = r.per_sec().unwrap();
+        assert!((after - 100.0).abs() < 3.0, "{after}");
+        // Nothing is shown before half a second of running.
+        let mut fresh = Rate::default();
+        fresh.record_at(0, t0);
+        fresh.record_at(5, t0);
+        assert_eq!(fresh.per_sec(), None);
+    }
+
+    #[test]
+    fn the_parameter_count_is_the_network_s() {
+        use burn::module::Module;
+
+        use crate::flow::VelocityMlpConfig;
+        use crate::rng::{Stream, rng_for};
+        for (w, d) in [(96, 3), (32, 2), (512, 4)] {
+            let mut rng = rng_for(0, Stream::Init, 0);
+            let m = VelocityMlpConfig::new(2, w, d).init(&mut rng, &Device::flex());
+            assert_eq!(prior_params(w, d), m.num_params(), "width {w} depth {d}");
         }
     }
 
-    fn settings_ui(&mut self, ui: &mut Ui, actions: &mut Vec<Action>) {
-        let idle = self.state.stage == Stage::Idle;
-        let cfg = &mut self.settings.cfg;
-        egui::CollapsingHeader::new("Target")
-            .default_open(true)
-            .show(ui, |ui| {
-                let custom = cfg.points.is_some();
-                let current = if custom { "custom" } else { cfg.target.name() };
-                egui::ComboBox::from_label("target")
-                    .selected_text(current)
-                    .show_ui(ui, |ui| {
-                        for kind in TargetKind::ALL {
-                            if ui
-                                .selectable_label(!custom && cfg.target == kind, kind.name())
-                                .clicked()
-                            {
-                                cfg.target = kind;
-                                cfg.points = None;
-                                cfg.target_csv = None;
-                                self.drawing = false;
-                            }
-                        }
-                        if ui.selectable_label(custom, "custom").clicked() && !custom {
-                            cfg.points = Some(Vec::new());
-                            self.drawing = true;
-                        }
-                    });
-                if ui
-                    .checkbox(&mut self.drawing, "draw on panel (a)")
-                    .on_hover_text("drag on the NLL panel to add target points")
-                    .changed()
-                    && self.drawing
-                    && cfg.points.is_none()
-                {
-                    cfg.points = Some(Vec::new());
-                }
-                ui.add(egui::Slider::new(&mut self.settings.brush, 0.05..=1.5).text("brush"));
-                ui.add(
-                    egui::Slider::new(&mut self.settings.brush_rate, 1..=20).text("points/frame"),
-                );
-                ui.horizontal(|ui| {
-                    let n = cfg.points.as_ref().map_or(0, Vec::len);
-                    ui.label(format!("{n} drawn points"));
-                    if ui.button("Clear").clicked() {
-                        actions.push(Action::ClearDrawing);
-                    }
-                });
-                ui.horizontal(|ui| {
-                    ui.add(
-                        egui::TextEdit::singleline(&mut self.settings.file_path)
-                            .hint_text("points.csv or session.toml")
-                            .desired_width(150.0),
-                    );
-                    if ui.button("Load").clicked() {
-                        actions.push(Action::Load(PathBuf::from(self.settings.file_path.trim())));
-                    }
-                    if ui.button("Browse").clicked() {
-                        actions.push(Action::Browse);
-                    }
-                });
-                ui.label(RichText::new("or drop a CSV / TOML onto the window").small());
-            });
-        egui::CollapsingHeader::new("Prior")
-            .default_open(true)
-            .show(ui, |ui| {
-                ui.horizontal(|ui| {
-                    for preset in [Preset::Interactive, Preset::Paper] {
-                        let name = format!("{preset:?}").to_lowercase();
-                        if ui
-                            .selectable_label(cfg.preset == preset, &name)
-                            .on_hover_text("fill in the preset's values (METHOD.md section 5)")
-                            .clicked()
-                        {
-                            let base = ToyConfig::preset(preset, cfg.target);
-                            (cfg.preset, cfg.prior, cfg.align, cfg.eval) =
-                                (preset, base.prior, base.align, base.eval);
-                        }
-                    }
-                });
-                let p = &mut cfg.prior;
-                egui::Grid::new("prior_grid").num_columns(2).show(ui, |ui| {
-                    field(
-                        ui,
-                        "width",
-                        egui::DragValue::new(&mut p.width).range(4..=2048),
-                    );
-                    field(
-                        ui,
-                        "depth",
-                        egui::DragValue::new(&mut p.depth).range(1..=16),
-                    );
-                    field(
-                        ui,
-                        "batch",
-                        egui::DragValue::new(&mut p.batch).range(8..=65536),
-                    );
-                    field(
-                        ui,
-                        "prior lr",
-                        egui::DragValue::new(&mut p.lr)
-                            .range(1e-6..=10.0)
-                            .speed(1e-4)
-                            .max_decimals(6),
-                    );
-                    field(
-                        ui,
-                        "prior steps",
-                        egui::DragValue::new(&mut p.steps).range(1..=1_000_000),
-                    );
-                    field(
-                        ui,
-                        "EMA",
-                        egui::DragValue::new(&mut p.ema)
-                            .range(0.0..=0.9999)
-                            .speed(1e-3),
-                    );
-                    field(ui, "seed", egui::DragValue::new(&mut cfg.seed));
-                });
-                if !idle {
-                    ui.label(RichText::new("changing these resets the session").small());
-                }
-            });
-        egui::CollapsingHeader::new("Alignment")
-            .default_open(true)
-            .show(ui, |ui| {
-                let a = &mut cfg.align;
-                egui::Grid::new("align_grid").num_columns(2).show(ui, |ui| {
-                    field(
-                        ui,
-                        "latents",
-                        egui::DragValue::new(&mut a.n_latents).range(1..=100_000),
-                    );
-                    field(
-                        ui,
-                        "align steps",
-                        egui::DragValue::new(&mut a.steps).range(1..=1_000_000),
-                    );
-                    field(
-                        ui,
-                        "align lr",
-                        egui::DragValue::new(&mut a.lr)
-                            .range(1e-6..=10.0)
-                            .speed(1e-3)
-                            .max_decimals(6),
-                    );
-                    field(
-                        ui,
-                        "mc samples",
-                        egui::DragValue::new(&mut a.mc).range(1..=256),
-                    );
-                    let l = ui.label("reduction");
-                    egui::ComboBox::from_id_salt("reduction")
-                        .selected_text(format!("{:?}", a.reduction).to_lowercase())
-                        .show_ui(ui, |ui| {
-                            ui.selectable_value(&mut a.reduction, Reduction::Sum, "sum");
-                            ui.selectable_value(&mut a.reduction, Reduction::Mean, "mean");
-                        })
-                        .response
-                        .labelled_by(l.id);
-                    ui.end_row();
-                    let l = ui.label("init");
-                    egui::ComboBox::from_id_salt("init")
-                        .selected_text(format!("{:?}", a.init).to_lowercase())
-                        .show_ui(ui, |ui| {
-                            ui.selectable_value(&mut a.init, LatentInit::Normal, "normal N(0, I)");
-                            ui.selectable_value(&mut a.init, LatentInit::Box, "uniform box");
-                            ui.selectable_value(&mut a.init, LatentInit::Corner, "corner cluster");
-                        })
-                        .response
-                        .labelled_by(l.id);
-                    ui.end_row();
-                });
-                ui.label(RichText::new("applied by Align now / Restart alignment").small());
-            });
-        egui::CollapsingHeader::new("Landscapes")
-            .default_open(true)
-            .show(ui, |ui| {
-                let v = &mut self.settings.view;
-                let e = &mut cfg.eval;
-                ui.add(egui::Slider::new(&mut e.grid, 10..=150).text("heatmap grid"));
-                ui.add(egui::Slider::new(&mut e.t_values, 1..=50).text("t values"))
-                    .on_hover_text("L_align averages over t in linspace(0.1, 0.9, n)");
-                ui.checkbox(&mut v.prior_nll, "prior's exact NLL (ODE)")
-                    .on_hover_text(format!("slow: at most {SLOW_GRID_MAX} x {SLOW_GRID_MAX}"));
-                ui.checkbox(&mut v.bound, "bound -(C(y) - L_align)")
-                    .on_hover_text("METHOD.md section 3, on the NLL scale; 16 draws per cell");
-                ui.add(egui::Slider::new(&mut v.velocity_t, 0.0..=1.0).text("velocity t"));
-                ui.add(egui::Slider::new(&mut v.velocity_grid, 5..=40).text("arrows"));
-                egui::ComboBox::from_label("solver")
-                    .selected_text(format!("{:?}", v.solver))
-                    .show_ui(ui, |ui| {
-                        ui.selectable_value(&mut v.solver, Solver::Euler, "Euler");
-                        ui.selectable_value(&mut v.solver, Solver::Rk4, "Rk4");
-                    });
-                ui.add(egui::Slider::new(&mut v.sample_steps, 1..=500).text("ODE steps"));
-                ui.add(egui::Slider::new(&mut v.samples, 10..=5000).text("samples"));
-                ui.add(egui::Slider::new(&mut v.paths, 0..=200).text("paths"));
-                ui.add(
-                    egui::Slider::new(&mut v.refresh_secs, 0.2..=10.0)
-                        .text("refresh (s)")
-                        .logarithmic(true),
-                );
-            });
-        egui::CollapsingHeader::new("Curves")
-            .default_open(false)
-            .show(ui, |ui| {
-                let c = &mut self.settings.curves;
-                ui.checkbox(&mut c.log_steps, "log-scale steps");
-                ui.add(egui::Slider::new(&mut c.smoothing, 1..=201).text("smoothing"));
-                ui.add(egui::Slider::new(&mut self.settings.max_fps, 5.0..=60.0).text("max fps"))
-                    .on_hover_text(
-                        "repaints per second while training; fewer leave more CPU to training",
-                    );
-            });
-        egui::CollapsingHeader::new("Export")
-            .default_open(true)
-            .show(ui, |ui| {
-                let mut dir = self.settings.export_dir.display().to_string();
-                ui.horizontal(|ui| {
-                    let l = ui.label("export folder");
-                    if ui
-                        .text_edit_singleline(&mut dir)
-                        .labelled_by(l.id)
-                        .changed()
-                    {
-                        self.settings.export_dir = PathBuf::from(dir.trim());
-                    }
-                });
-                ui.horizontal(|ui| {
-                    if ui.button("Curves CSV").clicked() {
-                        actions.push(Action::ExportCurves);
-                    }
-                    if ui.button("Session TOML").clicked() {
-                        actions.push(Action::ExportSession);
-                    }
-                    if ui.button("Window PNG").clicked() {
-                        actions.push(Action::Screenshot(Shot::Window));
-                    }
-                });
-                ui.label(
-                    RichText::new("session TOMLs load here and in `flowalign toy --config`")
-                        .small(),
-                );
-            });
+    #[test]
+    fn durations_and_counts_read_well() {
+        assert_eq!(duration(12.4), "12 s");
+        assert_eq!(duration(200.0), "3 min 20 s");
+        assert_eq!(duration(34_800.0), "9 h 40 min");
+        assert_eq!(count(100_000), "100,000");
+        assert_eq!(count(999), "999");
     }
 
-    /// Makes sure the textures show the analysis on display.
-    fn update_textures(&mut self, ctx: &egui::Context) {
-        let Some(a) = self.state.shown_analysis().cloned() else {
-            self.textures = None;
-            return;
-        };
-        let key = Arc::as_ptr(&a) as usize;
-        if self.textures.as_ref().map(|t| t.0) == Some(key) {
-            return;
-        }
-        let mut maps = vec![
-            ("nll", panels::heat_texture(ctx, "nll", &a.nll)),
-            ("align", panels::heat_texture(ctx, "align", &a.align)),
-        ];
-        if let Some(m) = &a.prior_nll {
-            maps.push(("prior_nll", panels::heat_texture(ctx, "prior_nll", m)));
-        }
-        if let Some(m) = &a.neg_bound {
-            maps.push(("bound", panels::heat_texture(ctx, "bound", m)));
-        }
-        self.textures = Some((key, maps));
-    }
-
-    fn landscapes_ui(&mut self, ui: &mut Ui, actions: &mut Vec<Action>) {
-        let ctx = ui.ctx().clone();
-        self.update_textures(&ctx);
-        let drawing = self.drawing;
-        let custom_idle = self.state.stage == Stage::Idle && self.settings.cfg.points.is_some();
-        let range = if drawing || custom_idle || self.state.target_samples.is_empty() {
-            ((-3.0, 3.0), (-3.0, 3.0))
-        } else {
-            self.state.range
-        };
-        let avail = ui.available_size();
-        // Two rows: up to four maps above; velocity, samples and the curves (1.2 wide) below.
-        let extra = self
-            .textures
-            .as_ref()
-            .map_or(0, |(_, v)| v.len().saturating_sub(2));
-        let size = ((avail.x - 60.0) / (2.0 + extra as f32).max(3.2))
-            .min((avail.y - 150.0) / 2.0)
-            .max(160.0);
-        let analysis = self.state.shown_analysis().cloned();
-        let latents = self
-            .state
-            .shown_latents()
-            .map(|(_, y)| y.clone())
-            .unwrap_or_default();
-        let target: Vec<Point> = if drawing || self.state.target_samples.is_empty() {
-            self.settings.cfg.points.clone().unwrap_or_default()
-        } else {
-            self.state.target_samples.clone()
-        };
-        let textures = self.textures.take();
-        let tex = |name: &str| {
-            textures
-                .as_ref()
-                .and_then(|(_, v)| v.iter().find(|(n, _)| *n == name).map(|(_, t)| t))
-        };
-        let mut legend: Vec<(&str, (f32, f32))> = Vec::new();
-        for (name, label) in [
-            ("nll", "NLL"),
-            ("align", "L_align"),
-            ("prior_nll", "prior NLL"),
-            ("bound", "-bound"),
-        ] {
-            if let Some(t) = tex(name) {
-                legend.push((label, t.range));
-            }
-        }
-        ui.horizontal(|ui| {
-            panels::colour_legend(ui, &legend);
-            if let Some(a) = &analysis {
-                ui.separator();
-                ui.label(
-                    RichText::new(format!(
-                        "NLL vs L_align: Pearson {:.3}  Spearman {:.3}",
-                        a.pearson, a.spearman
-                    ))
-                    .strong(),
-                )
-                .on_hover_text("correlation of the heatmaps (a) and (b) over the grid");
-                ui.label(format!(
-                    "(prior step {}, L_align map {:.0} ms)",
-                    a.prior_step,
-                    a.align_map_secs * 1e3
-                ));
-            }
-        });
-
-        let mut frame = PanelFrame {
-            actions,
-            last_rects: std::mem::take(&mut self.panel_rects),
-            rects: Vec::new(),
-            hover: None,
-            drag: None,
-        };
-        ui.horizontal(|ui| {
-            let title = if drawing {
-                "(a) draw the target: drag here"
-            } else {
-                "(a) NLL of the target, y (red), samples"
-            };
-            frame.panel(ui, "nll", title, |ui| {
-                let overlays = [
-                    Overlay {
-                        name: "target",
-                        points: &target,
-                        colour: TARGET_COLOUR,
-                        radius: 1.0,
-                    },
-                    Overlay {
-                        name: "y",
-                        points: &latents,
-                        colour: LATENT_COLOUR,
-                        radius: 1.8,
-                    },
-                ];
-                let heat = if drawing { None } else { tex("nll") };
-                panels::heatmap_plot(ui, "nll", heat, &overlays, range, size, drawing)
-            });
-            frame.panel(ui, "align", "(b) L_align of the prior", |ui| {
-                panels::heatmap_plot(ui, "align", tex("align"), &[], range, size, false)
-            });
-            let bound_title = if tex("prior_nll").is_some() {
-                "(d) -(C(y) - L_align), METHOD.md section 3"
-            } else {
-                "(c) -(C(y) - L_align), METHOD.md section 3"
-            };
-            for (name, title) in [
-                ("prior_nll", "(c) the prior's exact NLL (ODE)"),
-                ("bound", bound_title),
-            ] {
-                if tex(name).is_some() {
-                    frame.panel(ui, name, title, |ui| {
-                        panels::heatmap_plot(ui, name, tex(name), &[], range, size, false)
-                    });
-                }
-            }
-        });
-        let mut curve_actions = Vec::new();
-        ui.horizontal(|ui| {
-            if let Some(a) = &analysis {
-                let grid = self.settings.view.velocity_grid;
-                let title = format!("velocity field at t = {:.2}", a.velocity_t);
-                frame.panel(ui, "velocity", &title, |ui| {
-                    panels::velocity_plot(ui, &a.velocity, a.velocity_t, range, grid, size)
-                });
-                frame.panel(ui, "samples", "ODE samples and paths of the prior", |ui| {
-                    panels::samples_plot(ui, &target, &a.samples, &a.paths, range, size)
-                });
-            }
-            ui.vertical(|ui| self.curves_ui(ui, size, &mut curve_actions));
-        });
-        let PanelFrame {
-            rects, hover, drag, ..
-        } = frame;
-        actions.extend(curve_actions);
-        self.textures = textures;
-        self.panel_rects = rects;
-        self.hover_ui(ui, hover, analysis.as_deref());
-        if let Some(p) = drag {
-            self.add_drawn_points(p);
-            ctx.request_repaint();
-        }
-    }
-
-    fn hover_ui(&mut self, ui: &mut Ui, hover: Option<[f64; 2]>, analysis: Option<&Analysis>) {
-        self.hover = hover.or(self.hover);
-        let (Some(p), Some(a)) = (self.hover, analysis) else {
-            return;
-        };
-        let mut text = format!("at ({:.2}, {:.2}):", p[0], p[1]);
-        let maps = [
-            ("NLL", Some(&a.nll)),
-            ("L_align", Some(&a.align)),
-            ("prior NLL", a.prior_nll.as_ref()),
-            ("-bound", a.neg_bound.as_ref()),
-        ];
-        for (name, map) in maps {
-            if let Some(v) = map.and_then(|m| panels::value_at(m, p)) {
-                text.push_str(&format!("  {name} {v:.3}"));
-            }
-        }
-        ui.label(text);
-    }
-
-    fn curves_ui(&mut self, ui: &mut Ui, size: f32, actions: &mut Vec<Action>) {
-        let style = self.settings.curves;
-        let s = &mut self.state;
-        let w = size * 1.2;
-        let h = (size - 60.0) / 2.0;
-        ui.label(RichText::new("prior loss").strong());
-        let prior: Vec<[f64; 2]> = s
-            .curves
-            .prior
-            .iter()
-            .map(|p| [p.0 as f64, f64::from(p.1)])
-            .collect();
-        panels::prior_curve_plot(ui, &prior, style, egui::vec2(w, h.max(60.0)));
-        ui.label(RichText::new("L_align (left) and NLL of y (right)").strong());
-        let marker = s
-            .replay_index
-            .and_then(|i| s.history.steps.get(i))
-            .map(|(step, _)| *step as f64);
-        let pairs = |v: &[(usize, f32)]| -> Vec<[f64; 2]> {
-            v.iter().map(|p| [p.0 as f64, f64::from(p.1)]).collect()
-        };
-        panels::align_curve_plot(
-            ui,
-            &pairs(&s.curves.align),
-            &pairs(&s.curves.nll),
-            style,
-            egui::vec2(w, h.max(60.0)),
-            marker,
+    #[test]
+    fn setting_errors_name_the_window_s_controls() {
+        let e = Error::setting("prior.lr", "must be positive, got 0");
+        assert_eq!(
+            window_message(&e),
+            "Prior > prior lr: must be positive, got 0"
         );
-        // The time scrubber over the recorded latents and the prior's checkpoints.
-        let n = s.history.steps.len();
-        ui.horizontal(|ui| {
-            let play = if s.replay_playing { "Stop" } else { "Play" };
-            if ui.add_enabled(n > 1, egui::Button::new(play)).clicked() {
-                s.replay_playing = !s.replay_playing;
-                if s.replay_playing && s.replay_index.is_none() {
-                    s.replay_index = Some(0);
-                }
-            }
-            let mut idx = s.replay_index.unwrap_or(n.saturating_sub(1));
-            let step = s.history.steps.get(idx).map_or(0, |h| h.0);
-            if ui
-                .add_enabled(
-                    n > 1,
-                    egui::Slider::new(&mut idx, 0..=n.saturating_sub(1))
-                        .show_value(false)
-                        .text(format!("y at step {step}")),
-                )
-                .changed()
-            {
-                s.replay_index = (idx + 1 < n).then_some(idx);
-                s.replay_playing = false;
-            }
-            if s.replay_index.is_some() && ui.small_button("live").clicked() {
-                s.replay_index = None;
-            }
-        });
-        let m = s.analyses.len();
-        ui.horizontal(|ui| {
-            let mut idx = s.checkpoint.unwrap_or(m.saturating_sub(1));
-            let step = s.analyses.get(idx).map_or(0, |a| a.prior_step);
-            if ui
-                .add_enabled(
-                    m > 1,
-                    egui::Slider::new(&mut idx, 0..=m.saturating_sub(1))
-                        .show_value(false)
-                        .text(format!("prior at step {step}")),
-                )
-                .changed()
-            {
-                s.checkpoint = (idx + 1 < m).then_some(idx);
-            }
-            if s.checkpoint.is_some() && ui.small_button("latest").clicked() {
-                s.checkpoint = None;
-            }
-        });
-        if ui.small_button("curves CSV").clicked() {
-            actions.push(Action::ExportCurves);
-        }
-    }
-
-    /// Where panel `name` was drawn last frame (`nll`, `align`, `velocity`, `samples`, ...).
-    pub fn panel_rect(&self, name: &str) -> Option<egui::Rect> {
-        self.panel_rects
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, r)| *r)
-    }
-
-    /// Adds a few points, uniform in the brush's disc around `p` (drawing canvas coordinates).
-    pub fn add_drawn_points(&mut self, p: [f64; 2]) {
-        let radius = self.settings.brush;
-        let mut rng = rand::rng();
-        let points = self.settings.cfg.points.get_or_insert_with(Vec::new);
-        for _ in 0..self.settings.brush_rate {
-            let r = radius * rng.random::<f32>().sqrt();
-            let a = std::f32::consts::TAU * rng.random::<f32>();
-            points.push([p[0] as f32 + r * a.cos(), p[1] as f32 + r * a.sin()]);
-        }
-        self.settings.cfg.target_csv = None;
-    }
-}
-
-/// One labelled row of a settings grid (the label names the widget for screen readers and tests).
-fn field(ui: &mut Ui, label: &str, widget: impl egui::Widget) {
-    let l = ui.label(label);
-    ui.add(widget).labelled_by(l.id);
-    ui.end_row();
-}
-
-/// Collects what the 2D panels report while they are drawn.
-struct PanelFrame<'a> {
-    actions: &'a mut Vec<Action>,
-    last_rects: Vec<(&'static str, egui::Rect)>,
-    rects: Vec<(&'static str, egui::Rect)>,
-    hover: Option<[f64; 2]>,
-    drag: Option<[f64; 2]>,
-}
-
-impl PanelFrame<'_> {
-    /// A titled panel with a PNG button (cropping last frame's rectangle of the panel).
-    fn panel(
-        &mut self,
-        ui: &mut Ui,
-        name: &'static str,
-        title: &str,
-        body: impl FnOnce(&mut Ui) -> PanelResponse,
-    ) {
-        ui.vertical(|ui| {
-            ui.horizontal(|ui| {
-                ui.label(RichText::new(title).strong());
-                let last = self.last_rects.iter().find(|(n, _)| *n == name);
-                if let Some((_, rect)) = last
-                    && ui
-                        .small_button("PNG")
-                        .on_hover_text("save this panel")
-                        .clicked()
-                {
-                    self.actions
-                        .push(Action::Screenshot(Shot::Panel(name, *rect)));
-                }
-            });
-            let r = body(ui);
-            self.hover = r.hover.or(self.hover);
-            self.drag = r.drag.or(self.drag);
-            self.rects.push((name, r.rect));
-        });
     }
 }

@@ -4,14 +4,20 @@
 //! The UI thread only draws; a training thread owns the run ([`worker`]) and reports plain data.
 
 mod app;
+mod figures;
 mod panels;
+mod view;
 pub mod worker;
 
 use std::path::PathBuf;
 
 use burn::prelude::Device;
 
-pub use app::{FlowAlignApp, FrameStats, Launch, RunState, Settings};
+pub use app::{
+    Action, Analysis, FlowAlignApp, FrameStats, Launch, Rate, RunState, Settings, Shot, Stamped,
+    TargetChoice, prior_params,
+};
+pub use view::{Layout, layout};
 
 use crate::error::{Error, Result};
 

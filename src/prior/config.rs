@@ -147,6 +147,26 @@ impl FeaturePriorConfig {
         }
     }
 
+    /// Parameters of the prior's AdaLN MLP (METHOD.md section 4) for `dim`-dimensional rows.
+    pub fn params(&self, dim: usize) -> usize {
+        let (c, d) = (self.model.width, dim);
+        let linear = |i: usize, o: usize| i * o + o;
+        let layer_norm = 2 * c;
+        linear(d, c)
+            + linear(256, c)
+            + linear(c, c)
+            + self.model.depth * (layer_norm + 2 * linear(c, c) + linear(c, 3 * c))
+            + linear(c, 2 * c)
+            + linear(c, d)
+    }
+
+    /// Floating-point operations of one training step: `batch x mc` rows through the network,
+    /// about 6 per parameter per row (the forward pass, and the backward pass through inputs and
+    /// weights). The paper preset at 32 dims: 27.5 T.
+    pub fn step_flops(&self, dim: usize) -> f64 {
+        6.0 * self.params(dim) as f64 * (self.train.run.batch * self.train.mc) as f64
+    }
+
     /// Reads a TOML config; unknown keys and bad values are errors naming the file.
     pub fn from_toml_file(path: &Path) -> Result<Self> {
         crate::config::read_toml(path, "prior", Self::validate)
@@ -261,5 +281,24 @@ mod tests {
             err.contains("data.projection_seed is 7") && err.contains("42"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn step_cost_counts_the_networks_parameters() {
+        use crate::flow::VelocityMlpConfig;
+        use burn::module::Module;
+        let mut cfg = FeaturePriorConfig::preset(PriorPreset::Small, "x.npy");
+        cfg.model = ModelConfig {
+            width: 24,
+            depth: 2,
+        };
+        let mut rng = crate::rng::rng_for(0, crate::rng::Stream::Init, 0);
+        let model = VelocityMlpConfig::new(5, 24, 2).init(&mut rng, &burn::prelude::Device::flex());
+        assert_eq!(cfg.params(5), model.num_params());
+        let paper = FeaturePriorConfig::preset(PriorPreset::Paper, "x.npy");
+        let tflop = paper.step_flops(32) / 1e12;
+        assert!((tflop - 27.5).abs() < 0.1, "{tflop}");
+        let small = FeaturePriorConfig::preset(PriorPreset::Small, "x.npy");
+        assert!(small.step_flops(32) < paper.step_flops(32) / 500.0);
     }
 }

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::config::DataConfig;
 use crate::error::{Error, Result};
 use crate::features::projection::Projection;
-use crate::features::{FeatureTable, NonFinite, load, parse_spec};
+use crate::features::{FeatureTable, NonFinite, load, resolve_spec};
 use crate::rng::{Rng, Stream, rng_for};
 
 /// What was read, so a resumed or evaluated run can check it sees the same table.
@@ -41,7 +41,7 @@ impl PriorData {
     /// `cfg.holdout` rows (at most a tenth) chosen by `split_seed`.
     pub fn prepare(cfg: &DataConfig, split_seed: u64, device: &Device) -> Result<PriorData> {
         let (info, projection, projected) = project_table(cfg, device)?;
-        let (path, _) = parse_spec(&cfg.features);
+        let (path, _) = resolve_spec(&cfg.features)?;
         let holdout = cfg.holdout.min(projected.rows / 10);
         if projected.rows - holdout < 2 {
             return Err(Error::input(
@@ -84,7 +84,7 @@ pub fn project_table(
     cfg: &DataConfig,
     device: &Device,
 ) -> Result<(TableInfo, Projection, FeatureTable)> {
-    let (path, tensor) = parse_spec(&cfg.features);
+    let (path, tensor) = resolve_spec(&cfg.features)?;
     let non_finite = if cfg.drop_nonfinite {
         NonFinite::Drop
     } else {

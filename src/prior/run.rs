@@ -99,11 +99,11 @@ impl PriorRun {
             check_same_table(&cfg, m, &data)?;
         }
         run::write_config(dir, &cfg, lead)?;
-        let mut trainer = new_trainer(&cfg, data.dim(), device);
-        if let Some((_, state)) = &opened.saved {
-            trainer.restore(state)?;
-        }
-        let (trainer, _) = run::adopt(trainer, comm.as_ref())?;
+        let trainer = run::resume_trainer(
+            new_trainer(&cfg, data.dim(), device),
+            &opened,
+            comm.as_ref(),
+        )?;
         Ok(PriorRun {
             cfg,
             ctx: Context {

@@ -7,7 +7,9 @@ use plotters::prelude::*;
 use super::experiment::ToyOutcome;
 use crate::error::Result;
 use crate::files::{write_csv, write_json};
-use crate::report::{Overlay, arrows_panel, curves_panel, heatmap_panel, save_png, scatter_panel};
+use crate::report::{
+    Overlay, arrows_panel, curves_panel, heatmap_panel, save_png, scatter_panel, with_footer,
+};
 use crate::stats::moving_average;
 
 /// Window of the L_align moving average (METHOD.md section 5).
@@ -63,17 +65,25 @@ fn figure3_row(
 }
 
 /// `figure.png`: the paper's Fig. 3 layout for one target.
+///
+/// The run's budget (network, steps, learning rates) is written under it.
 pub fn figure3(path: &Path, o: &ToyOutcome) -> Result<()> {
-    save_png(path, (1650, 500), |root| {
-        let areas = root.split_evenly((1, 3));
+    save_png(path, (1650, 530), |root| {
+        let main = with_footer(root, &o.summary.budget, FOOTER)?;
+        let areas = main.split_evenly((1, 3));
         figure3_row(&areas, o)
     })
 }
 
-/// `figure5.png`: one Fig. 3 row per target (the paper's Fig. 5).
+/// Height of the budget line under a figure.
+const FOOTER: u32 = 30;
+
+/// `figure5.png`: one Fig. 3 row per target (the paper's Fig. 5), the budget under it.
 pub fn figure5(path: &Path, outcomes: &[ToyOutcome]) -> Result<()> {
-    save_png(path, (1650, 480 * outcomes.len() as u32), |root| {
-        let areas = root.split_evenly((outcomes.len(), 3));
+    save_png(path, (1650, 480 * outcomes.len() as u32 + FOOTER), |root| {
+        let budget = outcomes.first().map_or("", |o| o.summary.budget.as_str());
+        let main = with_footer(root, budget, FOOTER)?;
+        let areas = main.split_evenly((outcomes.len(), 3));
         for (row, o) in outcomes.iter().enumerate() {
             figure3_row(&areas[row * 3..row * 3 + 3], o)?;
         }

@@ -9,7 +9,9 @@ pub mod figures;
 pub mod session;
 pub mod targets;
 
-pub use config::{AlignConfig, EvalConfig, LatentInit, Preset, PriorConfig, ToyConfig, View};
+pub use config::{
+    AlignConfig, EvalConfig, LatentInit, Plateau, Preset, PriorConfig, ToyConfig, View,
+};
 pub use density::Density;
 pub use experiment::{ToyOutcome, ToyRun};
 pub use session::{Curves, Event, SessionStage, ToySession};

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use burn::module::Module;
 
-use super::config::AlignConfig;
+use super::config::{AlignConfig, ToyConfig};
 pub use super::events::{Curves, Event};
 use super::experiment::{AlignSummary, HeatmapSummary, PriorSummary, Summary, ToyOutcome, ToyRun};
 use crate::align::align_loss;
@@ -19,7 +19,7 @@ use crate::flow::{VelocityMlp, rows_to_tensor};
 use crate::grid::{Point, to_points};
 use crate::rng::{Stream, rng_for};
 use crate::stats::{pearson, spearman};
-use crate::train::{LatentTrainer, PriorTrainer};
+use crate::train::{LatentTrainer, PriorTrainer, Schedule};
 
 /// Where a session stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +64,8 @@ pub struct ToySession {
     /// The metadata of a prior loaded instead of trained.
     loaded: Option<PriorMeta>,
     timings: Timings,
+    /// The step at which the prior stopped because its loss had flattened.
+    stopped_flat: Option<usize>,
 }
 
 impl ToySession {
@@ -78,6 +80,7 @@ impl ToySession {
             snapshots: Vec::new(),
             loaded: None,
             timings: Timings::default(),
+            stopped_flat: None,
         }
     }
 
@@ -146,6 +149,20 @@ impl ToySession {
         }
     }
 
+    /// The prior step reached so far (the frozen prior's once alignment has started).
+    pub fn prior_step(&self) -> usize {
+        match &self.phase {
+            Phase::Prior(t) => t.step,
+            Phase::Align { prior_step, .. } | Phase::Done { prior_step, .. } => *prior_step,
+        }
+    }
+
+    /// The step at which training stopped early because the prior's loss had flattened
+    /// (`prior.stop_when_flat`).
+    pub fn stopped_flat(&self) -> Option<usize> {
+        self.stopped_flat
+    }
+
     /// The current latents (none before alignment starts).
     pub fn latents(&self) -> Vec<Point> {
         match &self.phase {
@@ -168,8 +185,19 @@ impl ToySession {
                 self.timings.prior_secs += start.elapsed().as_secs_f64();
                 let step = trainer.step;
                 events.push(Event::PriorStep { step, loss, lr });
-                if step >= self.run.cfg.prior.steps {
-                    // The budget is spent: align with what was trained.
+                self.curves.record(&events[0]);
+                let flat = self.run.cfg.prior.stop_when_flat.is_some_and(|p| {
+                    let curve = &self.curves.prior;
+                    let tail = &curve[curve.len().saturating_sub(2 * p.window)..];
+                    let losses: Vec<f32> = tail.iter().map(|p| p.1).collect();
+                    p.is_flat(step, &losses)
+                });
+                if flat && step < self.run.cfg.prior.steps {
+                    tracing::info!("the prior's loss has flattened at step {step}: aligning");
+                    self.stopped_flat = Some(step);
+                }
+                if flat || step >= self.run.cfg.prior.steps {
+                    // The budget is spent, or the loss stopped falling: align with what was trained.
                     freeze = Some((trainer.frozen(), step));
                 }
             }
@@ -209,7 +237,11 @@ impl ToySession {
             }
             Phase::Done { .. } => {}
         }
-        for e in &events {
+        // A prior step's event is recorded above (the plateau test reads the curve).
+        for e in events
+            .iter()
+            .filter(|e| !matches!(e, Event::PriorStep { .. }))
+        {
             self.curves.record(e);
         }
         if let Some((prior, step)) = freeze {
@@ -343,12 +375,12 @@ impl ToyRun {
             align_loss(&prior, y, 20, align_cfg.reduction, &mut rng).into_scalar::<f32>() as f64
         };
 
-        // Heatmaps, the bound, the velocity field.
+        // Heatmaps, the estimates of METHOD.md section 3, the velocity field.
         let (nll_map, align_map, heat_secs) =
             self.heatmaps(&prior, &reference, cfg.eval.grid, cfg.eval.t_values);
         tracing::debug!("heatmaps: {:.2}s", run_start.elapsed().as_secs_f64());
-        let bound_summary = self.bound_summary(&prior, &y_final[..k.min(y_final.len())]);
-        tracing::debug!("bound: {:.2}s", run_start.elapsed().as_secs_f64());
+        let estimate = self.estimate_summary(&prior, &y_final[..k.min(y_final.len())]);
+        tracing::debug!("estimates: {:.2}s", run_start.elapsed().as_secs_f64());
         let velocity = self.velocity_field(&prior, &reference);
 
         let prior_losses: Vec<f32> = curves.prior.iter().map(|p| p.1).collect();
@@ -366,6 +398,7 @@ impl ToyRun {
             device: self.device_name.clone(),
             nll_method: self.density.method(),
             scale: self.target.scale,
+            budget: budget_line(cfg, &prior_meta, loaded, align_cfg),
             prior: PriorSummary {
                 steps: prior_meta.steps,
                 final_loss: if tail.is_empty() {
@@ -407,7 +440,7 @@ impl ToyRun {
                 seconds: heat_secs,
                 evals_per_sec: evals / heat_secs.max(1e-9),
             },
-            bound: bound_summary,
+            estimate,
             total_seconds: prior_secs
                 + timings.align_secs
                 + timings.monitor_secs
@@ -426,5 +459,67 @@ impl ToyRun {
             prior,
             prior_meta,
         })
+    }
+}
+
+/// `summary.budget`: what the figures were made with, in one line.
+fn budget_line(cfg: &ToyConfig, meta: &PriorMeta, loaded: bool, align: &AlignConfig) -> String {
+    let schedule = match cfg.prior.schedule {
+        Schedule::Constant => "constant".to_string(),
+        Schedule::Cosine { warmup, .. } => format!("cosine, {warmup} warm-up"),
+    };
+    let ema = if cfg.prior.ema > 0.0 {
+        format!(", EMA {}", cfg.prior.ema)
+    } else {
+        String::new()
+    };
+    format!(
+        "prior {} x {}, {} steps of batch {} at lr {:e} ({schedule}{ema}){}; {} latents, {} alignment steps at lr {:e}, mc {}",
+        meta.width,
+        meta.depth,
+        meta.steps,
+        cfg.prior.batch,
+        cfg.prior.lr,
+        if loaded { ", loaded" } else { "" },
+        align.n_latents,
+        align.steps,
+        align.lr,
+        align.mc,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::prelude::Device;
+
+    use super::*;
+    use crate::toy::{Plateau, Preset, TargetKind, ToyConfig};
+
+    #[test]
+    fn a_flat_loss_freezes_the_prior_before_its_budget() {
+        let mut cfg = ToyConfig::preset(Preset::Interactive, TargetKind::Mog);
+        (cfg.prior.width, cfg.prior.depth, cfg.prior.batch) = (16, 1, 64);
+        cfg.prior.steps = 10_000;
+        // No window gains 90 % on the one before it, so the first check (at `min_steps`) stops.
+        cfg.prior.stop_when_flat = Some(Plateau {
+            window: 20,
+            min_gain: 0.9,
+            min_steps: 60,
+        });
+        (cfg.align.n_latents, cfg.align.steps) = (10, 2);
+        let run = Arc::new(ToyRun::new(cfg, Device::flex(), "cpu").unwrap());
+        let mut session = ToySession::new(run);
+        let mut starts = Vec::new();
+        while session.stage() == SessionStage::Prior {
+            for e in session.step().unwrap() {
+                if let Event::AlignStart { prior_step, .. } = e {
+                    starts.push(prior_step);
+                }
+            }
+        }
+        assert_eq!(starts, [60]);
+        assert_eq!(session.prior_step(), 60);
+        assert_eq!(session.stopped_flat(), Some(60));
+        assert_eq!(session.curves().prior.len(), 60);
     }
 }

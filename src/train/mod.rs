@@ -18,7 +18,7 @@ use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
 
 pub use ema::Ema;
-pub use optim::{OptimSpec, Schedule, clip_global_norm};
+pub use optim::{DecayRule, OptimSpec, Schedule, clip_global_norm, undecayed_paths};
 pub use state::TrainerState;
 pub use steps::{LatentTrainer, Latents, PriorTrainer, Shard};
 
@@ -87,6 +87,8 @@ pub struct Trainer<M: Module> {
     total: usize,
     ema: Option<Ema<M>>,
     spec: OptimSpec,
+    /// Which parameters the weight decay reaches.
+    decay: DecayRule,
     /// Other processes training the same model: gradients are averaged over them every step.
     comm: Option<Arc<Comm>>,
     /// The forward pass's dtype; the weights, gradients, optimiser state and EMA stay f32.
@@ -132,15 +134,17 @@ pub struct StepStats {
 impl<M: Module> Trainer<M> {
     /// A trainer for `model` (which must live on an autodiff device) over `total` steps.
     pub fn new(model: M, lr: f64, schedule: Schedule, total: usize) -> Self {
+        let optim = OptimSpec::ADAM.build(&model, &DecayRule::default());
         Trainer {
             model,
-            optim: OptimSpec::ADAM.build(),
+            optim,
             step: 0,
             lr,
             schedule,
             total,
             ema: None,
             spec: OptimSpec::ADAM,
+            decay: DecayRule::default(),
             comm: None,
             precision: Precision::F32,
         }
@@ -166,10 +170,19 @@ impl<M: Module> Trainer<M> {
         self.precision.cast_params(self.model.clone())
     }
 
-    /// Uses `spec` instead of the toy's Adam (call before the first step).
+    /// Uses `spec` instead of the toy's Adam (call before the first step). Its weight decay
+    /// reaches the parameters of the trainer's [`DecayRule`] (matrices only, unless
+    /// [`Trainer::with_decay_rule`] says otherwise).
     pub fn with_optim(mut self, spec: OptimSpec) -> Self {
-        self.optim = spec.build();
+        self.optim = spec.build(&self.model, &self.decay);
         self.spec = spec;
+        self
+    }
+
+    /// Sets which parameters the weight decay reaches (call before the first step).
+    pub fn with_decay_rule(mut self, rule: DecayRule) -> Self {
+        self.optim = self.spec.build(&self.model, &rule);
+        self.decay = rule;
         self
     }
 
@@ -335,7 +348,7 @@ impl<M: Module> Trainer<M> {
         }
         self.optim = self
             .spec
-            .build()
+            .build(&self.model, &self.decay)
             .from_bytes(burn::tensor::Bytes::from_bytes_vec(state.optim.clone()))
             .map_err(|e| Error::Checkpoint {
                 path: PathBuf::from("<optimiser>"),

@@ -1,7 +1,7 @@
-//! The optimiser of a run as data: Adam(W) settings, the learning-rate schedule, and the global
-//! gradient-norm clip (METHOD.md section 6).
+//! The optimiser of a run as data: Adam(W) settings, which parameters the weight decay reaches,
+//! the learning-rate schedule, and the global gradient-norm clip (METHOD.md section 6).
 
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::{Module, ModuleVisitor, Param, ParamGroup};
 use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -68,16 +68,116 @@ impl OptimSpec {
         grad_clip: 1.0,
     };
 
-    /// Adam (weight decay 0) or AdamW: burn's, in one pass per parameter on the CPU
-    /// ([`FusedAdam`], identical results and state).
-    pub(crate) fn build(&self) -> ModuleOptimizer {
-        ModuleOptimizer::from(FusedAdam::new(
-            self.beta1,
-            self.beta2,
-            self.eps,
-            self.weight_decay,
-        ))
+    /// The optimiser for `module`: Adam, or AdamW whose decay reaches only the parameters `rule`
+    /// decays (the others get the same Adam without decay, through a burn parameter group).
+    /// Both are burn's, run in one pass per parameter on the CPU ([`FusedAdam`], identical
+    /// results and state).
+    pub(crate) fn build<M: Module>(&self, module: &M, rule: &DecayRule) -> ModuleOptimizer {
+        let adam = FusedAdam::new(self.beta1, self.beta2, self.eps, 0.0);
+        if self.weight_decay == 0.0 {
+            return ModuleOptimizer::from(adam);
+        }
+        let adamw = FusedAdam::new(self.beta1, self.beta2, self.eps, self.weight_decay);
+        let kept = undecayed_paths(module, rule);
+        let optim = ModuleOptimizer::from(adamw);
+        if kept.is_empty() {
+            optim
+        } else {
+            // Matched by path, not by id, so a resumed optimiser state finds its group again.
+            optim.with_group(ParamGroup::from_paths(kept), adam, None)
+        }
     }
+}
+
+/// Which parameters AdamW's decoupled weight decay reaches (METHOD.md sections 6 and 7): by rank
+/// and by module path. The public code decays matrices only, sparing 1-D parameters (biases,
+/// LayerNorm scales and shifts); the generator also spares its flow head.
+///
+/// burn 0.22's `AdamW` decays every parameter it steps; the rule is applied by giving the spared
+/// parameters their own burn parameter group, stepped by the same Adam without decay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecayRule {
+    /// Parameters of lower rank are spared (2: matrices and higher are decayed; 0: everything).
+    pub min_rank: usize,
+    /// Parameters under any of these module paths (`head`, `blocks.3`) are spared.
+    pub spared: Vec<String>,
+}
+
+impl Default for DecayRule {
+    fn default() -> Self {
+        Self::matrices()
+    }
+}
+
+impl DecayRule {
+    /// Decay parameters of rank 2 and more (the public code's rule).
+    pub fn matrices() -> Self {
+        DecayRule {
+            min_rank: 2,
+            spared: Vec::new(),
+        }
+    }
+
+    /// Decay every parameter (burn's plain AdamW).
+    pub fn everything() -> Self {
+        DecayRule {
+            min_rank: 0,
+            spared: Vec::new(),
+        }
+    }
+
+    /// Also spare every parameter under the submodule `path` (e.g. `head`).
+    pub fn sparing(mut self, path: impl Into<String>) -> Self {
+        self.spared.push(path.into());
+        self
+    }
+
+    /// Whether a parameter of `rank` at the dotted module `path` is decayed.
+    pub fn decays(&self, rank: usize, path: &str) -> bool {
+        rank >= self.min_rank
+            && !self.spared.iter().any(|p| {
+                path == p
+                    || path
+                        .strip_prefix(p.as_str())
+                        .is_some_and(|rest| rest.starts_with('.'))
+            })
+    }
+}
+
+/// Collects the dotted paths of float parameters (as burn's optimiser names them) that a rule
+/// spares.
+struct Spared<'a> {
+    rule: &'a DecayRule,
+    path: Vec<String>,
+    out: Vec<String>,
+}
+
+impl ModuleVisitor for Spared<'_> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, _param: &Param<Tensor<D>>) {
+        let path = self.path.join(".");
+        if !self.rule.decays(D, &path) {
+            self.out.push(path);
+        }
+    }
+}
+
+/// The dotted paths of `module`'s float parameters that `rule` spares from weight decay.
+pub fn undecayed_paths<M: Module>(module: &M, rule: &DecayRule) -> Vec<String> {
+    let mut v = Spared {
+        rule,
+        path: Vec::new(),
+        out: Vec::new(),
+    };
+    module.visit(&mut v);
+    v.out
 }
 
 /// Sums the squared gradients of a module's float parameters.

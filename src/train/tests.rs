@@ -1,7 +1,7 @@
 use super::*;
 use crate::align::{Reduction, flow_loss};
 use crate::flow::path::PathDraws;
-use crate::flow::{VelocityMlp, VelocityMlpConfig};
+use crate::flow::{VelocityField, VelocityMlp, VelocityMlpConfig};
 use crate::params::param_values;
 use crate::precision::AtPrecision;
 
@@ -248,4 +248,126 @@ fn cosine_schedule_warms_up_then_decays_to_the_floor() {
     assert!((s.lr(1.0, 60, 110) - 0.55).abs() < 1e-12);
     assert!((s.lr(1.0, 110, 110) - 0.1).abs() < 1e-12);
     assert_eq!(Schedule::Constant.lr(0.3, 77, 100), 0.3);
+}
+
+/// Every float parameter of `model` by its dotted path: (rank, values).
+fn params_by_path<M: Module>(model: &M) -> std::collections::BTreeMap<String, (usize, Vec<f32>)> {
+    struct ByPath(
+        Vec<String>,
+        std::collections::BTreeMap<String, (usize, Vec<f32>)>,
+    );
+    impl ModuleVisitor for ByPath {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.0.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.0.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let v = param.val().try_into_vec_as::<f32>().unwrap();
+            self.1.insert(self.0.join("."), (D, v));
+        }
+    }
+    let mut v = ByPath(Vec::new(), Default::default());
+    model.visit(&mut v);
+    v.1
+}
+
+/// One AdamW step on a loss with zero gradient: Adam's update is then exactly 0, so the only change
+/// is the decoupled decay `w <- w (1 - lr wd)`, which must reach matrices and spare 1-D
+/// parameters (biases, LayerNorm) and the submodules the rule names.
+fn decay_step(rule: Option<DecayRule>) -> Vec<(String, usize, f32)> {
+    let dev = Device::flex();
+    let ad = dev.clone().autodiff();
+    let mut rng = crate::rng::rng_for(9, crate::rng::Stream::Init, 0);
+    let model = VelocityMlpConfig::new(2, 16, 2).init(&mut rng, &ad);
+    let spec = OptimSpec {
+        weight_decay: 0.1,
+        grad_clip: 0.0,
+        ..OptimSpec::PAPER_ADAMW
+    };
+    let mut trainer = Trainer::new(model, 0.5, Schedule::Constant, 10).with_optim(spec);
+    if let Some(rule) = rule {
+        trainer = trainer.with_decay_rule(rule);
+    }
+    // Zero-initialised layers (the modulations, the output) stay zero and are skipped below.
+    let before = params_by_path(trainer.model());
+    let z = Tensor::<2>::ones([4, 2], &ad);
+    let t = Tensor::<1>::ones([4], &ad) * 0.5;
+    let loss = trainer.model().velocity(z, t).sum() * 0.0;
+    trainer.step_loss(loss, "test").unwrap();
+    let after = params_by_path(trainer.model());
+    let mut ratios = Vec::new();
+    for (path, (rank, b)) in &before {
+        let a = &after[path].1;
+        // The ratio after / before over the nonzero entries (1 when spared, 0.95 when decayed).
+        let (mut num, mut den) = (0.0f64, 0.0f64);
+        for (x, y) in a.iter().zip(b) {
+            num += (*x as f64) * (*y as f64);
+            den += (*y as f64) * (*y as f64);
+        }
+        if den > 0.0 {
+            ratios.push((path.clone(), *rank, (num / den) as f32));
+        } else {
+            assert!(a.iter().all(|&x| x == 0.0), "{path}: zero stays zero");
+        }
+    }
+    ratios
+}
+
+#[test]
+fn weight_decay_reaches_matrices_and_spares_biases_and_layer_norms() {
+    let ratios = decay_step(None);
+    let decayed = 1.0 - 0.5 * 0.1;
+    let (mut matrices, mut vectors) = (0, 0);
+    for (path, rank, ratio) in &ratios {
+        if *rank >= 2 {
+            matrices += 1;
+            assert!(
+                (ratio - decayed).abs() < 1e-6,
+                "{path} (rank {rank}): {ratio}"
+            );
+        } else {
+            vectors += 1;
+            assert_eq!(*ratio, 1.0, "{path} (rank {rank}) was decayed");
+        }
+    }
+    // Linear weights are decayed; LayerNorm gammas (ones) are not.
+    assert!(matrices >= 4, "{ratios:?}");
+    assert!(
+        ratios.iter().any(|(p, r, _)| *r == 1 && p.contains("norm")),
+        "a LayerNorm parameter is checked: {ratios:?}"
+    );
+    assert!(vectors >= 1);
+
+    // Burn's plain AdamW decays everything; a named submodule can be spared as a whole.
+    let all = decay_step(Some(DecayRule::everything()));
+    assert!(
+        all.iter().all(|(_, _, r)| (r - decayed).abs() < 1e-6),
+        "{all:?}"
+    );
+    let some = decay_step(Some(DecayRule::matrices().sparing("blocks")));
+    for (path, rank, ratio) in &some {
+        let spared = *rank < 2 || path.starts_with("blocks.");
+        let want = if spared { 1.0 } else { decayed };
+        assert!((ratio - want).abs() < 1e-6, "{path} (rank {rank}): {ratio}");
+    }
+    assert!(
+        some.iter()
+            .any(|(p, r, _)| p.starts_with("blocks.") && *r == 2)
+    );
+}
+
+#[test]
+fn decay_rule_matches_by_rank_and_path_prefix() {
+    let rule = DecayRule::matrices().sparing("head");
+    assert!(rule.decays(2, "blocks.0.fc1.weight"));
+    assert!(!rule.decays(1, "blocks.0.fc1.bias"));
+    assert!(!rule.decays(2, "head.fc.weight"));
+    assert!(!rule.decays(2, "head"));
+    assert!(
+        rule.decays(2, "header.weight"),
+        "a prefix of a name is not a submodule"
+    );
+    assert!(DecayRule::everything().decays(1, "x.bias"));
 }

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use flowalign::ae::inception::{Layout, expected_tensors};
 use flowalign::flow::path::normal_rows;
+use flowalign::metrics::inception::{Layout, expected_tensors};
 use flowalign::rng::{Stream, rng_for};
 use half::bf16;
 use safetensors::Dtype;
@@ -177,6 +177,25 @@ pub fn write_tensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)], dt
 /// Writes the deterministic FID Inception-v3 weights to `path` (f32, named as in `layout`).
 pub fn write_inception(path: &Path, layout: Layout) {
     write_tensors(path, &inception_tensors(layout), Dtype::F32);
+}
+
+/// The deterministic weights with the classifier too, as torch-fidelity's weights file has it
+/// (`fc.weight` `[1008, 2048]` He-uniform, `fc.bias` in [-0.1, 0.1)): the draws of
+/// `benches/fid_reference.py`'s `deterministic_weights` for those names.
+pub fn inception_tensors_with_fc(layout: Layout) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let mut tensors = inception_tensors(layout);
+    let scale = (2.0 * (6.0 / 2048f64).sqrt()) as f32;
+    let weight = hashed_uniform("fc.weight", 1008 * 2048)
+        .iter()
+        .map(|v| v * scale)
+        .collect();
+    let bias = hashed_uniform("fc.bias", 1008)
+        .iter()
+        .map(|v| v * 0.2)
+        .collect();
+    tensors.push(("fc.weight".into(), vec![1008, 2048], weight));
+    tensors.push(("fc.bias".into(), vec![1008], bias));
+    tensors
 }
 
 /// The flags of a tiny run on `features` into `out`.

@@ -1,16 +1,22 @@
-//! The FID Inception-v3 (the TensorFlow graph of 2015-12-05 as pytorch-fid ports it), frozen and
-//! loaded from a user-supplied safetensors file, giving the 2048-d pool3 features of FID.
+//! The FID Inception-v3 (the TensorFlow graph of 2015-12-05 as pytorch-fid and torch-fidelity port
+//! it), frozen and loaded from a user-supplied safetensors file, giving the 2048-d pool3 features of
+//! FID, KID and precision/recall and, when the file has the classifier, the 1008-way logits of the
+//! Inception Score (METHOD.md section 8).
 //!
-//! Architecture as pytorch-fid's `InceptionV3()` with its `FIDInceptionA/C/E_1/E_2` blocks:
-//! torchvision's Inception-v3 whose every convolution is conv (no bias) + batch norm (eps 0.001,
-//! running statistics) + ReLU, except that the pool branches of the A, C and first E blocks average
-//! over the valid pixels only (`count_include_pad=False`, as TensorFlow does) and the last E block
-//! max-pools there. Batch norm is folded into the convolutions at load time.
+//! Architecture as pytorch-fid's `InceptionV3()` with its `FIDInceptionA/C/E_1/E_2` blocks (the same
+//! network as torch-fidelity's `FeatureExtractorInceptionV3`): torchvision's Inception-v3 whose every
+//! convolution is conv (no bias) + batch norm (eps 0.001, running statistics) + ReLU, except that the
+//! pool branches of the A, C and first E blocks average over the valid pixels only
+//! (`count_include_pad=False`, as TensorFlow does) and the last E block max-pools there. Batch norm is
+//! folded into the convolutions at load time.
 //!
 //! Accepted names: the keys of pytorch-fid's `InceptionV3().state_dict()` (`blocks.0.0.conv.weight`,
 //! ..., `blocks.3.2.branch_pool.bn.running_var`), or the torchvision-style names of the raw
-//! `pt_inception-2015-12-05-6726825d.pth` (`Conv2d_1a_3x3.conv.weight`, `Mixed_7c.branch_pool.bn.bias`,
-//! ...). `fc.*` and `num_batches_tracked` are ignored.
+//! `pt_inception-2015-12-05-6726825d.pth` and of torch-fidelity's
+//! `weights-inception-2015-12-05-6726825d.pth` (`Conv2d_1a_3x3.conv.weight`,
+//! `Mixed_7c.branch_pool.bn.bias`, ...). `fc.weight` (`[1008, 2048]`) is read when present (the
+//! Inception Score needs it; pytorch-fid's state dict drops it); `fc.bias` and `num_batches_tracked`
+//! are ignored.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -28,6 +34,8 @@ use crate::error::{Error, Result};
 pub const INPUT_SIZE: usize = 299;
 /// The size of the pool3 features.
 pub const FEATURES: usize = 2048;
+/// The classes of the graph's classifier (1000 ImageNet classes and 8 unused ones).
+pub const CLASSES: usize = 1008;
 /// Batch-norm epsilon of the TensorFlow graph.
 const BN_EPS: f64 = 0.001;
 
@@ -345,6 +353,22 @@ impl Module {
 #[derive(Debug, Clone)]
 pub struct Inception {
     modules: Vec<Module>,
+    /// `fc.weight^T` `[2048, 1008]`, when the file has the classifier.
+    fc: Option<Tensor<2>>,
+    /// The weights file, for messages.
+    source: std::path::PathBuf,
+    /// FNV-1a of the bits of every tensor read, in reading order (see [`Inception::fingerprint`]).
+    fingerprint: u64,
+}
+
+/// Folds `values` into an FNV-1a hash by their f32 bits.
+fn fnv1a_f32(mut hash: u64, values: &[f32]) -> u64 {
+    for v in values {
+        for b in v.to_bits().to_le_bytes() {
+            hash = (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01B3);
+        }
+    }
+    hash
 }
 
 impl Inception {
@@ -352,7 +376,7 @@ impl Inception {
     /// every name and shape, and folds each batch norm into its convolution.
     pub fn load(path: &Path, device: &Device) -> Result<Inception> {
         let mut tensors =
-            super::dinov2::read_matching(path, |n| !n.ends_with("num_batches_tracked"))?;
+            crate::params::read_matching(path, |n| !n.ends_with("num_batches_tracked"))?;
         if let Some(fc) = tensors.get("fc.weight")
             && fc.shape.first() == Some(&1000)
         {
@@ -373,6 +397,7 @@ impl Inception {
                 ),
             ));
         };
+        let mut fingerprint = 0xCBF2_9CE4_8422_2325u64;
         let mut take = |name: String, shape: &[usize]| -> Result<Vec<f32>> {
             let t = tensors
                 .remove(&name)
@@ -386,6 +411,7 @@ impl Inception {
                     ),
                 ));
             }
+            fingerprint = fnv1a_f32(fingerprint, &t.data);
             Ok(t.data)
         };
         let mut modules = Vec::with_capacity(MODULES.len());
@@ -420,16 +446,83 @@ impl Inception {
             }
             modules.push(Module { kind, convs });
         }
-        Ok(Inception { modules })
+        let fc = match tensors.remove("fc.weight") {
+            Some(t) if t.shape == [CLASSES, FEATURES] => {
+                fingerprint = fnv1a_f32(fingerprint, &t.data);
+                // Stored [1008, 2048] (PyTorch's Linear); the logits are pool3 @ fc.weight^T.
+                let w =
+                    Tensor::<2>::from_data(TensorData::new(t.data, [CLASSES, FEATURES]), device);
+                Some(w.transpose())
+            }
+            // A 1000-class classifier was warned about above.
+            Some(t) if t.shape.first() == Some(&1000) => None,
+            Some(t) => {
+                tracing::warn!(
+                    "{}: fc.weight has shape {:?}, the FID network's classifier is [{CLASSES}, {FEATURES}]; the Inception Score is unavailable with these weights",
+                    path.display(),
+                    t.shape
+                );
+                None
+            }
+            None => None,
+        };
+        Ok(Inception {
+            modules,
+            fc,
+            source: path.to_path_buf(),
+            fingerprint,
+        })
     }
 
-    /// The pool3 features of images with values in [0, 1]: bilinear resize to 299 x 299 (half-pixel
-    /// centres, like `F.interpolate(..., align_corners=False)`), then `2 x - 1`, then the network.
+    /// Whether the weights had the 1008-way classifier, so [`Inception::logits`] works.
+    pub fn has_classifier(&self) -> bool {
+        self.fc.is_some()
+    }
+
+    /// `Ok` when the weights had the classifier, else the one message saying the Inception Score is
+    /// unavailable and why, naming the file.
+    pub fn require_classifier(&self) -> Result<()> {
+        match self.fc {
+            Some(_) => Ok(()),
+            None => Err(self.no_classifier()),
+        }
+    }
+
+    fn no_classifier(&self) -> Error {
+        Error::input(
+            &self.source,
+            format!(
+                "has no fc.weight [{CLASSES}, {FEATURES}], so no Inception Score; use weights with the classifier (torch-fidelity's weights-inception-2015-12-05-6726825d.pth converted to safetensors; pytorch-fid's state dict drops it)"
+            ),
+        )
+    }
+
+    /// A hash of every weight read (FNV-1a of the f32 bits, before batch-norm folding): cached
+    /// reference statistics record it so that statistics of other weights are refused.
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> Device {
+        self.modules[0]
+            .convs
+            .values()
+            .next()
+            .expect("every module has a convolution")
+            .weight
+            .device()
+    }
+
+    /// The pool3 features of images with values in [0, 1], pytorch-fid's way: bilinear resize to
+    /// 299 x 299 (half-pixel centres, like `F.interpolate(..., align_corners=False)`), then `2 x - 1`,
+    /// then [`Inception::pool3`]. torch-fidelity's input pipeline (uint8, TF1 resize, `(x - 128) /
+    /// 128`) is `metrics::input`.
     ///
     /// # Shapes
     /// - `x`: `[batch, 3, H, W]`; output `[batch, 2048]`
     pub fn features(&self, x: Tensor<4>) -> Tensor<2> {
-        let [n, _, h, w] = x.dims();
+        let [_, _, h, w] = x.dims();
         let x = if (h, w) == (INPUT_SIZE, INPUT_SIZE) {
             x
         } else {
@@ -440,7 +533,16 @@ impl Inception {
                     .with_output_size([INPUT_SIZE, INPUT_SIZE]),
             )
         };
-        let mut h = x * 2.0 - 1.0;
+        self.pool3(x * 2.0 - 1.0)
+    }
+
+    /// The pool3 features of network-ready images: 299 x 299, values scaled to about [-1, 1].
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, 3, 299, 299]`; output `[batch, 2048]`
+    pub fn pool3(&self, x: Tensor<4>) -> Tensor<2> {
+        let n = x.dims()[0];
+        let mut h = x;
         let reduce = |x: Tensor<4>| max_pool2d(x, MaxPoolOptions::new([3, 3]).with_stride([2, 2]));
         for (i, module) in self.modules.iter().enumerate() {
             h = module.forward(h);
@@ -450,6 +552,19 @@ impl Inception {
             }
         }
         adaptive_avg_pool2d(h, [1, 1]).reshape([n, FEATURES]) // [batch, 2048]
+    }
+
+    /// The classifier's logits without its bias, `pool3 @ fc.weight^T` (torch-fidelity's
+    /// `logits_unbiased`, the Inception Score's input). Fails, naming the file, when the weights had no
+    /// classifier.
+    ///
+    /// # Shapes
+    /// - `pool3`: `[batch, 2048]`; output `[batch, 1008]`
+    pub fn logits(&self, pool3: Tensor<2>) -> Result<Tensor<2>> {
+        match &self.fc {
+            Some(fc) => Ok(pool3.matmul(fc.clone())),
+            None => Err(self.no_classifier()),
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 //! The Fréchet distance between two sets of feature vectors (FID, Heusel et al. 2017): streamed f64
-//! statistics and the distance of the two fitted Gaussians (SPEC section 6: rFID of the AE).
+//! statistics and the distance of the two fitted Gaussians (METHOD.md section 8; also the rFID of
+//! the autoencoder).
 //!
 //! FID is biased upwards for small sets (the bias shrinks roughly like 1/n): rFID on fewer than about
 //! 10,000 images is higher than the 50,000-image number papers report, and only comparable with
@@ -93,23 +94,46 @@ pub fn fid(a: &FeatureStats, b: &FeatureStats) -> Result<f64> {
         )));
     };
     // The trace term is symmetric in the two sets: take the one that kept its rows.
-    let low_rank = [(a, &s2), (b, &s1)]
-        .into_iter()
-        .find(|(set, _)| !set.rows.is_empty());
-    let Some((set, other)) = low_rank else {
-        return frechet_distance(&a.mean, &s1, &b.mean, &s2);
+    if b.rows.is_empty() || !a.rows.is_empty() {
+        fid_with_covariance(a, s1, &b.mean, &s2)
+    } else {
+        fid_with_covariance(b, s2, &a.mean, &s1)
+    }
+}
+
+/// The FID of a feature set against given moments (e.g. ADM's reference `mu`/`sigma`), by the
+/// low-rank route of [`fid`] while the set has at most `dim` rows. The set needs at least 2 rows.
+pub fn fid_to_moments(a: &FeatureStats, mu: &DVector<f64>, sigma: &DMatrix<f64>) -> Result<f64> {
+    let Some(s1) = a.covariance() else {
+        return Err(Error::Metric(format!(
+            "FID needs at least 2 images, got {}",
+            a.count
+        )));
     };
-    check_finite(&a.mean, &s1, &b.mean, &s2)?;
+    fid_with_covariance(a, s1, mu, sigma)
+}
+
+/// FID of `set` (covariance `s1`) against `N(mu2, s2)`.
+fn fid_with_covariance(
+    set: &FeatureStats,
+    s1: DMatrix<f64>,
+    mu2: &DVector<f64>,
+    s2: &DMatrix<f64>,
+) -> Result<f64> {
+    if set.rows.is_empty() {
+        return frechet_distance(&set.mean, &s1, mu2, s2);
+    }
+    check_finite(&set.mean, &s1, mu2, s2)?;
     let d = set.mean.len();
     let mut x = DMatrix::from_iterator(d, set.count, set.rows.iter().map(|&v| f64::from(v)));
     for mut col in x.column_iter_mut() {
         col -= &set.mean;
     }
-    let m = symmetric(&(x.transpose() * other * &x)) / (set.count - 1) as f64; // [n, n]
+    let m = symmetric(&(x.transpose() * s2 * &x)) / (set.count - 1) as f64; // [n, n]
     let vals = m.symmetric_eigenvalues();
     let tol = rounding_level(&vals);
     let tr_covmean: f64 = vals.iter().filter(|&&l| l > tol).map(|l| l.sqrt()).sum();
-    Ok((&a.mean - &b.mean).norm_squared() + s1.trace() + s2.trace() - 2.0 * tr_covmean)
+    Ok((&set.mean - mu2).norm_squared() + s1.trace() + s2.trace() - 2.0 * tr_covmean)
 }
 
 /// Refuses non-finite statistics (a broken network), which would also stall the eigen-solver.
@@ -366,6 +390,21 @@ mod tests {
             );
             assert!((ab - ba).abs() < 1e-9 * general, "{n1} {n2}: {ab} vs {ba}");
         }
+    }
+
+    #[test]
+    fn fid_to_moments_equals_fid_of_the_sets() {
+        let d = 12;
+        let (mut few, mut many) = (FeatureStats::new(d), FeatureStats::new(d));
+        few.add(&correlated(6, d, 8, 0.2));
+        many.add(&correlated(50, d, 9, -0.1));
+        let cov = many.covariance().unwrap();
+        for (set, other) in [(&few, &many), (&many, &few)] {
+            let want = fid(set, other).unwrap();
+            let got = fid_to_moments(set, other.mean(), &other.covariance().unwrap()).unwrap();
+            assert!((got - want).abs() < 1e-9 * want, "{got} vs {want}");
+        }
+        assert!(fid_to_moments(&FeatureStats::new(d), many.mean(), &cov).is_err());
     }
 
     #[test]
