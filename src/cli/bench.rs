@@ -80,7 +80,8 @@ pub struct BenchArgs {
     #[arg(long)]
     pub plain: bool,
     /// The PyTorch peer script (default: benches/torch_toy.py for `toy`, benches/torch_prior.py
-    /// for `prior`); skipped when absent or when torch is not importable.
+    /// for `prior`, benches/torch_ae.py for `ae`, benches/torch_mar.py for `gen`); skipped when
+    /// absent or when torch is not importable.
     #[arg(long)]
     pub peer: Option<PathBuf>,
     /// Skip the PyTorch peer.
@@ -704,6 +705,60 @@ fn ae(args: &BenchArgs) -> Result<Value> {
     })?
     .per_sec;
     let params = trainer.model().num_params();
+    // The same step in plain PyTorch (f32 on the CPU only), and both against the cores' peak.
+    let threads = rayon::current_num_threads();
+    let theirs = if on_cpu && args.precision == flowalign::precision::Precision::F32 {
+        let model = clap::ValueEnum::to_possible_value(&cfg.model.size)
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default();
+        let extra: Vec<String> = vec![
+            "--model".into(),
+            model,
+            "--image-size".into(),
+            s.to_string(),
+            "--batch".into(),
+            b.to_string(),
+            "--patch".into(),
+            cfg.model.patch.to_string(),
+            "--latent-tokens".into(),
+            cfg.model.latent_tokens.to_string(),
+            "--latent-dim".into(),
+            cfg.model.latent_dim.to_string(),
+            "--mc".into(),
+            cfg.loss.mc.to_string(),
+            // At least 5 timed steps, about `--seconds` long.
+            "--steps".into(),
+            ((args.seconds * sps).ceil() as usize).max(5).to_string(),
+            "--threads".into(),
+            threads.to_string(),
+        ];
+        peer(args, "benches/torch_ae.py", &extra)
+    } else {
+        None
+    };
+    let ratio = theirs
+        .as_ref()
+        .and_then(|p| Some(sps * p["step_ms_median"].as_f64()? / 1e3));
+    let flops = super::peak::vit_ae_train_flops(
+        b,
+        s,
+        cfg.model.patch,
+        width,
+        depth,
+        cfg.model.latent_tokens,
+        cfg.model.latent_dim,
+    ) + (b * cfg.model.latent_tokens * cfg.loss.mc) as f64
+        * super::peak::MlpFlops {
+            dim: cfg.model.latent_dim,
+            width: 1024,
+            depth: 6,
+        }
+        .align();
+    let peak = on_cpu.then(|| super::peak::measure(threads));
+    let gflops = sps * flops / 1e9;
+    if let Some(r) = ratio {
+        tracing::info!("flowalign / PyTorch steps per second: {r:.2}");
+    }
     let adv = if args.adv {
         use flowalign::ae::adversarial::{AdvDraws, Adversary, disc_step};
         cfg.loss.adv.start_step = 0;
@@ -795,6 +850,12 @@ fn ae(args: &BenchArgs) -> Result<Value> {
         "precision": args.precision,
         "train_images_per_sec": sps * b as f64,
         "train_steps_per_sec": sps,
+        "flops_per_step": flops,
+        "gflops": gflops,
+        "fraction_of_peak": peak.as_ref().map(|p| gflops / p.gflops),
+        "machine": peak.as_ref().map(|p| machine(p, None)),
+        "pytorch": theirs,
+        "ratio_flowalign_over_pytorch": ratio,
         "peak_rss_mib": peak_rss_mib(),
         "loader_images_per_sec_per_core": per_core * 32.0,
         "loader_images_per_sec_all_cores": all * 32.0,
