@@ -131,16 +131,17 @@ def pearson(a, b):
 # --- Modes ----------------------------------------------------------------------------------------
 
 def timed(fn, seconds):
-    """Calls per second of fn over at least `seconds` and 5 calls, after 3 warm-up calls."""
+    """Calls per wall-clock second and per CPU second (all threads) of fn, over at least `seconds`
+    and 5 calls, after 3 warm-up calls."""
     for _ in range(3):
         fn()
-    n, start = 0, time.perf_counter()
+    n, start, cpu = 0, time.perf_counter(), time.process_time()
     while True:
         fn()
         n += 1
         el = time.perf_counter() - start
         if el >= seconds and n >= 5:
-            return n / el
+            return n / el, n / max(time.process_time() - cpu, 1e-9)
 
 
 def bench(a):
@@ -155,7 +156,7 @@ def bench(a):
             fm_loss(net, x).backward()
             opt.step()
 
-        out[f"train_b{batch}_steps_per_sec"] = timed(step, a.bench_seconds)
+        out[f"train_b{batch}_steps_per_sec"], out[f"train_b{batch}_steps_per_cpu_sec"] = timed(step, a.bench_seconds)
     net = VelocityMlp(2, a.width, a.depth).requires_grad_(False)
     out["params"] = sum(p.numel() for p in net.parameters())
     y = torch.randn(1000, 2).requires_grad_(True)
@@ -166,15 +167,16 @@ def bench(a):
         fm_loss(net, y).backward()
         opt.step()
 
-    out["align_n1000_steps_per_sec"] = timed(astep, a.bench_seconds)
+    out["align_n1000_steps_per_sec"], out["align_n1000_steps_per_cpu_sec"] = timed(astep, a.bench_seconds)
     axis = torch.linspace(-3, 3, 200)
     gx, gy = torch.meshgrid(axis, axis, indexing="xy")
     pts = torch.stack([gx.reshape(-1), gy.reshape(-1)], 1)
     ts = torch.linspace(0.1, 0.9, 2)
     align_heatmap(net, pts[:8192], ts[:1])
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     align_heatmap(net, pts, ts)
     out["heatmap_evals_per_sec"] = pts.shape[0] * len(ts) / (time.perf_counter() - start)
+    out["heatmap_evals_per_cpu_sec"] = pts.shape[0] * len(ts) / max(time.process_time() - cpu, 1e-9)
     out["threads"] = torch.get_num_threads()
     out["torch"] = torch.__version__
     print("BENCH " + json.dumps(out), flush=True)

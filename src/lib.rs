@@ -3,7 +3,8 @@
 //! The engine, layered bottom to top (each layer imports only from those below it; ARCHITECTURE.md
 //! draws the picture and `tests/layers.rs` checks it):
 //! - [`error`], [`rng`], [`stats`], [`grid`], [`config`], [`closed_form`]: plain types, helpers and
-//!   the Gaussian closed forms of METHOD.md section 3;
+//!   the Gaussian closed forms of METHOD.md section 3; [`fused`]: the velocity network's fused CPU
+//!   operations and a one-pass Adam;
 //! - [`flow`] (the velocity network, the path, ODE solvers, the exact likelihood), [`params`],
 //!   [`features`], [`report`] (figures and files from plain data), [`backend`];
 //! - [`precision`], [`dist`] (MPI), [`align`] (the alignment loss, its heatmap, the estimate the paper calls a bound);
@@ -27,6 +28,7 @@ pub mod error;
 pub mod features;
 pub mod files;
 pub mod flow;
+pub mod fused;
 pub mod generator;
 pub mod grid;
 #[cfg(feature = "gui")]

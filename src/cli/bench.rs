@@ -68,11 +68,20 @@ pub struct BenchArgs {
     /// Compute device (`prior` only; the toy figures are CPU figures).
     #[arg(long, value_enum, default_value_t = flowalign::backend::DeviceChoice::Auto)]
     pub device: flowalign::backend::DeviceChoice,
-    /// Minimum seconds per figure.
+    /// Minimum seconds per figure (per round).
     #[arg(long, default_value_t = 8.0)]
     pub seconds: f64,
+    /// `toy` and `prior`: rounds, each measuring flowalign and then the PyTorch peer, so that
+    /// both see the same machine load; the result gives every round and the medians.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// `toy` and `prior`: also measure flowalign with its fused CPU operations off (burn's own
+    /// tensor operations and optimiser: the figures before the fused path), in the same rounds.
+    #[arg(long)]
+    pub plain: bool,
     /// The PyTorch peer script (default: benches/torch_toy.py for `toy`, benches/torch_prior.py
-    /// for `prior`); skipped when absent or when torch is not importable.
+    /// for `prior`, benches/torch_ae.py for `ae`, benches/torch_mar.py for `gen`); skipped when
+    /// absent or when torch is not importable.
     #[arg(long)]
     pub peer: Option<PathBuf>,
     /// Skip the PyTorch peer.
@@ -168,18 +177,42 @@ pub fn landscape(width: usize, depth: usize) -> Result<Value> {
     Ok(Value::Object(out))
 }
 
-/// Calls `f` repeatedly for at least `min_s` seconds and 5 calls after 3 warm-up calls; returns calls/s.
-fn timed(min_s: f64, mut f: impl FnMut() -> flowalign::Result<()>) -> Result<f64> {
+/// Seconds the threads of this process have run on a CPU (Linux; `None` elsewhere): the sum over
+/// its threads of /proc's scheduler statistics, so a busy machine's waiting is not counted.
+pub fn cpu_seconds() -> Option<f64> {
+    let mut ns = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+        ns += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(ns as f64 * 1e-9)
+}
+
+/// Calls per wall-clock second and per CPU second (all threads of the process).
+#[derive(Debug, Clone, Copy)]
+struct Rate {
+    per_sec: f64,
+    per_cpu_sec: Option<f64>,
+}
+
+/// Calls `f` repeatedly for at least `min_s` seconds and 5 calls after 3 warm-up calls.
+fn timed(min_s: f64, mut f: impl FnMut() -> flowalign::Result<()>) -> Result<Rate> {
     for _ in 0..3 {
         f()?;
     }
-    let (mut n, start) = (0usize, Instant::now());
+    let (mut n, start, cpu) = (0usize, Instant::now(), cpu_seconds());
     loop {
         f()?;
         n += 1;
         let el = start.elapsed().as_secs_f64();
         if el >= min_s && n >= 5 {
-            return Ok(n as f64 / el);
+            let per_cpu_sec = cpu
+                .zip(cpu_seconds())
+                .map(|(a, b)| n as f64 / (b - a).max(1e-9));
+            return Ok(Rate {
+                per_sec: n as f64 / el,
+                per_cpu_sec,
+            });
         }
     }
 }
@@ -194,23 +227,31 @@ pub fn measure(width: usize, depth: usize, seconds: f64) -> Result<Value> {
         let model = VelocityMlpConfig::new(2, width, depth).init(&mut rng, &ad);
         let mut trainer = PriorTrainer::new(model, 1e-4, Schedule::Constant, usize::MAX);
         let x = rows_to_tensor(&normal_rows(&mut rng, batch, 2), 2, &ad);
-        let sps = timed(seconds, || {
+        let rate = timed(seconds, || {
             let draws = PathDraws::sample(&mut rng, batch, 2, &ad);
             trainer.train_step(x.clone(), &draws).map(|_| ())
         })?;
-        out.insert(format!("train_b{batch}_steps_per_sec"), json!(sps));
+        out.insert(format!("train_b{batch}_steps_per_sec"), json!(rate.per_sec));
+        out.insert(
+            format!("train_b{batch}_steps_per_cpu_sec"),
+            json!(rate.per_cpu_sec),
+        );
     }
     let mut rng = rng_for(0, Stream::Init, 0);
     let prior = VelocityMlpConfig::new(2, width, depth).init(&mut rng, &device);
     out.insert("params".into(), json!(prior.num_params()));
     let y0 = normal_rows(&mut rng, 1000, 2);
     let mut aligner = LatentTrainer::for_latents(&y0, 2, 1e-2, usize::MAX, &device);
-    let sps = timed(seconds, || {
+    let rate = timed(seconds, || {
         aligner
             .align_step(&prior, 1, Reduction::Mean, &mut rng)
             .map(|_| ())
     })?;
-    out.insert("align_n1000_steps_per_sec".into(), json!(sps));
+    out.insert("align_n1000_steps_per_sec".into(), json!(rate.per_sec));
+    out.insert(
+        "align_n1000_steps_per_cpu_sec".into(),
+        json!(rate.per_cpu_sec),
+    );
     let axis = linspace(-3.0, 3.0, 200);
     let pts = Heatmap::points(&axis, &axis);
     let ts = linspace(0.1, 0.9, 2);
@@ -222,12 +263,14 @@ pub fn measure(width: usize, depth: usize, seconds: f64) -> Result<Value> {
         &mut rng,
         &device,
     );
-    let start = Instant::now();
+    let (start, cpu) = (Instant::now(), cpu_seconds());
     align_heatmap(&prior, pts.as_flattened(), 2, &ts, &mut rng, &device);
     let el = start.elapsed().as_secs_f64();
+    let evals = (pts.len() * ts.len()) as f64;
+    out.insert("heatmap_evals_per_sec".into(), json!(evals / el));
     out.insert(
-        "heatmap_evals_per_sec".into(),
-        json!((pts.len() * ts.len()) as f64 / el),
+        "heatmap_evals_per_cpu_sec".into(),
+        json!(cpu.zip(cpu_seconds()).map(|(a, b)| evals / (b - a).max(1e-9))),
     );
     Ok(Value::Object(out))
 }
@@ -317,18 +360,124 @@ fn write_result(out: &std::path::Path, result: &Value) -> Result<()> {
     Ok(())
 }
 
-/// `flowalign bench toy`: flowalign and, when it can run, the PyTorch peer.
+/// The machine a benchmark ran on: CPU, threads, the load averages before and after, the
+/// instruction sets in use, and the measured FMA peak.
+pub fn machine(peak: &super::peak::Peak, load_before: Option<[f64; 3]>) -> Value {
+    json!({
+        "cpu": super::peak::cpu_name(),
+        "threads": rayon::current_num_threads(),
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
+        "fused_kernels_isa": flowalign::fused::kernels::isa().name(),
+        "gemm_avx512_compiled": cfg!(feature = "x86-v4"),
+        "peak": peak.json(),
+    })
+}
+
+/// The 1, 5 and 15 minute load averages (Linux).
+pub fn load_average() -> Option<[f64; 3]> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    let mut it = text.split_whitespace().map(|v| v.parse::<f64>().ok());
+    Some([it.next()??, it.next()??, it.next()??])
+}
+
+/// The median of the values of `key` over `rounds`.
+fn median_of(rounds: &[Value], key: &str) -> Option<f64> {
+    let mut v: Vec<f64> = rounds.iter().filter_map(|r| r[key].as_f64()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    Some(if v.len() % 2 == 1 {
+        v[v.len() / 2]
+    } else {
+        0.5 * (v[v.len() / 2 - 1] + v[v.len() / 2])
+    })
+}
+
+/// Medians over rounds of `keys`, per-round ratios of `ours` over `theirs`, and their medians.
+fn summarise(keys: &[&str], ours: &[Value], theirs: &[Value]) -> (Value, Value, Value) {
+    let mut med = serde_json::Map::new();
+    let mut ratio = serde_json::Map::new();
+    let mut per_round = serde_json::Map::new();
+    for key in keys {
+        if let Some(m) = median_of(ours, key) {
+            med.insert((*key).into(), json!(m));
+        }
+        let ratios: Vec<Value> = ours
+            .iter()
+            .zip(theirs)
+            .filter_map(|(a, b)| Some(json!({ *key: a[*key].as_f64()? / b[*key].as_f64()? })))
+            .collect();
+        if let Some(m) = median_of(&ratios, key) {
+            ratio.insert((*key).into(), json!(m));
+            per_round.insert(
+                (*key).into(),
+                json!(ratios.iter().filter_map(|r| r[*key].as_f64()).collect::<Vec<_>>()),
+            );
+        }
+    }
+    (Value::Object(med), Value::Object(ratio), Value::Object(per_round))
+}
+
+const TOY_KEYS: [&str; 4] = [
+    "train_b256_steps_per_sec",
+    "train_b1024_steps_per_sec",
+    "align_n1000_steps_per_sec",
+    "heatmap_evals_per_sec",
+];
+
+/// The same figures per CPU second of the process (all its threads).
+const TOY_CPU_KEYS: [&str; 4] = [
+    "train_b256_steps_per_cpu_sec",
+    "train_b1024_steps_per_cpu_sec",
+    "align_n1000_steps_per_cpu_sec",
+    "heatmap_evals_per_cpu_sec",
+];
+
+/// GFLOP/s and fraction of `peak` of the toy figures (matrix-product FLOPs; the heatmap's per
+/// evaluation FLOPs are flowalign's with a shared time, or PyTorch's with a per-row one).
+fn toy_flops(figures: &Value, flops: &super::peak::MlpFlops, shared_time: bool, peak: f64) -> Value {
+    let per_call = [
+        256.0 * flops.train(),
+        1024.0 * flops.train(),
+        1000.0 * flops.align(),
+        if shared_time {
+            flops.forward_shared_time()
+        } else {
+            flops.forward()
+        },
+    ];
+    let mut out = serde_json::Map::new();
+    for (key, f) in TOY_KEYS.iter().zip(per_call) {
+        if let Some(rate) = figures[*key].as_f64() {
+            let gflops = rate * f / 1e9;
+            out.insert(
+                (*key).into(),
+                json!({ "gflops": gflops, "fraction_of_peak": gflops / peak }),
+            );
+        }
+    }
+    Value::Object(out)
+}
+
+/// `flowalign bench toy`: flowalign and, when it can run, the PyTorch peer, alternating in rounds.
 fn toy(args: &BenchArgs) -> Result<Value> {
     let (width, depth) = (args.width.unwrap_or(512), args.depth.unwrap_or(4));
-    if args.seconds.is_nan() || args.seconds <= 0.0 {
-        bail!("--seconds must be a positive number, got {}", args.seconds);
+    if args.seconds.is_nan() || args.seconds <= 0.0 || args.rounds == 0 {
+        bail!(
+            "--seconds must be a positive number and --rounds at least 1, got {} and {}",
+            args.seconds,
+            args.rounds
+        );
     }
-    tracing::info!("measuring flowalign (burn flex, {width}x{depth})");
-    let ours = measure(width, depth, args.seconds)?;
+    let load_before = load_average();
+    let threads = rayon::current_num_threads();
+    let peak = super::peak::measure(threads);
     let extra: Vec<String> = [
         "--bench",
         "--threads",
-        "2",
+        &threads.to_string(),
         "--bench-batches",
         "256",
         "1024",
@@ -341,22 +490,44 @@ fn toy(args: &BenchArgs) -> Result<Value> {
     ]
     .map(String::from)
     .to_vec();
-    let theirs = peer(args, "benches/torch_toy.py", &extra);
-    let mut ratios = serde_json::Map::new();
-    if let Some(p) = &theirs {
-        // Both sides name their figures alike.
-        for key in [
-            "train_b256_steps_per_sec",
-            "train_b1024_steps_per_sec",
-            "align_n1000_steps_per_sec",
-            "heatmap_evals_per_sec",
-        ] {
-            if let (Some(a), Some(b)) = (ours[key].as_f64(), p[key].as_f64()) {
-                ratios.insert(key.into(), json!(a / b));
-            }
+    let (mut ours, mut plain, mut theirs) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 1..=args.rounds {
+        tracing::info!("round {round}/{}: flowalign (burn flex, {width}x{depth})", args.rounds);
+        ours.push(measure(width, depth, args.seconds)?);
+        if args.plain {
+            tracing::info!("round {round}: flowalign without the fused operations");
+            flowalign::fused::set_enabled(false);
+            let result = measure(width, depth, args.seconds);
+            flowalign::fused::set_enabled(true);
+            plain.push(result?);
+        }
+        if let Some(p) = peer(args, "benches/torch_toy.py", &extra) {
+            theirs.push(p);
         }
     }
-    Ok(json!({ "flowalign": ours, "pytorch": theirs, "ratio_flowalign_over_pytorch": ratios }))
+    let keys: Vec<&str> = TOY_KEYS.iter().chain(&TOY_CPU_KEYS).copied().collect();
+    let (ours_med, ratio, ratio_rounds) = summarise(&keys, &ours, &theirs);
+    let (theirs_med, _, _) = summarise(&keys, &theirs, &[]);
+    let (plain_med, ratio_plain, _) = summarise(&keys, &plain, &theirs);
+    let flops = super::peak::MlpFlops {
+        dim: 2,
+        width,
+        depth,
+    };
+    Ok(json!({
+        "machine": machine(&peak, load_before),
+        "model": { "width": width, "depth": depth, "params": ours[0]["params"] },
+        "seconds_per_figure": args.seconds,
+        "flowalign": ours_med,
+        "pytorch": theirs_med,
+        "ratio_flowalign_over_pytorch": ratio,
+        "ratio_per_round": ratio_rounds,
+        "flowalign_gflops": toy_flops(&ours_med, &flops, true, peak.gflops),
+        "pytorch_gflops": toy_flops(&theirs_med, &flops, false, peak.gflops),
+        "flowalign_plain": args.plain.then_some(plain_med),
+        "ratio_plain_over_pytorch": args.plain.then_some(ratio_plain),
+        "rounds": { "flowalign": ours, "flowalign_plain": plain, "pytorch": theirs },
+    }))
 }
 
 /// Peak resident memory of this process so far, in MiB (Linux; `None` elsewhere).
@@ -395,26 +566,29 @@ fn prior(args: &BenchArgs) -> Result<Value> {
         cfg.model.depth,
         args.precision
     );
-    let mut trainer = flowalign::prior::run::new_trainer(&cfg, d, &device);
-    let mut rng = rng_for(0, Stream::Prior, 0);
-    let table = normal_rows(&mut rng, 100_000, d);
-    let mut step = |rng: &mut flowalign::rng::Rng| -> flowalign::Result<()> {
-        use rand::RngExt;
-        let mut rows = Vec::with_capacity(batch * d);
-        for _ in 0..batch {
-            let i = rng.random_range(0..100_000);
-            rows.extend_from_slice(&table[i * d..(i + 1) * d]);
-        }
-        flowalign::prior::run::step_on_rows(&mut trainer, &rows, d, mc, rng, &device).map(|_| ())
+    let load_before = load_average();
+    let peak = on_cpu.then(|| super::peak::measure(rayon::current_num_threads()));
+    let measure_ours = || -> Result<Value> {
+        let mut trainer = flowalign::prior::run::new_trainer(&cfg, d, &device);
+        let mut rng = rng_for(0, Stream::Prior, 0);
+        let table = normal_rows(&mut rng, 100_000, d);
+        let mut step = |rng: &mut flowalign::rng::Rng| -> flowalign::Result<()> {
+            use rand::RngExt;
+            let mut rows = Vec::with_capacity(batch * d);
+            for _ in 0..batch {
+                let i = rng.random_range(0..100_000);
+                rows.extend_from_slice(&table[i * d..(i + 1) * d]);
+            }
+            flowalign::prior::run::step_on_rows(&mut trainer, &rows, d, mc, rng, &device)
+                .map(|_| ())
+        };
+        let rate = timed(args.seconds, || step(&mut rng))?;
+        Ok(json!({
+            "vectors_per_sec": rate.per_sec * batch as f64,
+            "vectors_per_cpu_sec": rate.per_cpu_sec.map(|r| r * batch as f64),
+            "steps_per_sec": rate.per_sec,
+        }))
     };
-    let sps = timed(args.seconds, || step(&mut rng))?;
-    let ours = json!({
-        "device": name,
-        "precision": args.precision,
-        "vectors_per_sec": sps * batch as f64,
-        "steps_per_sec": sps,
-        "peak_rss_mib": peak_rss_mib(),
-    });
     let extra: Vec<String> = vec![
         "--width".into(),
         cfg.model.width.to_string(),
@@ -433,21 +607,59 @@ fn prior(args: &BenchArgs) -> Result<Value> {
             .to_string(),
     ];
     // The peer trains in f32: a bf16 figure has no like-for-like peer.
-    let theirs = if on_cpu && args.precision == flowalign::precision::Precision::F32 {
-        peer(args, "benches/torch_prior.py", &extra)
-    } else {
-        None
+    let with_peer = on_cpu && args.precision == flowalign::precision::Precision::F32;
+    let (mut ours, mut plain, mut theirs) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 1..=args.rounds.max(1) {
+        tracing::info!("round {round}/{}: flowalign ({name})", args.rounds.max(1));
+        ours.push(measure_ours()?);
+        if args.plain {
+            tracing::info!("round {round}: flowalign without the fused operations");
+            flowalign::fused::set_enabled(false);
+            let result = measure_ours();
+            flowalign::fused::set_enabled(true);
+            plain.push(result?);
+        }
+        if with_peer && let Some(p) = peer(args, "benches/torch_prior.py", &extra) {
+            theirs.push(p);
+        }
+    }
+    let keys = ["vectors_per_sec", "vectors_per_cpu_sec", "steps_per_sec"];
+    let (ours_med, ratio, ratio_rounds) = summarise(&keys, &ours, &theirs);
+    let (theirs_med, _, _) = summarise(&keys, &theirs, &[]);
+    let (plain_med, ratio_plain, _) = summarise(&keys, &plain, &theirs);
+    let per_vector = (mc as f64)
+        * super::peak::MlpFlops {
+            dim: d,
+            width: cfg.model.width,
+            depth: cfg.model.depth,
+        }
+        .train();
+    let gflops = |v: &Value| -> Value {
+        let Some(rate) = v["vectors_per_sec"].as_f64() else {
+            return Value::Null;
+        };
+        let g = rate * per_vector / 1e9;
+        json!({ "gflops": g, "fraction_of_peak": peak.map(|p| g / p.gflops) })
     };
-    let ratio = theirs
-        .as_ref()
-        .and_then(|p| Some(sps * batch as f64 / p["vectors_per_sec"].as_f64()?));
     Ok(json!({
+        "machine": peak.as_ref().map(|p| machine(p, load_before)),
+        "device": name,
+        "precision": args.precision,
         "model": { "width": cfg.model.width, "depth": cfg.model.depth, "dim": d },
         "batch": batch,
         "mc": mc,
-        "flowalign": ours,
-        "pytorch": theirs,
-        "ratio_flowalign_over_pytorch": ratio,
+        "train_flops_per_vector": per_vector,
+        "flowalign": ours_med,
+        "pytorch": (!theirs.is_empty()).then_some(theirs_med.clone()),
+        "ratio_flowalign_over_pytorch": ratio["vectors_per_sec"],
+        "ratio_per_round": ratio_rounds["vectors_per_sec"],
+        "ratio_per_cpu_second": ratio["vectors_per_cpu_sec"],
+        "flowalign_gflops": gflops(&ours_med),
+        "pytorch_gflops": gflops(&theirs_med),
+        "flowalign_plain": args.plain.then_some(plain_med),
+        "ratio_plain_over_pytorch": args.plain.then(|| ratio_plain["vectors_per_sec"].clone()),
+        "peak_rss_mib": peak_rss_mib(),
+        "rounds": { "flowalign": ours, "flowalign_plain": plain, "pytorch": theirs },
     }))
 }
 
@@ -490,8 +702,63 @@ fn ae(args: &BenchArgs) -> Result<Value> {
     };
     let sps = timed(args.seconds, || {
         ae_step(&mut trainer, &replicas, &batch, &cfg.loss, None, &mut rng).map(|_| ())
-    })?;
+    })?
+    .per_sec;
     let params = trainer.model().num_params();
+    // The same step in plain PyTorch (f32 on the CPU only), and both against the cores' peak.
+    let threads = rayon::current_num_threads();
+    let theirs = if on_cpu && args.precision == flowalign::precision::Precision::F32 {
+        let model = clap::ValueEnum::to_possible_value(&cfg.model.size)
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default();
+        let extra: Vec<String> = vec![
+            "--model".into(),
+            model,
+            "--image-size".into(),
+            s.to_string(),
+            "--batch".into(),
+            b.to_string(),
+            "--patch".into(),
+            cfg.model.patch.to_string(),
+            "--latent-tokens".into(),
+            cfg.model.latent_tokens.to_string(),
+            "--latent-dim".into(),
+            cfg.model.latent_dim.to_string(),
+            "--mc".into(),
+            cfg.loss.mc.to_string(),
+            // At least 5 timed steps, about `--seconds` long.
+            "--steps".into(),
+            ((args.seconds * sps).ceil() as usize).max(5).to_string(),
+            "--threads".into(),
+            threads.to_string(),
+        ];
+        peer(args, "benches/torch_ae.py", &extra)
+    } else {
+        None
+    };
+    let ratio = theirs
+        .as_ref()
+        .and_then(|p| Some(sps * p["step_ms_median"].as_f64()? / 1e3));
+    let flops = super::peak::vit_ae_train_flops(
+        b,
+        s,
+        cfg.model.patch,
+        width,
+        depth,
+        cfg.model.latent_tokens,
+        cfg.model.latent_dim,
+    ) + (b * cfg.model.latent_tokens * cfg.loss.mc) as f64
+        * super::peak::MlpFlops {
+            dim: cfg.model.latent_dim,
+            width: 1024,
+            depth: 6,
+        }
+        .align();
+    let peak = on_cpu.then(|| super::peak::measure(threads));
+    let gflops = sps * flops / 1e9;
+    if let Some(r) = ratio {
+        tracing::info!("flowalign / PyTorch steps per second: {r:.2}");
+    }
     let adv = if args.adv {
         use flowalign::ae::adversarial::{AdvDraws, Adversary, disc_step};
         cfg.loss.adv.start_step = 0;
@@ -526,7 +793,8 @@ fn ae(args: &BenchArgs) -> Result<Value> {
                 &mut adversary.lecam,
             )
             .map(|_| ())
-        })?;
+        })?
+        .per_sec;
         let (d_depth, d_width, _) = cfg.loss.adv.model.size.dims();
         json!({
             "discriminator": { "size": cfg.loss.adv.model.size, "width": d_width, "trunk_depth": d_depth,
@@ -568,10 +836,12 @@ fn ae(args: &BenchArgs) -> Result<Value> {
             timed(args.seconds / 2.0, || {
                 loader.gather(&indices, 0).map(|_| ())
             })
-        })?;
+        })?
+        .per_sec;
     let all = timed(args.seconds / 2.0, || {
         loader.gather(&indices, 0).map(|_| ())
-    })?;
+    })?
+    .per_sec;
     Ok(json!({
         "model": { "size": cfg.model.size, "depth": depth, "width": width, "heads": heads, "params": params,
                    "image_size": s, "patch": cfg.model.patch, "latent_tokens": cfg.model.latent_tokens },
@@ -580,6 +850,12 @@ fn ae(args: &BenchArgs) -> Result<Value> {
         "precision": args.precision,
         "train_images_per_sec": sps * b as f64,
         "train_steps_per_sec": sps,
+        "flops_per_step": flops,
+        "gflops": gflops,
+        "fraction_of_peak": peak.as_ref().map(|p| gflops / p.gflops),
+        "machine": peak.as_ref().map(|p| machine(p, None)),
+        "pytorch": theirs,
+        "ratio_flowalign_over_pytorch": ratio,
         "peak_rss_mib": peak_rss_mib(),
         "loader_images_per_sec_per_core": per_core * 32.0,
         "loader_images_per_sec_all_cores": all * 32.0,
@@ -631,7 +907,8 @@ fn generator(args: &BenchArgs) -> Result<Value> {
             &device,
         )
         .map(|_| ())
-    })?;
+    })?
+    .per_sec;
     let train_rss = peak_rss_mib();
     let extra: Vec<String> = [
         "--batch".to_string(),
@@ -789,7 +1066,8 @@ fn metrics(args: &BenchArgs) -> Result<Value> {
                 .try_into_vec_as::<f32>()
                 .map(|_| ())
                 .map_err(|e| flowalign::Error::Numeric(format!("{e:?}")))
-        })?;
+        })?
+        .per_sec;
         tracing::info!(
             "Inception forward at batch {batch}: {:.2} images/s",
             calls * batch as f64

@@ -8,6 +8,7 @@ pub mod generate;
 pub mod gui;
 pub mod hints;
 pub mod metrics;
+pub mod peak;
 pub mod prior;
 pub mod toy;
 

@@ -9,6 +9,7 @@ use burn::tensor::activation::silu;
 use rand::RngExt;
 use rand_distr::StandardNormal;
 
+use crate::fused::{self, Affine};
 use crate::rng::Rng;
 
 /// Features of the sinusoidal time embedding (METHOD.md section 4).
@@ -92,6 +93,14 @@ pub(crate) fn linear(
         )),
         bias: Some(Param::from_tensor(Tensor::zeros([d_out], device))),
     }
+}
+
+/// A linear layer's parameters for the fused operations (`None` without a bias).
+fn affine(layer: &Linear) -> Option<Affine> {
+    Some(Affine {
+        weight: layer.weight.val(),
+        bias: layer.bias.as_ref()?.val(),
+    })
 }
 
 impl VelocityMlpConfig {
@@ -199,16 +208,47 @@ impl VelocityMlp {
     /// network with bf16 parameters keeps t and the sinusoids in f32 (as autocast would).
     fn conditioning(&self, t: Tensor<1>) -> Tensor<2> {
         let emb = time_embedding(t).cast(self.time_fc1.weight.val().dtype());
+        if fused::supports(&emb.device(), emb.dtype())
+            && let (Some(fc1), Some(fc2)) = (affine(&self.time_fc1), affine(&self.time_fc2))
+        {
+            return fused::time_condition(emb, fc1, fc2);
+        }
         let c = self.time_fc2.forward(silu(self.time_fc1.forward(emb)));
         silu(c)
     }
 
     pub(crate) fn forward_conditioned(&self, z: Tensor<2>, c_act: Tensor<2>) -> Tensor<2> {
         let mut x = self.input_proj.forward(z); // [batch, C]
+        if let Some(v) = self.forward_fused(x.clone(), c_act.clone()) {
+            return v;
+        }
         for block in &self.blocks {
             x = block.forward(x, c_act.clone());
         }
         self.final_layer.forward(x, c_act)
+    }
+
+    /// The same layers as [`AdaLnBlock::forward`] and [`FinalLayer::forward`], each one fused
+    /// operation ([`crate::fused`]), where those apply (burn's flex CPU device, f32).
+    fn forward_fused(&self, x: Tensor<2>, c_act: Tensor<2>) -> Option<Tensor<2>> {
+        if !fused::supports(&x.device(), x.dtype()) || c_act.dtype() != x.dtype() {
+            return None;
+        }
+        let blocks: Option<Vec<_>> = self
+            .blocks
+            .iter()
+            .map(|b| {
+                let norm = (b.norm.gamma.val(), b.norm.beta.as_ref()?.val());
+                Some((affine(&b.modulation)?, norm, affine(&b.fc1)?, affine(&b.fc2)?))
+            })
+            .collect();
+        let final_mod = affine(&self.final_layer.modulation)?;
+        let out = affine(&self.final_layer.out)?;
+        let mut x = x;
+        for (modulation, norm, fc1, fc2) in blocks? {
+            x = fused::adaln_block(x, c_act.clone(), modulation, norm, fc1, fc2);
+        }
+        Some(fused::adaln_final(x, c_act, final_mod, out))
     }
 
     pub fn dim(&self) -> usize {
@@ -258,6 +298,67 @@ mod tests {
         }
     }
 
+    /// The plain tensor path of [`VelocityMlp::forward`] (without the fused operations).
+    fn plain_forward(m: &VelocityMlp, z: Tensor<2>, t: Tensor<1>) -> Tensor<2> {
+        let c = silu(m.time_fc2.forward(silu(m.time_fc1.forward(time_embedding(t)))));
+        let mut x = m.input_proj.forward(z);
+        for block in &m.blocks {
+            x = block.forward(x, c.clone());
+        }
+        m.final_layer.forward(x, c)
+    }
+
+    /// Asserts two gradient sets agree on every parameter of a module.
+    struct SameGrads<'a> {
+        fused: &'a burn::optim::GradientsParams,
+        plain: &'a burn::optim::GradientsParams,
+        checked: usize,
+    }
+
+    impl burn::module::ModuleVisitor for SameGrads<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let a: Vec<f32> = self.fused.get::<D>(param.id).unwrap().try_into_vec_as().unwrap();
+            let b: Vec<f32> = self.plain.get::<D>(param.id).unwrap().try_into_vec_as().unwrap();
+            let scale = b.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() <= 1e-4 * scale, "{x} vs {y} (scale {scale})");
+            }
+            self.checked += 1;
+        }
+    }
+
+    #[test]
+    fn fused_path_matches_the_plain_layers_and_their_gradients() {
+        let dev = Device::flex().autodiff();
+        let mut rng = rng_for(5, Stream::Init, 0);
+        let m = VelocityMlpConfig::new(3, 48, 3)
+            .init(&mut rng, &dev)
+            .map(&mut Perturb(rng_for(6, Stream::Init, 0)));
+        let rows: Vec<f32> = (0..37 * 3).map(|i| (i as f32 * 0.61).sin() * 2.0).collect();
+        let times: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).fract()).collect();
+        let z = Tensor::<2>::from_data(TensorData::new(rows, [37, 3]), &dev);
+        let t = Tensor::<1>::from_data(TensorData::new(times, [37]), &dev);
+        // One graph at a time: both passes share the parameters, and a backward pass consumes
+        // every node it reaches.
+        let fused = m.forward(z.clone(), t.clone());
+        let a: Vec<f32> = fused.clone().try_into_vec_as().unwrap();
+        let gf = burn::optim::GradientsParams::from_grads(fused.powi_scalar(2).sum().backward(), &m);
+        let plain = plain_forward(&m, z, t);
+        let b: Vec<f32> = plain.clone().try_into_vec_as().unwrap();
+        let gp = burn::optim::GradientsParams::from_grads(plain.powi_scalar(2).sum().backward(), &m);
+        assert!(b.iter().any(|v| v.abs() > 1e-2));
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() < 1e-5 * (1.0 + y.abs()), "{x} vs {y}");
+        }
+        let mut same = SameGrads {
+            fused: &gf,
+            plain: &gp,
+            checked: 0,
+        };
+        m.visit(&mut same);
+        assert_eq!(same.checked, 6 + 3 * 8 + 4);
+    }
+
     /// Adds N(0, 0.1) noise to every parameter.
     struct Perturb(crate::rng::Rng);
 
@@ -272,7 +373,14 @@ mod tests {
                 .map(|_| 0.1 * self.0.sample::<f32, _>(StandardNormal))
                 .collect();
             let noise = Tensor::<D>::from_data(TensorData::new(noise, shape), &t.device());
-            burn::module::Param::from_mapped_value(id, t + noise, mapper)
+            // A fresh leaf: `t + noise` would carry the addition's graph into every pass.
+            let sum = (t.clone() + noise).detach();
+            let sum = if t.is_require_grad() {
+                sum.require_grad()
+            } else {
+                sum
+            };
+            burn::module::Param::from_mapped_value(id, sum, mapper)
         }
     }
 

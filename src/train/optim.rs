@@ -2,9 +2,11 @@
 //! the learning-rate schedule, and the global gradient-norm clip (METHOD.md section 6).
 
 use burn::module::{Module, ModuleVisitor, Param, ParamGroup};
-use burn::optim::{AdamConfig, AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
+
+use crate::fused::adam::FusedAdam;
 
 /// Learning-rate schedule.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -68,27 +70,21 @@ impl OptimSpec {
 
     /// The optimiser for `module`: Adam, or AdamW whose decay reaches only the parameters `rule`
     /// decays (the others get the same Adam without decay, through a burn parameter group).
+    /// Both are burn's, run in one pass per parameter on the CPU ([`FusedAdam`], identical
+    /// results and state).
     pub(crate) fn build<M: Module>(&self, module: &M, rule: &DecayRule) -> ModuleOptimizer {
-        let adam = AdamConfig::new()
-            .with_beta_1(self.beta1)
-            .with_beta_2(self.beta2)
-            .with_epsilon(self.eps);
+        let adam = FusedAdam::new(self.beta1, self.beta2, self.eps, 0.0);
         if self.weight_decay == 0.0 {
-            return adam.init();
+            return ModuleOptimizer::from(adam);
         }
-        let adamw = AdamWConfig::new()
-            .with_beta_1(self.beta1)
-            .with_beta_2(self.beta2)
-            .with_epsilon(self.eps)
-            .with_weight_decay(self.weight_decay)
-            .build();
+        let adamw = FusedAdam::new(self.beta1, self.beta2, self.eps, self.weight_decay);
         let kept = undecayed_paths(module, rule);
         let optim = ModuleOptimizer::from(adamw);
         if kept.is_empty() {
             optim
         } else {
             // Matched by path, not by id, so a resumed optimiser state finds its group again.
-            optim.with_group(ParamGroup::from_paths(kept), adam.build(), None)
+            optim.with_group(ParamGroup::from_paths(kept), adam, None)
         }
     }
 }
