@@ -346,6 +346,10 @@ impl Analysis {
 pub struct RunState {
     pub stage: Stage,
     pub paused: bool,
+    /// When Start was pressed, and the wall-clock seconds from then until the alignment finished
+    /// (pauses included).
+    pub started: Option<Instant>,
+    pub done_secs: Option<f64>,
     pub target_name: String,
     /// A random subset of the target's samples, and the view range.
     pub target_samples: Vec<Point>,
@@ -917,6 +921,7 @@ impl FlowAlignApp {
         let old = std::mem::take(&mut self.state);
         self.state = RunState {
             session_cfg: Some(cfg.clone()),
+            started: Some(Instant::now()),
             ..RunState::default()
         };
         if same_target {
@@ -1194,6 +1199,7 @@ impl FlowAlignApp {
             "grid": self.settings.view.grid,
             "t_values": self.settings.view.t_values,
             "stage": format!("{:?}", self.state.stage),
+            "seconds_start_to_done": self.state.done_secs,
         })
     }
 
@@ -1265,6 +1271,9 @@ impl FlowAlignApp {
                 Update::TargetMap(map) => s.target_map = Some(Arc::new(map)),
                 Update::Stage(stage) => {
                     s.stage = stage;
+                    if stage == Stage::Done && s.done_secs.is_none() {
+                        s.done_secs = s.started.map(|t| now.duration_since(t).as_secs_f64());
+                    }
                     if stage == Stage::Idle {
                         // A start that failed: no session after all.
                         s.session_cfg = None;

@@ -865,9 +865,9 @@ impl FlowAlignApp {
                     _ => (
                         MapKind::Bound,
                         if self.settings.view.prior_nll {
-                            "(d) -(C(y) - L_align): the paper's 'bound', which is none"
+                            "(d) -(C - L_align), the paper's 'bound'"
                         } else {
-                            "(c) -(C(y) - L_align): the paper's 'bound', which is none"
+                            "(c) -(C - L_align), the paper's 'bound'"
                         },
                         analysis.and_then(|a| a.neg_bound.as_ref()),
                     ),
