@@ -270,7 +270,10 @@ pub fn measure(width: usize, depth: usize, seconds: f64) -> Result<Value> {
     out.insert("heatmap_evals_per_sec".into(), json!(evals / el));
     out.insert(
         "heatmap_evals_per_cpu_sec".into(),
-        json!(cpu.zip(cpu_seconds()).map(|(a, b)| evals / (b - a).max(1e-9))),
+        json!(
+            cpu.zip(cpu_seconds())
+                .map(|(a, b)| evals / (b - a).max(1e-9))
+        ),
     );
     Ok(Value::Object(out))
 }
@@ -413,11 +416,20 @@ fn summarise(keys: &[&str], ours: &[Value], theirs: &[Value]) -> (Value, Value, 
             ratio.insert((*key).into(), json!(m));
             per_round.insert(
                 (*key).into(),
-                json!(ratios.iter().filter_map(|r| r[*key].as_f64()).collect::<Vec<_>>()),
+                json!(
+                    ratios
+                        .iter()
+                        .filter_map(|r| r[*key].as_f64())
+                        .collect::<Vec<_>>()
+                ),
             );
         }
     }
-    (Value::Object(med), Value::Object(ratio), Value::Object(per_round))
+    (
+        Value::Object(med),
+        Value::Object(ratio),
+        Value::Object(per_round),
+    )
 }
 
 const TOY_KEYS: [&str; 4] = [
@@ -437,7 +449,12 @@ const TOY_CPU_KEYS: [&str; 4] = [
 
 /// GFLOP/s and fraction of `peak` of the toy figures (matrix-product FLOPs; the heatmap's per
 /// evaluation FLOPs are flowalign's with a shared time, or PyTorch's with a per-row one).
-fn toy_flops(figures: &Value, flops: &super::peak::MlpFlops, shared_time: bool, peak: f64) -> Value {
+fn toy_flops(
+    figures: &Value,
+    flops: &super::peak::MlpFlops,
+    shared_time: bool,
+    peak: f64,
+) -> Value {
     let per_call = [
         256.0 * flops.train(),
         1024.0 * flops.train(),
@@ -492,7 +509,10 @@ fn toy(args: &BenchArgs) -> Result<Value> {
     .to_vec();
     let (mut ours, mut plain, mut theirs) = (Vec::new(), Vec::new(), Vec::new());
     for round in 1..=args.rounds {
-        tracing::info!("round {round}/{}: flowalign (burn flex, {width}x{depth})", args.rounds);
+        tracing::info!(
+            "round {round}/{}: flowalign (burn flex, {width}x{depth})",
+            args.rounds
+        );
         ours.push(measure(width, depth, args.seconds)?);
         if args.plain {
             tracing::info!("round {round}: flowalign without the fused operations");

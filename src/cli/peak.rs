@@ -154,7 +154,9 @@ mod x86 {
             }
         }
         let mut out = [0f32; 8];
-        let sum = acc.iter().fold(_mm256_setzero_ps(), |s, v| _mm256_add_ps(s, *v));
+        let sum = acc
+            .iter()
+            .fold(_mm256_setzero_ps(), |s, v| _mm256_add_ps(s, *v));
         // SAFETY: `out` holds 8 floats.
         unsafe { _mm256_storeu_ps(out.as_mut_ptr(), sum) };
         out.iter().sum()
@@ -170,7 +172,9 @@ mod x86 {
                 *v = _mm512_fmadd_ps(*v, a, b);
             }
         }
-        let sum = acc.iter().fold(_mm512_setzero_ps(), |s, v| _mm512_add_ps(s, *v));
+        let sum = acc
+            .iter()
+            .fold(_mm512_setzero_ps(), |s, v| _mm512_add_ps(s, *v));
         _mm512_reduce_add_ps(sum)
     }
 }
@@ -188,7 +192,10 @@ impl MlpFlops {
     /// Forward FLOPs per row with a per-row time (the condition computed for every row).
     pub fn forward(&self) -> f64 {
         let (d, c, l) = (self.dim as f64, self.width as f64, self.depth as f64);
-        2.0 * d * c + 2.0 * 256.0 * c + 2.0 * c * c + l * (2.0 * c * 3.0 * c + 4.0 * c * c)
+        2.0 * d * c
+            + 2.0 * 256.0 * c
+            + 2.0 * c * c
+            + l * (2.0 * c * 3.0 * c + 4.0 * c * c)
             + 2.0 * c * 2.0 * c
             + 2.0 * c * d
     }
@@ -229,12 +236,12 @@ pub fn vit_ae_train_flops(
     let p = (image / patch).pow(2) as f64;
     let w = width as f64;
     let pp = (3 * patch * patch) as f64;
-    let block = |t: f64| 2.0 * t * w * 3.0 * w + 4.0 * t * t * w + 2.0 * t * w * w + 16.0 * t * w * w;
+    let block =
+        |t: f64| 2.0 * t * w * 3.0 * w + 4.0 * t * t * w + 2.0 * t * w * w + 16.0 * t * w * w;
     let enc_t = 1.0 + p + latent_tokens as f64;
     let dec_t = latent_tokens as f64 + p;
     let k = latent_tokens as f64;
     let encoder = 2.0 * p * pp * w + depth as f64 * block(enc_t) + 2.0 * k * w * latent_dim as f64;
-    let decoder =
-        2.0 * k * latent_dim as f64 * w + depth as f64 * block(dec_t) + 2.0 * p * w * pp;
+    let decoder = 2.0 * k * latent_dim as f64 * w + depth as f64 * block(dec_t) + 2.0 * p * w * pp;
     3.0 * batch as f64 * (encoder + decoder)
 }

@@ -239,7 +239,12 @@ impl VelocityMlp {
             .iter()
             .map(|b| {
                 let norm = (b.norm.gamma.val(), b.norm.beta.as_ref()?.val());
-                Some((affine(&b.modulation)?, norm, affine(&b.fc1)?, affine(&b.fc2)?))
+                Some((
+                    affine(&b.modulation)?,
+                    norm,
+                    affine(&b.fc1)?,
+                    affine(&b.fc2)?,
+                ))
             })
             .collect();
         let final_mod = affine(&self.final_layer.modulation)?;
@@ -300,7 +305,10 @@ mod tests {
 
     /// The plain tensor path of [`VelocityMlp::forward`] (without the fused operations).
     fn plain_forward(m: &VelocityMlp, z: Tensor<2>, t: Tensor<1>) -> Tensor<2> {
-        let c = silu(m.time_fc2.forward(silu(m.time_fc1.forward(time_embedding(t)))));
+        let c = silu(
+            m.time_fc2
+                .forward(silu(m.time_fc1.forward(time_embedding(t)))),
+        );
         let mut x = m.input_proj.forward(z);
         for block in &m.blocks {
             x = block.forward(x, c.clone());
@@ -317,8 +325,18 @@ mod tests {
 
     impl burn::module::ModuleVisitor for SameGrads<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            let a: Vec<f32> = self.fused.get::<D>(param.id).unwrap().try_into_vec_as().unwrap();
-            let b: Vec<f32> = self.plain.get::<D>(param.id).unwrap().try_into_vec_as().unwrap();
+            let a: Vec<f32> = self
+                .fused
+                .get::<D>(param.id)
+                .unwrap()
+                .try_into_vec_as()
+                .unwrap();
+            let b: Vec<f32> = self
+                .plain
+                .get::<D>(param.id)
+                .unwrap()
+                .try_into_vec_as()
+                .unwrap();
             let scale = b.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
             for (x, y) in a.iter().zip(&b) {
                 assert!((x - y).abs() <= 1e-4 * scale, "{x} vs {y} (scale {scale})");
@@ -342,10 +360,12 @@ mod tests {
         // every node it reaches.
         let fused = m.forward(z.clone(), t.clone());
         let a: Vec<f32> = fused.clone().try_into_vec_as().unwrap();
-        let gf = burn::optim::GradientsParams::from_grads(fused.powi_scalar(2).sum().backward(), &m);
+        let gf =
+            burn::optim::GradientsParams::from_grads(fused.powi_scalar(2).sum().backward(), &m);
         let plain = plain_forward(&m, z, t);
         let b: Vec<f32> = plain.clone().try_into_vec_as().unwrap();
-        let gp = burn::optim::GradientsParams::from_grads(plain.powi_scalar(2).sum().backward(), &m);
+        let gp =
+            burn::optim::GradientsParams::from_grads(plain.powi_scalar(2).sum().backward(), &m);
         assert!(b.iter().any(|v| v.abs() > 1e-2));
         for (x, y) in a.iter().zip(&b) {
             assert!((x - y).abs() < 1e-5 * (1.0 + y.abs()), "{x} vs {y}");

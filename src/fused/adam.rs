@@ -61,7 +61,11 @@ fn owned(t: FlexTensor) -> FlexTensor {
         t
     } else {
         let shape = t.layout().shape().clone();
-        let v: Vec<f32> = t.to_contiguous().as_slice::<f32>().expect("contiguous").to_vec();
+        let v: Vec<f32> = t
+            .to_contiguous()
+            .as_slice::<f32>()
+            .expect("contiguous")
+            .to_vec();
         FlexTensor::from_data(TensorData::new(v, shape))
     };
     // A unique contiguous tensor may still be a view into a larger buffer: keep it exact.
@@ -198,7 +202,8 @@ impl FusedAdam {
             bc2: 1f32 - self.beta2.powi(t),
             eps: self.eps,
             lr: lr as f32,
-            decay: (self.weight_decay > 0.0 && decay_rate != 0.0).then_some((1.0 - decay_rate) as f32),
+            decay: (self.weight_decay > 0.0 && decay_rate != 0.0)
+                .then_some((1.0 - decay_rate) as f32),
         }
     }
 }
@@ -222,7 +227,9 @@ impl Optimizer for FusedAdam {
             });
         if !fusable {
             return if self.weight_decay > 0.0 {
-                let state = state.map(|s| AdamWState { momentum: s.momentum });
+                let state = state.map(|s| AdamWState {
+                    momentum: s.momentum,
+                });
                 let (t, s) = self.adamw.step(lr, tensor, grad, state);
                 (t, s.map(|s| AdamState::new(s.momentum)))
             } else {
@@ -231,7 +238,11 @@ impl Optimizer for FusedAdam {
         }
         // A first step is a step from zero moments: `0 * beta + x = x` exactly.
         let (time, m, v) = match state {
-            Some(s) => (s.momentum.time + 1, s.momentum.moment_1, s.momentum.moment_2),
+            Some(s) => (
+                s.momentum.time + 1,
+                s.momentum.moment_1,
+                s.momentum.moment_2,
+            ),
             None => (1, grad.zeros_like(), grad.zeros_like()),
         };
         let (p, m, v) = <Dispatch as AdamOps>::adam_update(

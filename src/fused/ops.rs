@@ -4,9 +4,9 @@
 //! burn 0.22's `#[backend_extension]` generates the runtime dispatch from a `Tensor`'s backend to
 //! these impls; each operation is one node of the autodiff graph, whatever it computes inside.
 
+use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
-use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::FloatTensor;
@@ -95,7 +95,12 @@ fn grad_like(values: Vec<f32>, like: &FlexTensor) -> FlexTensor {
 }
 
 /// The modulation rows of block `b`: its own rows, or the one shared row.
-fn mod_rows<'a>(m: &'a [f32], shared: bool, width: usize, rows: std::ops::Range<usize>) -> ModRows<'a> {
+fn mod_rows<'a>(
+    m: &'a [f32],
+    shared: bool,
+    width: usize,
+    rows: std::ops::Range<usize>,
+) -> ModRows<'a> {
     if shared {
         ModRows { m, stride: 0 }
     } else {
@@ -144,7 +149,15 @@ fn ln_modulate_rows(
                     dd.range(rows.clone()),
                 )
             };
-            ln_modulate(&x[span], c, affine, mod_rows(m, shared, width, rows), xh, hh, dd);
+            ln_modulate(
+                &x[span],
+                c,
+                affine,
+                mod_rows(m, shared, width, rows),
+                xh,
+                hh,
+                dd,
+            );
         });
     }
     // SAFETY: the blocks cover every row, and `ln_modulate` writes all of each row.
@@ -225,7 +238,10 @@ fn block_forward(
         [x, s, wm, bm, gamma, beta, w1, b1, w2, b2].map(contiguous);
     let (n, c) = dims(&x);
     let (bs, _) = dims(&s);
-    assert!(bs == 1 || bs == n, "the condition has {bs} rows for {n} inputs");
+    assert!(
+        bs == 1 || bs == n,
+        "the condition has {bs} rows for {n} inputs"
+    );
     let shared = bs == 1 && n != 1;
     let m = modulation(values(&s), bs, c, values(&wm), values(&bm)); // [bs, 3c]
     let affine = Some((values(&gamma), values(&beta)));
@@ -422,7 +438,10 @@ fn block_backward(st: &BlockState, g: FlexTensor, need: [bool; 10]) -> [Option<F
             dwm = Some(matmul(Mat::new(s, bs, c).t(), Mat::new(&dm, bs, 3 * c)));
         }
         if need_s {
-            ds = Some(matmul(Mat::new(&dm, bs, 3 * c), Mat::new(values(&st.wm), c, 3 * c).t()));
+            ds = Some(matmul(
+                Mat::new(&dm, bs, 3 * c),
+                Mat::new(values(&st.wm), c, 3 * c).t(),
+            ));
         }
     }
     [
@@ -470,7 +489,10 @@ fn final_forward(
     let (n, c) = dims(&x);
     let (bs, _) = dims(&s);
     let (_, d) = dims(&wout);
-    assert!(bs == 1 || bs == n, "the condition has {bs} rows for {n} inputs");
+    assert!(
+        bs == 1 || bs == n,
+        "the condition has {bs} rows for {n} inputs"
+    );
     let shared = bs == 1 && n != 1;
     let m = modulation(values(&s), bs, c, values(&wm), values(&bm)); // [bs, 2c]
     let (xhat, h, denom) = ln_modulate_rows(values(&x), c, None, &m, shared, 2 * c);
@@ -565,7 +587,10 @@ fn final_backward(st: &FinalState, g: FlexTensor, need: [bool; 6]) -> [Option<Fl
             dwm = Some(matmul(Mat::new(s, bs, c).t(), Mat::new(&dm, bs, 2 * c)));
         }
         if need_s {
-            ds = Some(matmul(Mat::new(&dm, bs, 2 * c), Mat::new(values(&st.wm), c, 2 * c).t()));
+            ds = Some(matmul(
+                Mat::new(&dm, bs, 2 * c),
+                Mat::new(values(&st.wm), c, 2 * c).t(),
+            ));
         }
     }
     [
@@ -635,10 +660,16 @@ fn time_backward(st: &TimeState, g: FlexTensor, need: [bool; 5]) -> [Option<Flex
         let mut dz1 = matmul(Mat::new(&dz2, n, c), Mat::new(values(&st.w2), c, c).t());
         db1 = Some(silu_bwd_rows(&mut dz1, values(&st.z1), c));
         if need_w1 {
-            dw1 = Some(matmul(Mat::new(values(&st.emb), n, f).t(), Mat::new(&dz1, n, c)));
+            dw1 = Some(matmul(
+                Mat::new(values(&st.emb), n, f).t(),
+                Mat::new(&dz1, n, c),
+            ));
         }
         if need_emb {
-            demb = Some(matmul(Mat::new(&dz1, n, c), Mat::new(values(&st.w1), f, c).t()));
+            demb = Some(matmul(
+                Mat::new(&dz1, n, c),
+                Mat::new(values(&st.w1), f, c).t(),
+            ));
         }
     }
     [
@@ -712,7 +743,10 @@ impl Backward<Flex, 10> for BlockBackward {
 
     fn backward(self, ops: Ops<BlockState, 10>, grads: &mut Gradients, _: &mut Checkpointer) {
         let g = grads.consume::<Flex>(&ops.node);
-        let parents = ops.parents.each_ref().map(|p| p.as_ref().map(|node| node.id));
+        let parents = ops
+            .parents
+            .each_ref()
+            .map(|p| p.as_ref().map(|node| node.id));
         let need = parents.map(|p| p.is_some());
         register(parents, block_backward(&ops.state, g, need), grads);
     }
@@ -726,7 +760,10 @@ impl Backward<Flex, 6> for FinalBackward {
 
     fn backward(self, ops: Ops<FinalState, 6>, grads: &mut Gradients, _: &mut Checkpointer) {
         let g = grads.consume::<Flex>(&ops.node);
-        let parents = ops.parents.each_ref().map(|p| p.as_ref().map(|node| node.id));
+        let parents = ops
+            .parents
+            .each_ref()
+            .map(|p| p.as_ref().map(|node| node.id));
         let need = parents.map(|p| p.is_some());
         register(parents, final_backward(&ops.state, g, need), grads);
     }
@@ -740,7 +777,10 @@ impl Backward<Flex, 5> for TimeBackward {
 
     fn backward(self, ops: Ops<TimeState, 5>, grads: &mut Gradients, _: &mut Checkpointer) {
         let g = grads.consume::<Flex>(&ops.node);
-        let parents = ops.parents.each_ref().map(|p| p.as_ref().map(|node| node.id));
+        let parents = ops
+            .parents
+            .each_ref()
+            .map(|p| p.as_ref().map(|node| node.id));
         let need = parents.map(|p| p.is_some());
         register(parents, time_backward(&ops.state, g, need), grads);
     }

@@ -11,7 +11,9 @@ fn rand<const D: usize>(shape: [usize; D], seed: u32, scale: f32, device: &Devic
     let n: usize = shape.iter().product();
     let values: Vec<f32> = (0..n)
         .map(|i| {
-            let v = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed.wrapping_mul(40_503));
+            let v = (i as u32)
+                .wrapping_mul(2_654_435_761)
+                .wrapping_add(seed.wrapping_mul(40_503));
             ((v >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0) * scale
         })
         .collect();
@@ -90,7 +92,8 @@ impl Params {
         let gate = parts.pop().unwrap();
         let scale = parts.pop().unwrap();
         let shift = parts.pop().unwrap();
-        let y = layer_norm(x.clone()) * self.gamma.clone().unsqueeze() + self.beta.clone().unsqueeze();
+        let y =
+            layer_norm(x.clone()) * self.gamma.clone().unsqueeze() + self.beta.clone().unsqueeze();
         let h = y * (scale + 1.0) + shift;
         let a = silu(h.matmul(self.w1.clone()) + self.b1.clone().unsqueeze());
         let z2 = a.matmul(self.w2.clone()) + self.b2.clone().unsqueeze();
@@ -212,11 +215,31 @@ fn final_layer_and_time_condition_match_tensor_ops() {
         let gr = (reference * weights).sum().backward();
         close("final dx", x.grad(&gf).unwrap(), x.grad(&gr).unwrap(), 1e-4);
         close("final ds", s.grad(&gf).unwrap(), s.grad(&gr).unwrap(), 1e-4);
-        close("final dwm", wm.grad(&gf).unwrap(), wm.grad(&gr).unwrap(), 1e-4);
+        close(
+            "final dwm",
+            wm.grad(&gf).unwrap(),
+            wm.grad(&gr).unwrap(),
+            1e-4,
+        );
         let v = |t: Tensor<1>| t.unsqueeze::<2>();
-        close("final dbm", v(bm.grad(&gf).unwrap()), v(bm.grad(&gr).unwrap()), 1e-4);
-        close("final dwo", wo.grad(&gf).unwrap(), wo.grad(&gr).unwrap(), 1e-4);
-        close("final dbo", v(bo.grad(&gf).unwrap()), v(bo.grad(&gr).unwrap()), 1e-4);
+        close(
+            "final dbm",
+            v(bm.grad(&gf).unwrap()),
+            v(bm.grad(&gr).unwrap()),
+            1e-4,
+        );
+        close(
+            "final dwo",
+            wo.grad(&gf).unwrap(),
+            wo.grad(&gr).unwrap(),
+            1e-4,
+        );
+        close(
+            "final dbo",
+            v(bo.grad(&gf).unwrap()),
+            v(bo.grad(&gr).unwrap()),
+            1e-4,
+        );
     }
 
     let emb = rand([n, f], 30, 1.0, &dev).require_grad();
@@ -244,11 +267,36 @@ fn final_layer_and_time_condition_match_tensor_ops() {
     let gf = (fused * weights.clone()).sum().backward();
     let gr = (reference * weights).sum().backward();
     let v = |t: Tensor<1>| t.unsqueeze::<2>();
-    close("time demb", emb.grad(&gf).unwrap(), emb.grad(&gr).unwrap(), 1e-4);
-    close("time dw1", w1.grad(&gf).unwrap(), w1.grad(&gr).unwrap(), 1e-4);
-    close("time db1", v(b1.grad(&gf).unwrap()), v(b1.grad(&gr).unwrap()), 1e-4);
-    close("time dw2", w2.grad(&gf).unwrap(), w2.grad(&gr).unwrap(), 1e-4);
-    close("time db2", v(b2.grad(&gf).unwrap()), v(b2.grad(&gr).unwrap()), 1e-4);
+    close(
+        "time demb",
+        emb.grad(&gf).unwrap(),
+        emb.grad(&gr).unwrap(),
+        1e-4,
+    );
+    close(
+        "time dw1",
+        w1.grad(&gf).unwrap(),
+        w1.grad(&gr).unwrap(),
+        1e-4,
+    );
+    close(
+        "time db1",
+        v(b1.grad(&gf).unwrap()),
+        v(b1.grad(&gr).unwrap()),
+        1e-4,
+    );
+    close(
+        "time dw2",
+        w2.grad(&gf).unwrap(),
+        w2.grad(&gr).unwrap(),
+        1e-4,
+    );
+    close(
+        "time db2",
+        v(b2.grad(&gf).unwrap()),
+        v(b2.grad(&gr).unwrap()),
+        1e-4,
+    );
 }
 
 /// Steps a linear layer with `optim` on three fixed losses, switching to `then` (restored from
@@ -262,7 +310,12 @@ fn train_linear(
     let dev = Device::flex().autodiff();
     let mut layer = burn::nn::Linear {
         weight: burn::module::Param::from_tensor(rand([64, 1024], 40, 0.2, &dev)),
-        bias: Some(burn::module::Param::from_tensor(rand([1024], 41, 0.2, &dev))),
+        bias: Some(burn::module::Param::from_tensor(rand(
+            [1024],
+            41,
+            0.2,
+            &dev,
+        ))),
     };
     let mut then = Some(then);
     for step in 0..4 {
@@ -305,7 +358,15 @@ fn fused_adam_and_adamw_match_burns_bit_for_bit_and_share_state() {
         let reference = train_linear(burns(), burns(), 99);
         assert_eq!(train_linear(ours(), ours(), 99), reference, "wd {wd}");
         // burn's state continues in ours and ours in burn's.
-        assert_eq!(train_linear(burns(), ours(), 2), reference, "wd {wd}: burn -> fused");
-        assert_eq!(train_linear(ours(), burns(), 2), reference, "wd {wd}: fused -> burn");
+        assert_eq!(
+            train_linear(burns(), ours(), 2),
+            reference,
+            "wd {wd}: burn -> fused"
+        );
+        assert_eq!(
+            train_linear(ours(), burns(), 2),
+            reference,
+            "wd {wd}: fused -> burn"
+        );
     }
 }
