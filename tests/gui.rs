@@ -403,6 +403,25 @@ fn shown_raw(h: &Harness<'_, FlowAlignApp>, kind: TargetKind) -> Vec<[f32; 2]> {
 }
 
 #[test]
+fn the_preset_prior_steps_follow_the_picked_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = harness(dir.path());
+    h.state_mut().settings.cfg = ToyConfig::preset(Preset::Interactive, TargetKind::Mog);
+    h.step();
+    assert_eq!(h.state().settings.cfg.prior.steps, 2000);
+    choose_target(&mut h, "rings");
+    assert_eq!(h.state().settings.cfg.target, TargetKind::Rings);
+    assert_eq!(h.state().settings.cfg.prior.steps, 4000);
+    choose_target(&mut h, "moons");
+    assert_eq!(h.state().settings.cfg.prior.steps, 2000);
+    // Drawing a target of one's own takes the longer budget.
+    h.get_by_label("draw on panel (a)").click_accesskit();
+    h.step();
+    assert!(h.state().settings.cfg.points.is_some());
+    assert_eq!(h.state().settings.cfg.prior.steps, 4000);
+}
+
+#[test]
 fn a_picked_target_shows_every_component_and_its_nll_before_start() {
     let dir = tempfile::tempdir().unwrap();
     let mut h = harness(dir.path());

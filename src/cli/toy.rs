@@ -116,16 +116,20 @@ impl ConfigArgs {
                     (base.prior, base.align, base.eval, p);
             }
             if self.target.is_some() {
+                let before = cfg.builtin_target();
                 cfg.target = target;
                 cfg.points = None;
                 cfg.target_csv = None;
+                cfg.follow_target(before);
             }
         } else {
             cfg.target = target;
         }
         if let Some(csv) = &self.target_csv {
+            let before = cfg.builtin_target();
             cfg.target_csv = Some(csv.clone());
             cfg.points = None;
+            cfg.follow_target(before);
         }
         crate::set_fields!(self, cfg, {
             seed => seed,

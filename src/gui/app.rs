@@ -743,7 +743,9 @@ impl FlowAlignApp {
             Action::SetDrawing(on) => {
                 self.drawing = on;
                 if on && self.settings.cfg.points.is_none() {
+                    let before = self.settings.cfg.builtin_target();
                     self.settings.cfg.points = Some(Vec::new());
+                    self.settings.cfg.follow_target(before);
                     self.settings.points_source = None;
                 }
                 self.end_session_if_changed();
@@ -785,7 +787,9 @@ impl FlowAlignApp {
             Action::ClearDrawing => {
                 let n = self.settings.cfg.points.as_ref().map_or(0, Vec::len);
                 let before = self.remember(self.points_description());
+                let target = self.settings.cfg.builtin_target();
                 self.settings.cfg.points = Some(Vec::new());
+                self.settings.cfg.follow_target(target);
                 self.settings.points_source = None;
                 self.drawing = true;
                 if n > 0 {
@@ -857,6 +861,7 @@ impl FlowAlignApp {
 
     fn set_target(&mut self, choice: TargetChoice) {
         let cfg = &self.settings.cfg;
+        let target_before = cfg.builtin_target();
         let had_points = cfg.points.as_ref().is_some_and(|p| !p.is_empty());
         let before = self.remember(if had_points {
             self.points_description()
@@ -887,6 +892,7 @@ impl FlowAlignApp {
                 }
             }
         }
+        self.settings.cfg.follow_target(target_before);
         self.end_session_if_changed();
     }
 
@@ -1532,8 +1538,10 @@ fn read_session_or_points(path: &Path, cfg: &ToyConfig) -> Result<ToyConfig> {
             cfg.points = Some(read_points_csv(&csv)?);
         }
     } else {
+        let before = cfg.builtin_target();
         cfg.points = Some(read_points_csv(path)?);
         cfg.target_csv = None;
+        cfg.follow_target(before);
     }
     if let Some(points) = &cfg.points {
         Target::from_points("custom", points).map_err(|e| Error::input(path, e.to_string()))?;
