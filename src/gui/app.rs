@@ -65,12 +65,12 @@ pub struct Speed {
 }
 
 impl Default for Speed {
-    /// The interactive preset on 2 CPU cores (burn flex): 58 prior steps/s at batch 512 and 49
-    /// alignment steps/s with 1,000 latents, with 193,346 parameters.
+    /// The interactive preset in the window on 2 CPU cores (burn flex, fused path): 52 prior
+    /// steps/s at batch 512 and 66 alignment steps/s with 1,000 latents, with 193,346 parameters.
     fn default() -> Self {
         Speed {
-            prior: 5.7e9,
-            align: 9.5e9,
+            prior: 5.1e9,
+            align: 1.3e10,
         }
     }
 }
