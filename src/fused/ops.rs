@@ -4,7 +4,6 @@
 //! burn 0.22's `#[backend_extension]` generates the runtime dispatch from a `Tensor`'s backend to
 //! these impls; each operation is one node of the autodiff graph, whatever it computes inside.
 
-use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -722,12 +721,19 @@ impl FusedOps for Flex {
     }
 }
 
-/// Registers each computed gradient for its parent.
-fn register<const N: usize>(
-    parents: [Option<NodeId>; N],
-    found: [Option<FlexTensor>; N],
+/// One backward pass: consumes the operation's output gradient, computes the gradients of the
+/// parents that need one with `backward`, and registers each for its parent.
+fn run_backward<S, const N: usize>(
+    ops: Ops<S, N>,
     grads: &mut Gradients,
+    backward: fn(&S, FlexTensor, [bool; N]) -> [Option<FlexTensor>; N],
 ) {
+    let g = grads.consume::<Flex>(&ops.node);
+    let parents = ops
+        .parents
+        .each_ref()
+        .map(|p| p.as_ref().map(|node| node.id));
+    let found = backward(&ops.state, g, parents.map(|p| p.is_some()));
     for (parent, grad) in parents.into_iter().zip(found) {
         if let (Some(id), Some(grad)) = (parent, grad) {
             grads.register::<Flex>(id, grad);
@@ -742,13 +748,7 @@ impl Backward<Flex, 10> for BlockBackward {
     type State = BlockState;
 
     fn backward(self, ops: Ops<BlockState, 10>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let g = grads.consume::<Flex>(&ops.node);
-        let parents = ops
-            .parents
-            .each_ref()
-            .map(|p| p.as_ref().map(|node| node.id));
-        let need = parents.map(|p| p.is_some());
-        register(parents, block_backward(&ops.state, g, need), grads);
+        run_backward(ops, grads, block_backward);
     }
 }
 
@@ -759,13 +759,7 @@ impl Backward<Flex, 6> for FinalBackward {
     type State = FinalState;
 
     fn backward(self, ops: Ops<FinalState, 6>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let g = grads.consume::<Flex>(&ops.node);
-        let parents = ops
-            .parents
-            .each_ref()
-            .map(|p| p.as_ref().map(|node| node.id));
-        let need = parents.map(|p| p.is_some());
-        register(parents, final_backward(&ops.state, g, need), grads);
+        run_backward(ops, grads, final_backward);
     }
 }
 
@@ -776,13 +770,7 @@ impl Backward<Flex, 5> for TimeBackward {
     type State = TimeState;
 
     fn backward(self, ops: Ops<TimeState, 5>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let g = grads.consume::<Flex>(&ops.node);
-        let parents = ops
-            .parents
-            .each_ref()
-            .map(|p| p.as_ref().map(|node| node.id));
-        let need = parents.map(|p| p.is_some());
-        register(parents, time_backward(&ops.state, g, need), grads);
+        run_backward(ops, grads, time_backward);
     }
 }
 
