@@ -382,35 +382,50 @@ pub fn arrows_panel(
         .light_line_style(WHITE)
         .draw()
         .map_err(plot_err)?;
-    let norm = |v: &Point| (v[0] * v[0] + v[1] * v[1]).sqrt();
+    chart
+        .draw_series(arrow_segments(arrows, 0.9 * cell, 1))
+        .map_err(plot_err)?;
+    Ok(())
+}
+
+/// Velocity arrows `(position, velocity)` as strokes in data coordinates: shafts on one scale
+/// that makes the fastest `longest` long, heads of two strokes back from the tip at +-25 degrees,
+/// coloured by speed on viridis. What the headless and the window's velocity figures draw.
+pub fn arrow_segments(
+    arrows: &[(Point, Point)],
+    longest: f32,
+    stroke: u32,
+) -> Vec<PathElement<(f32, f32)>> {
+    let speed = |v: &Point| v[0].hypot(v[1]);
     let vmax = arrows
         .iter()
-        .map(|(_, v)| norm(v))
+        .map(|(_, v)| speed(v))
         .fold(0.0f32, f32::max)
         .max(1e-12);
-    let scale = 0.9 * cell / vmax;
-    let segments = arrows.iter().flat_map(|(p, v)| {
-        let tip = (p[0] + v[0] * scale, p[1] + v[1] * scale);
-        let c = ViridisRGB::get_color_normalized(norm(v), 0.0, vmax);
-        // Arrow head: two short strokes back from the tip at +-25 degrees.
-        let (dx, dy) = (tip.0 - p[0], tip.1 - p[1]);
-        let len = (dx * dx + dy * dy).sqrt().max(1e-12);
-        let (ux, uy) = (dx / len, dy / len);
-        let h = 0.35 * len;
-        let (c25, s25) = (0.906f32, 0.423f32);
-        let left = (
-            tip.0 - h * (ux * c25 - uy * s25),
-            tip.1 - h * (uy * c25 + ux * s25),
-        );
-        let right = (
-            tip.0 - h * (ux * c25 + uy * s25),
-            tip.1 - h * (uy * c25 - ux * s25),
-        );
-        [
-            PathElement::new(vec![(p[0], p[1]), tip], c.stroke_width(1)),
-            PathElement::new(vec![left, tip, right], c.stroke_width(1)),
-        ]
-    });
-    chart.draw_series(segments).map_err(plot_err)?;
-    Ok(())
+    let k = longest / vmax;
+    let (c25, s25) = (0.906f32, 0.423f32);
+    arrows
+        .iter()
+        .flat_map(|(p, v)| {
+            let tip = (p[0] + v[0] * k, p[1] + v[1] * k);
+            let [r, g, b] = viridis(speed(v), 0.0, vmax);
+            let style = RGBColor(r, g, b).stroke_width(stroke);
+            let (dx, dy) = (tip.0 - p[0], tip.1 - p[1]);
+            let len = dx.hypot(dy).max(1e-12);
+            let (ux, uy) = (dx / len, dy / len);
+            let h = 0.35 * len;
+            let left = (
+                tip.0 - h * (ux * c25 - uy * s25),
+                tip.1 - h * (uy * c25 + ux * s25),
+            );
+            let right = (
+                tip.0 - h * (ux * c25 + uy * s25),
+                tip.1 - h * (uy * c25 - ux * s25),
+            );
+            [
+                PathElement::new(vec![(p[0], p[1]), tip], style),
+                PathElement::new(vec![left, tip, right], style),
+            ]
+        })
+        .collect()
 }

@@ -2,7 +2,9 @@
 //! its widgets and asserts on the state the training thread reports.
 #![cfg(feature = "gui")]
 
-use std::path::{Path, PathBuf};
+mod gui_common;
+
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,6 +16,7 @@ use flowalign::gui::worker::Stage;
 use flowalign::gui::{FlowAlignApp, Launch};
 use flowalign::toy::TargetKind;
 use flowalign::toy::{Preset, ToyConfig};
+use gui_common::{DroppedPath, asset};
 
 /// A session small enough to train in a second or two on the CPU.
 fn tiny(target: TargetKind) -> ToyConfig {
@@ -249,24 +252,6 @@ fn drawing_on_panel_a_makes_a_custom_target() {
         h.state().settings.cfg.points.as_ref().map(Vec::len),
         Some(n)
     );
-}
-
-#[derive(Debug)]
-struct DroppedPath(PathBuf);
-
-impl egui::DroppedFile for DroppedPath {
-    fn path(&self) -> &Path {
-        &self.0
-    }
-    fn bytes(&self) -> Result<Vec<u8>, String> {
-        std::fs::read(&self.0).map_err(|e| e.to_string())
-    }
-}
-
-fn asset(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/assets")
-        .join(name)
 }
 
 #[test]

@@ -5,7 +5,8 @@
 //!     FLOWALIGN_SOAK_SECS=600 cargo test --release --test gui_soak -- --ignored
 #![cfg(feature = "gui")]
 
-use std::path::{Path, PathBuf};
+mod gui_common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,6 +18,7 @@ use flowalign::gui::worker::Stage;
 use flowalign::gui::{FlowAlignApp, Launch};
 use flowalign::rng::{Rng, Stream, rng_for};
 use flowalign::toy::{Preset, TargetKind, ToyConfig};
+use gui_common::{DroppedPath, asset};
 use rand::RngExt;
 
 /// Resident memory of this process in MB (Linux; 0 elsewhere).
@@ -30,24 +32,6 @@ fn rss_mb() -> f64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0);
     pages * 4096.0 / 1e6
-}
-
-#[derive(Debug)]
-struct DroppedPath(PathBuf);
-
-impl egui::DroppedFile for DroppedPath {
-    fn path(&self) -> &Path {
-        &self.0
-    }
-    fn bytes(&self) -> Result<Vec<u8>, String> {
-        std::fs::read(&self.0).map_err(|e| e.to_string())
-    }
-}
-
-fn asset(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/assets")
-        .join(name)
 }
 
 /// Keeps whatever the clicks chose small, so the soak exercises the window, not the trainer.

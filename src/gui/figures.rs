@@ -9,7 +9,7 @@ use plotters::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::grid::{Heatmap, Point, Range2};
-use crate::report::{heatmap_cells, save_png, viridis};
+use crate::report::{arrow_segments, heatmap_cells, save_png, viridis};
 use crate::stats::moving_average;
 use crate::toy::Curves;
 
@@ -169,14 +169,7 @@ fn heat_figure(
             .legend(move |(x, y)| Circle::new((x, y), r + 2, colour.filled()));
     }
     if dots.iter().any(|d| !d.points.is_empty()) {
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font(scale.font(14.0))
-            .draw()
-            .map_err(err)?;
+        legend(&mut chart, scale)?;
     }
     colour_bar(&bar, lo, hi, label, scale)
 }
@@ -255,36 +248,13 @@ fn arrows_figure(
 ) -> Result<()> {
     let mut chart = square_chart(root, title, range, scale)?;
     let ((x0, x1), _) = range;
-    let vmax = arrows
-        .iter()
-        .map(|(_, v)| v[0].hypot(v[1]))
-        .fold(0.0f32, f32::max)
-        .max(1e-12);
-    let k = 0.9 * (x1 - x0) / grid as f32 / vmax;
-    let stroke = scale.px(1.5);
-    let segments = arrows.iter().flat_map(|(p, v)| {
-        let tip = (p[0] + v[0] * k, p[1] + v[1] * k);
-        let [r, g, b] = viridis(v[0].hypot(v[1]), 0.0, vmax);
-        let c = RGBColor(r, g, b);
-        let (dx, dy) = (tip.0 - p[0], tip.1 - p[1]);
-        let len = dx.hypot(dy).max(1e-12);
-        let (ux, uy) = (dx / len, dy / len);
-        let h = 0.35 * len;
-        let (c25, s25) = (0.906f32, 0.423f32);
-        let left = (
-            tip.0 - h * (ux * c25 - uy * s25),
-            tip.1 - h * (uy * c25 + ux * s25),
-        );
-        let right = (
-            tip.0 - h * (ux * c25 + uy * s25),
-            tip.1 - h * (uy * c25 - ux * s25),
-        );
-        [
-            PathElement::new(vec![(p[0], p[1]), tip], c.stroke_width(stroke)),
-            PathElement::new(vec![left, tip, right], c.stroke_width(stroke)),
-        ]
-    });
-    chart.draw_series(segments).map_err(err)?;
+    chart
+        .draw_series(arrow_segments(
+            arrows,
+            0.9 * (x1 - x0) / grid as f32,
+            scale.px(1.5),
+        ))
+        .map_err(err)?;
     Ok(())
 }
 
@@ -338,6 +308,15 @@ fn samples_figure(
         .map_err(err)?
         .label("prior samples")
         .legend(move |(x, y)| Circle::new((x, y), r + 2, SAMPLE_DOTS.filled()));
+    legend(&mut chart, scale)?;
+    Ok(())
+}
+
+/// The legend of every figure here: upper right, on a light box.
+fn legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    scale: Scale,
+) -> Result<()> {
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::UpperRight)
@@ -345,8 +324,7 @@ fn samples_figure(
         .border_style(BLACK)
         .label_font(scale.font(14.0))
         .draw()
-        .map_err(err)?;
-    Ok(())
+        .map_err(err)
 }
 
 /// The lowest and highest finite value, padded by 5 %.
@@ -459,13 +437,6 @@ fn curves_figure(
         .map_err(err)?
         .label("NLL of y")
         .legend(move |(x, y)| PathElement::new(vec![(x - 8, y), (x + 8, y)], RED.stroke_width(2)));
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(scale.font(14.0))
-        .draw()
-        .map_err(err)?;
+    legend(&mut *chart, scale)?;
     Ok(())
 }
