@@ -610,7 +610,7 @@ mod tests {
         let prior = VelocityMlpConfig::new(3, 16, 1).init(&mut rng_for(1, Stream::Init, 0), dev);
         vec![Frozen {
             device: dev.clone(),
-            prior,
+            prior: crate::flow::FrozenPrior::new(prior),
             lpips: None,
             dino: Some(trunk),
         }]

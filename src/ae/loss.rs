@@ -7,14 +7,14 @@ use burn::tensor::activation::relu;
 
 use super::discriminator::DinoTrunk;
 use super::lpips::Lpips;
-use crate::flow::VelocityMlp;
+use crate::flow::FrozenPrior;
 
 /// The frozen networks of the loss (prior, LPIPS, the discriminator's DINO trunk), replicated on
 /// one data-parallel device.
 #[derive(Debug, Clone)]
 pub struct Frozen {
     pub device: Device,
-    pub prior: VelocityMlp,
+    pub prior: FrozenPrior,
     pub lpips: Option<Lpips>,
     /// The discriminator's trunk, when the adversarial term is on (no autodiff).
     pub dino: Option<DinoTrunk>,
@@ -27,7 +27,7 @@ impl Frozen {
             .iter()
             .map(|d| Frozen {
                 device: d.clone(),
-                prior: self.prior.clone().to_device(d),
+                prior: FrozenPrior::new(self.prior.mlp().clone().to_device(d)),
                 lpips: self.lpips.as_ref().map(|l| l.to_device(d)),
                 dino: self.dino.clone().map(|t| t.to_device(d)),
             })

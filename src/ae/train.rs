@@ -20,6 +20,7 @@ use crate::align::{Reduction, align_loss, align_loss_with};
 use crate::checkpoint;
 use crate::dist::{self, Comm};
 use crate::error::{Error, Result};
+use crate::flow::FrozenPrior;
 use crate::flow::store::load_prior;
 use crate::precision::Precision;
 use crate::prior::FeaturePriorConfig;
@@ -527,7 +528,7 @@ impl AeRun {
             loader: Arc::new(loader),
             replicas: vec![Frozen {
                 device: device.clone(),
-                prior,
+                prior: FrozenPrior::new(prior),
                 lpips,
                 dino,
             }],
@@ -963,7 +964,7 @@ mod tests {
         let prior = VelocityMlpConfig::new(3, 16, 1).init(&mut rng_for(1, Stream::Init, 0), &dev);
         let frozen = Frozen {
             device: dev.clone(),
-            prior,
+            prior: FrozenPrior::new(prior),
             lpips: None,
             dino: None,
         };

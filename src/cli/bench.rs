@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use flowalign::align::{Reduction, align_heatmap};
 use flowalign::files::write_json;
 use flowalign::flow::path::{PathDraws, normal_rows};
-use flowalign::flow::{VelocityMlpConfig, rows_to_tensor};
+use flowalign::flow::{FrozenPrior, VelocityMlpConfig, rows_to_tensor};
 use flowalign::grid::{Heatmap, linspace};
 use flowalign::rng::{Stream, rng_for};
 use flowalign::train::{LatentTrainer, PriorTrainer, Schedule};
@@ -241,6 +241,7 @@ pub fn measure(width: usize, depth: usize, seconds: f64) -> Result<Value> {
     let prior = VelocityMlpConfig::new(2, width, depth).init(&mut rng, &device);
     out.insert("params".into(), json!(prior.num_params()));
     let y0 = normal_rows(&mut rng, 1000, 2);
+    let prior = FrozenPrior::new(prior);
     let mut aligner = LatentTrainer::for_latents(&y0, 2, 1e-2, usize::MAX, &device);
     let rate = timed(seconds, || {
         aligner
@@ -447,24 +448,25 @@ const TOY_CPU_KEYS: [&str; 4] = [
     "heatmap_evals_per_cpu_sec",
 ];
 
-/// GFLOP/s and fraction of `peak` of the toy figures (matrix-product FLOPs; the heatmap's per
-/// evaluation FLOPs are flowalign's with a shared time, or PyTorch's with a per-row one).
-fn toy_flops(
-    figures: &Value,
-    flops: &super::peak::MlpFlops,
-    shared_time: bool,
-    peak: f64,
-) -> Value {
-    let per_call = [
-        256.0 * flops.train(),
-        1024.0 * flops.train(),
-        1000.0 * flops.align(),
-        if shared_time {
-            flops.forward_shared_time()
-        } else {
-            flops.forward()
-        },
-    ];
+/// GFLOP/s and fraction of `peak` of the toy figures: the matrix-product FLOPs each side does.
+/// flowalign's heatmap shares the time over the grid and its alignment reads the modulation from
+/// the frozen prior's table; PyTorch's computes both per row.
+fn toy_flops(figures: &Value, flops: &super::peak::MlpFlops, ours: bool, peak: f64) -> Value {
+    let per_call = if ours {
+        [
+            256.0 * flops.train(),
+            1024.0 * flops.train(),
+            1000.0 * flops.align_tabulated(),
+            flops.forward_shared_time(),
+        ]
+    } else {
+        [
+            256.0 * flops.train(),
+            1024.0 * flops.train(),
+            1000.0 * flops.align(),
+            flops.forward(),
+        ]
+    };
     let mut out = serde_json::Map::new();
     for (key, f) in TOY_KEYS.iter().zip(per_call) {
         if let Some(rate) = figures[*key].as_f64() {
@@ -709,7 +711,7 @@ fn ae(args: &BenchArgs) -> Result<Value> {
         .collect();
     let replicas = [flowalign::ae::loss::Frozen {
         device: device.clone(),
-        prior,
+        prior: flowalign::flow::FrozenPrior::new(prior),
         lpips: None,
         dino: None,
     }];

@@ -220,6 +220,13 @@ impl MlpFlops {
         let (d, c, l) = (self.dim as f64, self.width as f64, self.depth as f64);
         self.forward() + l * 4.0 * c * c + 2.0 * c * d + 2.0 * d * c
     }
+
+    /// [`Self::align`] with the modulation read from a table of time ([`flowalign::flow::FrozenPrior`]):
+    /// neither the time MLP nor the modulations run per row.
+    pub fn align_tabulated(&self) -> f64 {
+        let (c, l) = (self.width as f64, self.depth as f64);
+        self.align() - (2.0 * 256.0 * c + 2.0 * c * c + l * 6.0 * c * c + 4.0 * c * c)
+    }
 }
 
 /// The ViT autoencoder step's FLOPs (matrix products; METHOD.md section 6): encoder over patches

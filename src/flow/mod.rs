@@ -2,6 +2,7 @@
 //!
 //! The solvers and the likelihood see only the [`VelocityField`] interface, never an architecture.
 
+pub mod frozen;
 pub mod likelihood;
 pub mod model;
 pub mod path;
@@ -10,6 +11,7 @@ pub mod store;
 
 use burn::prelude::*;
 
+pub use frozen::FrozenPrior;
 pub use model::{VelocityMlp, VelocityMlpConfig};
 
 /// A time-dependent velocity field `v(z, t)` on R^d (METHOD.md section 1).

@@ -256,6 +256,49 @@ impl VelocityMlp {
         Some(fused::adaln_final(x, c_act, final_mod, out))
     }
 
+    /// The modulation of every block at times `t` (`[batch, 3C]` each: shift, scale, gate), then
+    /// the final layer's (`[batch, 2C]`: shift, scale).
+    pub(crate) fn modulations(&self, t: Tensor<1>) -> Vec<Tensor<2>> {
+        let c_act = self.conditioning(t);
+        let mut mods: Vec<_> = self
+            .blocks
+            .iter()
+            .map(|b| b.modulation.forward(c_act.clone()))
+            .collect();
+        mods.push(self.final_layer.modulation.forward(c_act));
+        mods
+    }
+
+    /// The velocity with every layer's modulation read from `tables` (one per block, then the
+    /// final layer's, laid out as [`fused::adaln_block_tabulated`] reads them) instead of computed
+    /// from `t`; `None` where the fused operations do not apply.
+    ///
+    /// # Shapes
+    /// - `z`: `[batch, d]`; `t`: `[batch]`, each in [0, 1]; output `[batch, d]`
+    pub(crate) fn forward_tabulated(
+        &self,
+        z: Tensor<2>,
+        t: Tensor<1>,
+        tables: &[Tensor<2>],
+    ) -> Option<Tensor<2>> {
+        if !fused::supports(&z.device(), z.dtype()) || tables.len() != self.blocks.len() + 1 {
+            return None;
+        }
+        let mut x = self.input_proj.forward(z);
+        for (b, table) in self.blocks.iter().zip(tables) {
+            let norm = (b.norm.gamma.val(), b.norm.beta.as_ref()?.val());
+            let (fc1, fc2) = (affine(&b.fc1)?, affine(&b.fc2)?);
+            x = fused::adaln_block_tabulated(x, t.clone(), table.clone(), norm, fc1, fc2);
+        }
+        let out = affine(&self.final_layer.out)?;
+        Some(fused::adaln_final_tabulated(
+            x,
+            t,
+            tables[self.blocks.len()].clone(),
+            out,
+        ))
+    }
+
     pub fn dim(&self) -> usize {
         self.input_proj.weight.dims()[0]
     }
@@ -272,7 +315,7 @@ impl VelocityMlp {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::rng::{Stream, rng_for};
 
@@ -380,7 +423,7 @@ mod tests {
     }
 
     /// Adds N(0, 0.1) noise to every parameter.
-    struct Perturb(crate::rng::Rng);
+    pub(crate) struct Perturb(pub(crate) crate::rng::Rng);
 
     impl burn::module::ModuleMapper for Perturb {
         fn map_float<const D: usize>(

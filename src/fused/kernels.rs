@@ -305,6 +305,57 @@ pub fn sum_partials(partials: &[f32], width: usize) -> Vec<f32> {
     out
 }
 
+// ---------------------------------------------------------------------------------------------
+// Tables of a function of time.
+
+/// Where `t` in [0, 1] falls in a table of `k >= 1` intervals whose row `j` holds the function at
+/// `(j - 1) / k` (`k + 3` rows: one step beyond each end of [0, 1]): the first of the four rows
+/// around `t`, and their weights in the cubic through those four points (Lagrange form).
+#[inline]
+pub fn table_stencil(t: f32, k: usize) -> (usize, [f32; 4]) {
+    let x = t * k as f32;
+    let i = (x.floor().max(0.0) as usize).min(k - 1);
+    let u = x - i as f32;
+    // The four points sit at u = -1, 0, 1, 2.
+    let (a, b, c, d) = (u + 1.0, u, u - 1.0, u - 2.0);
+    (
+        i,
+        [
+            -b * c * d / 6.0,
+            a * c * d / 2.0,
+            -a * b * d / 2.0,
+            a * b * c / 6.0,
+        ],
+    )
+}
+
+multiversion! {
+    /// `out = w[0] r0 + w[1] r1 + w[2] r2 + w[3] r3`, element by element.
+    pub fn combine4(r0: &[f32], r1: &[f32], r2: &[f32], r3: &[f32], w: [f32; 4], out: &mut [Out]) {
+        for ((((o, &a), &b), &c), &d) in out.iter_mut().zip(r0).zip(r1).zip(r2).zip(r3) {
+            o.write(w[0] * a + w[1] * b + w[2] * c + w[3] * d);
+        }
+    }
+}
+
+/// The rows of a table of `k` intervals (see [`table_stencil`]) interpolated at each of `t`, into
+/// `out` (`[t.len(), width]`, every element written).
+pub fn table_rows(table: &[f32], k: usize, t: &[f32], out: &mut [Out]) {
+    let width = table.len() / (k + 3);
+    assert_eq!(table.len(), (k + 3) * width, "a table has k + 3 rows");
+    assert_eq!(out.len(), t.len() * width, "one output row per time");
+    let oo = Disjoint::new(out);
+    for_blocks(t.len(), t.len() * width, |_, rows| {
+        // SAFETY: each block writes only its own rows.
+        let out = unsafe { oo.range(rows.start * width..rows.end * width) };
+        for (o, &t) in out.chunks_exact_mut(width).zip(&t[rows]) {
+            let (i, w) = table_stencil(t, k);
+            let row = |j: usize| &table[(i + j) * width..(i + j + 1) * width];
+            combine4(row(0), row(1), row(2), row(3), w, o);
+        }
+    });
+}
+
 multiversion! {
     /// `acc += v`.
     pub fn add_assign(acc: &mut [f32], v: &[f32]) {
@@ -764,6 +815,35 @@ mod tests {
         assert!(worst < 4.0 * f32::EPSILON, "worst relative error {worst}");
         assert!(exp(f32::NAN).is_nan());
         assert_eq!(exp(-1000.0), (-87.0f32).exp().max(exp(-87.0)));
+    }
+
+    #[test]
+    fn a_table_reproduces_cubics_of_time_exactly_up_to_rounding() {
+        // Two columns: a cubic and a line in t, on 8 intervals (rows at t = -1/8 ... 9/8).
+        let k = 8;
+        let f = |t: f32| [2.0 * t * t * t - t * t + 0.5 * t - 0.25, 3.0 * t + 1.0];
+        let table: Vec<f32> = (0..k + 3)
+            .flat_map(|j| f((j as f32 - 1.0) / k as f32))
+            .collect();
+        let t = [0.0f32, 0.03, 0.125, 0.5, 0.77, 0.999, 1.0];
+        let mut out = Fresh::new(t.len() * 2);
+        table_rows(&table, k, &t, out.out());
+        // SAFETY: `table_rows` writes every element.
+        let out = unsafe { out.assume_init() };
+        for (row, &t) in out.chunks_exact(2).zip(&t) {
+            let want = f(t);
+            for (a, b) in row.iter().zip(want) {
+                assert!((a - b).abs() < 1e-6, "t = {t}: {a} vs {b}");
+            }
+        }
+        for t in [0.0f32, 0.3, 1.0] {
+            let (i, w) = table_stencil(t, k);
+            assert!(i + 3 < k + 3);
+            assert!(
+                (w.iter().sum::<f32>() - 1.0).abs() < 1e-6,
+                "weights sum to 1"
+            );
+        }
     }
 
     #[test]

@@ -106,6 +106,57 @@ pub fn adaln_final(x: Tensor<2>, s: Tensor<2>, modulation: Affine, out: Affine) 
     ))
 }
 
+/// [`adaln_block`] with the modulation `(shift, scale, gate)` of each row read from a table of
+/// time instead of computed from the condition: `table` holds it at `k + 1` evenly spaced times
+/// over [0, 1] and one more step beyond each end (`(j - 1) / k` in row `j`), and each row's is the
+/// cubic through the four table rows around its time ([`kernels::table_rows`]). Neither `t` nor
+/// the table gets a gradient; every `t` must lie in [0, 1].
+///
+/// # Shapes
+/// - `x`: `[batch, C]`; `t`: `[batch]`; `table`: `[k + 3, 3C]`; the rest as in [`adaln_block`]
+/// - output: `[batch, C]`
+pub fn adaln_block_tabulated(
+    x: Tensor<2>,
+    t: Tensor<1>,
+    table: Tensor<2>,
+    norm: (Tensor<1>, Tensor<1>),
+    fc1: Affine,
+    fc2: Affine,
+) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::adaln_block_tabulated(
+        x.into_dispatch(),
+        t.into_dispatch(),
+        table.into_dispatch(),
+        norm.0.into_dispatch(),
+        norm.1.into_dispatch(),
+        fc1.weight.into_dispatch(),
+        fc1.bias.into_dispatch(),
+        fc2.weight.into_dispatch(),
+        fc2.bias.into_dispatch(),
+    ))
+}
+
+/// [`adaln_final`] with the modulation `(shift, scale)` read from a table of time, as in
+/// [`adaln_block_tabulated`].
+///
+/// # Shapes
+/// - `x`: `[batch, C]`; `t`: `[batch]`; `table`: `[k + 3, 2C]`; `out`: `[C, d]`, `[d]`
+/// - output: `[batch, d]`
+pub fn adaln_final_tabulated(
+    x: Tensor<2>,
+    t: Tensor<1>,
+    table: Tensor<2>,
+    out: Affine,
+) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::adaln_final_tabulated(
+        x.into_dispatch(),
+        t.into_dispatch(),
+        table.into_dispatch(),
+        out.weight.into_dispatch(),
+        out.bias.into_dispatch(),
+    ))
+}
+
 /// The condition every modulation reads (METHOD.md section 4):
 /// `silu(silu(emb w1 + b1) w2 + b2)`.
 ///

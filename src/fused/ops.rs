@@ -47,6 +47,31 @@ pub trait FusedOps: Backend {
         bout: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
 
+    /// One AdaLN block whose modulation is read from a table of time (see
+    /// [`super::adaln_block_tabulated`]).
+    #[allow(clippy::too_many_arguments)]
+    fn adaln_block_tabulated(
+        x: FloatTensor<Self>,
+        t: FloatTensor<Self>,
+        table: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        w1: FloatTensor<Self>,
+        b1: FloatTensor<Self>,
+        w2: FloatTensor<Self>,
+        b2: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+
+    /// The final layer with its modulation read from a table of time (see
+    /// [`super::adaln_final_tabulated`]).
+    fn adaln_final_tabulated(
+        x: FloatTensor<Self>,
+        t: FloatTensor<Self>,
+        table: FloatTensor<Self>,
+        wout: FloatTensor<Self>,
+        bout: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+
     /// The time MLP and the SiLU after it (see [`super::time_condition`]).
     fn time_condition(
         emb: FloatTensor<Self>,
@@ -119,6 +144,21 @@ fn modulation(s: &[f32], bs: usize, c: usize, w: &[f32], b: &[f32]) -> Vec<f32> 
     let mut m = unsafe { m.assume_init() };
     matmul_add(&mut m, Mat::new(s, bs, c), Mat::new(w, c, width));
     m
+}
+
+/// The modulation `[n, width]` of `n` rows at times `t`, interpolated in `table`
+/// (`[k + 3, width]`, see [`kernels::table_rows`]).
+fn tabulated_modulation(t: &FlexTensor, table: &FlexTensor, width: usize) -> Vec<f32> {
+    let t = values(t);
+    let (rows, w) = dims(table);
+    assert!(
+        w == width && rows >= 4,
+        "a modulation table of {rows} x {w} for width {width}"
+    );
+    let mut m = Fresh::new(t.len() * width);
+    kernels::table_rows(values(table), rows - 3, t, m.out());
+    // SAFETY: `table_rows` writes every element.
+    unsafe { m.assume_init() }
 }
 
 /// LayerNorm and modulation of every row: `(xhat, h, denom)` (see [`kernels::ln_modulate`]).
@@ -205,8 +245,9 @@ pub struct BlockState {
     c: usize,
     /// Rows of the condition (1 when shared by every row).
     bs: usize,
-    s: FlexTensor,
-    wm: FlexTensor,
+    /// The condition and the modulation's weight, when the modulation is `s wm + bm` (a table's
+    /// modulation has no gradient).
+    linear: Option<(FlexTensor, FlexTensor)>,
     m: FlexTensor,
     gamma: FlexTensor,
     beta: FlexTensor,
@@ -233,16 +274,28 @@ fn block_forward(
     w2: FlexTensor,
     b2: FlexTensor,
 ) -> (FlexTensor, BlockState) {
-    let [x, s, wm, bm, gamma, beta, w1, b1, w2, b2] =
-        [x, s, wm, bm, gamma, beta, w1, b1, w2, b2].map(contiguous);
+    let [x, s, wm, bm] = [x, s, wm, bm].map(contiguous);
     let (n, c) = dims(&x);
     let (bs, _) = dims(&s);
     assert!(
         bs == 1 || bs == n,
         "the condition has {bs} rows for {n} inputs"
     );
-    let shared = bs == 1 && n != 1;
     let m = modulation(values(&s), bs, c, values(&wm), values(&bm)); // [bs, 3c]
+    block_body(x, m, bs, Some((s, wm)), [gamma, beta, w1, b1, w2, b2])
+}
+
+/// The block after its modulation `m` (`[bs, 3c]`).
+fn block_body(
+    x: FlexTensor,
+    m: Vec<f32>,
+    bs: usize,
+    linear: Option<(FlexTensor, FlexTensor)>,
+    rest: [FlexTensor; 6],
+) -> (FlexTensor, BlockState) {
+    let [gamma, beta, w1, b1, w2, b2] = rest.map(contiguous);
+    let (n, c) = dims(&x);
+    let shared = bs == 1 && n != 1;
     let affine = Some((values(&gamma), values(&beta)));
     let (xhat, h, denom) = ln_modulate_rows(values(&x), c, affine, &m, shared, 3 * c);
     let mut z1 = matmul(Mat::new(&h, n, c), Mat::new(values(&w1), c, c));
@@ -265,8 +318,7 @@ fn block_forward(
         n,
         c,
         bs,
-        s,
-        wm,
+        linear,
         m: tensor(m, &[bs, 3 * c]),
         gamma,
         beta,
@@ -432,21 +484,27 @@ fn block_backward(st: &BlockState, g: FlexTensor, need: [bool; 10]) -> [Option<F
     let (mut dwm, mut ds) = (None, None);
     if need_dm {
         let dm = if shared { dm_sum.to_vec() } else { dm };
-        let s = values(&st.s);
+        let (s, wm) = st
+            .linear
+            .as_ref()
+            .expect("a tabulated modulation has no gradient");
         if need_wm {
-            dwm = Some(matmul(Mat::new(s, bs, c).t(), Mat::new(&dm, bs, 3 * c)));
+            dwm = Some(matmul(
+                Mat::new(values(s), bs, c).t(),
+                Mat::new(&dm, bs, 3 * c),
+            ));
         }
         if need_s {
             ds = Some(matmul(
                 Mat::new(&dm, bs, 3 * c),
-                Mat::new(values(&st.wm), c, 3 * c).t(),
+                Mat::new(values(wm), c, 3 * c).t(),
             ));
         }
     }
     [
         need_x.then(|| tensor(dx, &[n, c])),
         ds.map(|d| tensor(d, &[bs, c])),
-        dwm.map(|d| grad_like(d, &st.wm)),
+        dwm.map(|d| tensor(d, &[c, 3 * c])),
         need_bm.then(|| tensor(dm_sum.to_vec(), &[3 * c])),
         need_gamma.then(|| grad_like(dgamma.to_vec(), &st.gamma)),
         need_beta.then(|| grad_like(dbeta.to_vec(), &st.beta)),
@@ -467,8 +525,8 @@ pub struct FinalState {
     c: usize,
     d: usize,
     bs: usize,
-    s: FlexTensor,
-    wm: FlexTensor,
+    /// As in [`BlockState`].
+    linear: Option<(FlexTensor, FlexTensor)>,
     m: FlexTensor,
     wout: FlexTensor,
     xhat: FlexTensor,
@@ -484,16 +542,30 @@ fn final_forward(
     wout: FlexTensor,
     bout: FlexTensor,
 ) -> (FlexTensor, FinalState) {
-    let [x, s, wm, bm, wout, bout] = [x, s, wm, bm, wout, bout].map(contiguous);
+    let [x, s, wm, bm] = [x, s, wm, bm].map(contiguous);
     let (n, c) = dims(&x);
     let (bs, _) = dims(&s);
-    let (_, d) = dims(&wout);
     assert!(
         bs == 1 || bs == n,
         "the condition has {bs} rows for {n} inputs"
     );
-    let shared = bs == 1 && n != 1;
     let m = modulation(values(&s), bs, c, values(&wm), values(&bm)); // [bs, 2c]
+    final_body(x, m, bs, Some((s, wm)), wout, bout)
+}
+
+/// The final layer after its modulation `m` (`[bs, 2c]`).
+fn final_body(
+    x: FlexTensor,
+    m: Vec<f32>,
+    bs: usize,
+    linear: Option<(FlexTensor, FlexTensor)>,
+    wout: FlexTensor,
+    bout: FlexTensor,
+) -> (FlexTensor, FinalState) {
+    let [wout, bout] = [wout, bout].map(contiguous);
+    let (n, c) = dims(&x);
+    let (_, d) = dims(&wout);
+    let shared = bs == 1 && n != 1;
     let (xhat, h, denom) = ln_modulate_rows(values(&x), c, None, &m, shared, 2 * c);
     let mut out = Fresh::new(n * d);
     fill_rows(out.out(), values(&bout));
@@ -505,8 +577,7 @@ fn final_forward(
         c,
         d,
         bs,
-        s,
-        wm,
+        linear,
         m: tensor(m, &[bs, 2 * c]),
         wout,
         xhat: tensor(xhat, &[n, c]),
@@ -581,25 +652,105 @@ fn final_backward(st: &FinalState, g: FlexTensor, need: [bool; 6]) -> [Option<Fl
     let (mut dwm, mut ds) = (None, None);
     if need_dm {
         let dm = if shared { dm_sum.clone() } else { dm };
-        let s = values(&st.s);
+        let (s, wm) = st
+            .linear
+            .as_ref()
+            .expect("a tabulated modulation has no gradient");
         if need_wm {
-            dwm = Some(matmul(Mat::new(s, bs, c).t(), Mat::new(&dm, bs, 2 * c)));
+            dwm = Some(matmul(
+                Mat::new(values(s), bs, c).t(),
+                Mat::new(&dm, bs, 2 * c),
+            ));
         }
         if need_s {
             ds = Some(matmul(
                 Mat::new(&dm, bs, 2 * c),
-                Mat::new(values(&st.wm), c, 2 * c).t(),
+                Mat::new(values(wm), c, 2 * c).t(),
             ));
         }
     }
     [
         need_x.then(|| tensor(dx, &[n, c])),
         ds.map(|v| tensor(v, &[bs, c])),
-        dwm.map(|v| grad_like(v, &st.wm)),
+        dwm.map(|v| tensor(v, &[c, 2 * c])),
         need_bm.then(|| tensor(dm_sum, &[2 * c])),
         dwout.map(|v| grad_like(v, &st.wout)),
         dbout.map(|v| tensor(v, &[d])),
     ]
+}
+
+// ---------------------------------------------------------------------------------------------
+// The block and the final layer with a tabulated modulation.
+
+#[allow(clippy::too_many_arguments)]
+fn block_tabulated_forward(
+    x: FlexTensor,
+    t: FlexTensor,
+    table: FlexTensor,
+    gamma: FlexTensor,
+    beta: FlexTensor,
+    w1: FlexTensor,
+    b1: FlexTensor,
+    w2: FlexTensor,
+    b2: FlexTensor,
+) -> (FlexTensor, BlockState) {
+    let [x, t, table] = [x, t, table].map(contiguous);
+    let (n, c) = dims(&x);
+    assert_eq!(dims(&t).1, n, "one time per row");
+    let m = tabulated_modulation(&t, &table, 3 * c);
+    block_body(x, m, n, None, [gamma, beta, w1, b1, w2, b2])
+}
+
+/// The block's backward pass with the modulation's three inputs replaced by the time and the
+/// table, which get no gradient.
+fn block_tabulated_backward(
+    st: &BlockState,
+    g: FlexTensor,
+    need: [bool; 9],
+) -> [Option<FlexTensor>; 9] {
+    let [x, t, table, rest @ ..] = need;
+    assert!(
+        !t && !table,
+        "a modulation table and its times take no gradient"
+    );
+    let [gx, _, _, _, rest @ ..] = block_backward(
+        st,
+        g,
+        [
+            x, false, false, false, rest[0], rest[1], rest[2], rest[3], rest[4], rest[5],
+        ],
+    );
+    let [g0, g1, g2, g3, g4, g5] = rest;
+    [gx, None, None, g0, g1, g2, g3, g4, g5]
+}
+
+fn final_tabulated_forward(
+    x: FlexTensor,
+    t: FlexTensor,
+    table: FlexTensor,
+    wout: FlexTensor,
+    bout: FlexTensor,
+) -> (FlexTensor, FinalState) {
+    let [x, t, table] = [x, t, table].map(contiguous);
+    let (n, c) = dims(&x);
+    assert_eq!(dims(&t).1, n, "one time per row");
+    let m = tabulated_modulation(&t, &table, 2 * c);
+    final_body(x, m, n, None, wout, bout)
+}
+
+/// The final layer's backward pass, as [`block_tabulated_backward`].
+fn final_tabulated_backward(
+    st: &FinalState,
+    g: FlexTensor,
+    need: [bool; 5],
+) -> [Option<FlexTensor>; 5] {
+    let [x, t, table, wout, bout] = need;
+    assert!(
+        !t && !table,
+        "a modulation table and its times take no gradient"
+    );
+    let [gx, _, _, _, gw, gb] = final_backward(st, g, [x, false, false, false, wout, bout]);
+    [gx, None, None, gw, gb]
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -710,6 +861,30 @@ impl FusedOps for Flex {
         final_forward(x, s, wm, bm, wout, bout).0
     }
 
+    fn adaln_block_tabulated(
+        x: FlexTensor,
+        t: FlexTensor,
+        table: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        w1: FlexTensor,
+        b1: FlexTensor,
+        w2: FlexTensor,
+        b2: FlexTensor,
+    ) -> FlexTensor {
+        block_tabulated_forward(x, t, table, gamma, beta, w1, b1, w2, b2).0
+    }
+
+    fn adaln_final_tabulated(
+        x: FlexTensor,
+        t: FlexTensor,
+        table: FlexTensor,
+        wout: FlexTensor,
+        bout: FlexTensor,
+    ) -> FlexTensor {
+        final_tabulated_forward(x, t, table, wout, bout).0
+    }
+
     fn time_condition(
         emb: FlexTensor,
         w1: FlexTensor,
@@ -760,6 +935,28 @@ impl Backward<Flex, 6> for FinalBackward {
 
     fn backward(self, ops: Ops<FinalState, 6>, grads: &mut Gradients, _: &mut Checkpointer) {
         run_backward(ops, grads, final_backward);
+    }
+}
+
+#[derive(Debug)]
+struct BlockTabulatedBackward;
+
+impl Backward<Flex, 9> for BlockTabulatedBackward {
+    type State = BlockState;
+
+    fn backward(self, ops: Ops<BlockState, 9>, grads: &mut Gradients, _: &mut Checkpointer) {
+        run_backward(ops, grads, block_tabulated_backward);
+    }
+}
+
+#[derive(Debug)]
+struct FinalTabulatedBackward;
+
+impl Backward<Flex, 5> for FinalTabulatedBackward {
+    type State = FinalState;
+
+    fn backward(self, ops: Ops<FinalState, 5>, grads: &mut Gradients, _: &mut Checkpointer) {
+        run_backward(ops, grads, final_tabulated_backward);
     }
 }
 
@@ -818,6 +1015,58 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
                 prep.finish(state, out)
             }
             OpsKind::UnTracked(prep) => prep.finish(final_forward(x, s, wm, bm, wout, bout).0),
+        }
+    }
+
+    fn adaln_block_tabulated(
+        x: FloatTensor<Self>,
+        t: FloatTensor<Self>,
+        table: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        w1: FloatTensor<Self>,
+        b1: FloatTensor<Self>,
+        w2: FloatTensor<Self>,
+        b2: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let inputs = [x, t, table, gamma, beta, w1, b1, w2, b2];
+        let nodes = inputs.each_ref().map(|t| t.node());
+        let [x, t, table, gamma, beta, w1, b1, w2, b2] = inputs.map(|t| t.into_primitive());
+        let forward = || block_tabulated_forward(x, t, table, gamma, beta, w1, b1, w2, b2);
+        match BlockTabulatedBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (out, state) = forward();
+                prep.finish(state, out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(forward().0),
+        }
+    }
+
+    fn adaln_final_tabulated(
+        x: FloatTensor<Self>,
+        t: FloatTensor<Self>,
+        table: FloatTensor<Self>,
+        wout: FloatTensor<Self>,
+        bout: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let inputs = [x, t, table, wout, bout];
+        let nodes = inputs.each_ref().map(|t| t.node());
+        let [x, t, table, wout, bout] = inputs.map(|t| t.into_primitive());
+        let forward = || final_tabulated_forward(x, t, table, wout, bout);
+        match FinalTabulatedBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (out, state) = forward();
+                prep.finish(state, out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(forward().0),
         }
     }
 

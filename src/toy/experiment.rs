@@ -21,7 +21,9 @@ use crate::flow::likelihood::log_prob;
 use crate::flow::path::PathDraws;
 use crate::flow::solver::{Solver, integrate_with};
 use crate::flow::store::PriorMeta;
-use crate::flow::{VelocityField, VelocityMlp, VelocityMlpConfig, rows_to_tensor, tensor_to_rows};
+use crate::flow::{
+    FrozenPrior, VelocityField, VelocityMlp, VelocityMlpConfig, rows_to_tensor, tensor_to_rows,
+};
 use crate::grid::{Heatmap, Point, Range2, linspace, to_points};
 use crate::rng::{Rng, Stream, rng_for};
 use crate::stats::mean_sem;
@@ -349,7 +351,7 @@ impl ToyRun {
     ) -> Vec<f32> {
         let mut rng = rng_for(self.cfg.seed, Stream::Eval, 1000 + part);
         let est = bound(
-            prior,
+            &FrozenPrior::new(prior.clone()),
             points.as_flattened(),
             2,
             draws,
@@ -368,9 +370,17 @@ impl ToyRun {
         n: usize,
         draws: usize,
     ) -> Heatmap {
+        let frozen = FrozenPrior::new(prior.clone());
         self.grid_map(reference, n, |pts| {
             let mut rng = rng_for(self.cfg.seed, Stream::Eval, 6);
-            let est = bound(prior, pts.as_flattened(), 2, draws, &mut rng, &self.device);
+            let est = bound(
+                &frozen,
+                pts.as_flattened(),
+                2,
+                draws,
+                &mut rng,
+                &self.device,
+            );
             est.elbo.iter().map(|&e| e as f32).collect()
         })
     }
@@ -455,7 +465,8 @@ impl ToyRun {
     pub fn estimate_summary(&self, prior: &VelocityMlp, y: &[Point]) -> EstimateSummary {
         let draws = self.cfg.eval.bound_draws;
         let mut rng = rng_for(self.cfg.seed, Stream::Eval, 5);
-        let est = bound(prior, y.as_flattened(), 2, draws, &mut rng, &self.device);
+        let frozen = FrozenPrior::new(prior.clone());
+        let est = bound(&frozen, y.as_flattened(), 2, draws, &mut rng, &self.device);
         let x = rows_to_tensor(y.as_flattened(), 2, &self.device);
         let log_p: Vec<f64> = log_prob(prior, x, self.cfg.eval.likelihood_steps)
             .try_into_vec_as::<f32>()

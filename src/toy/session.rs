@@ -15,7 +15,7 @@ use crate::align::align_loss;
 use crate::error::{Error, Result};
 use crate::flow::solver::Solver;
 use crate::flow::store::PriorMeta;
-use crate::flow::{VelocityMlp, rows_to_tensor};
+use crate::flow::{FrozenPrior, VelocityMlp, rows_to_tensor};
 use crate::grid::{Point, to_points};
 use crate::rng::{Stream, rng_for};
 use crate::stats::{pearson, spearman};
@@ -32,7 +32,7 @@ pub enum SessionStage {
 enum Phase {
     Prior(Box<PriorTrainer>),
     Align {
-        prior: VelocityMlp,
+        prior: Box<FrozenPrior>,
         prior_step: usize,
         trainer: Box<LatentTrainer>,
     },
@@ -142,8 +142,8 @@ impl ToySession {
             Phase::Prior(t) => (t.frozen(), t.step),
             Phase::Align {
                 prior, prior_step, ..
-            }
-            | Phase::Done {
+            } => (prior.mlp().clone(), *prior_step),
+            Phase::Done {
                 prior, prior_step, ..
             } => (prior.clone(), *prior_step),
         }
@@ -209,7 +209,7 @@ impl ToySession {
                 let start = Instant::now();
                 let a = &self.align;
                 let mut rng = rng_for(self.run.cfg.seed, Stream::Align, trainer.step as u64);
-                let loss = trainer.align_step(prior, a.mc, a.reduction, &mut rng)?;
+                let loss = trainer.align_step(prior.as_ref(), a.mc, a.reduction, &mut rng)?;
                 let latents = to_points(&trainer.latents());
                 self.timings.align_secs += start.elapsed().as_secs_f64();
                 let start = Instant::now();
@@ -228,7 +228,7 @@ impl ToySession {
                 });
                 if done {
                     self.phase = Phase::Done {
-                        prior: prior.clone(),
+                        prior: prior.mlp().clone(),
                         prior_step: *prior_step,
                         latents,
                     };
@@ -276,7 +276,7 @@ impl ToySession {
         self.timings.monitor_secs = 0.0;
         self.align = align.clone();
         self.phase = Phase::Align {
-            prior,
+            prior: Box::new(FrozenPrior::new(prior)),
             prior_step,
             trainer: Box::new(trainer),
         };
@@ -372,7 +372,8 @@ impl ToyRun {
         let loss_final = {
             let mut rng = rng_for(cfg.seed, Stream::Eval, 4);
             let y = rows_to_tensor(y_final.as_flattened(), 2, &self.device);
-            align_loss(&prior, y, 20, align_cfg.reduction, &mut rng).into_scalar::<f32>() as f64
+            let frozen = FrozenPrior::new(prior.clone());
+            align_loss(&frozen, y, 20, align_cfg.reduction, &mut rng).into_scalar::<f32>() as f64
         };
 
         // Heatmaps, the estimates of METHOD.md section 3, the velocity field.

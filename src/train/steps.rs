@@ -9,7 +9,7 @@ use super::{StepStats, Trainer};
 use crate::align::{Reduction, align_loss, flow_loss};
 use crate::error::Result;
 use crate::flow::path::PathDraws;
-use crate::flow::{VelocityMlp, rows_to_tensor, tensor_to_rows};
+use crate::flow::{VelocityField, VelocityMlp, rows_to_tensor, tensor_to_rows};
 use crate::precision::AtPrecision;
 use crate::rng::Rng;
 
@@ -91,10 +91,11 @@ impl Trainer<Latents> {
     }
 
     /// One step down `L_align` of the latents (`mc` draws each from `rng`) under the frozen `prior`
-    /// (plain, non-autodiff parameters); returns the loss before the step.
+    /// (plain, non-autodiff parameters: a [`crate::flow::FrozenPrior`] tabulates its modulation);
+    /// returns the loss before the step.
     pub fn align_step(
         &mut self,
-        prior: &VelocityMlp,
+        prior: &impl VelocityField,
         mc: usize,
         reduction: Reduction,
         rng: &mut Rng,
