@@ -261,19 +261,9 @@ pub struct BlockState {
     z2: FlexTensor,
 }
 
-#[allow(clippy::too_many_arguments)]
-fn block_forward(
-    x: FlexTensor,
-    s: FlexTensor,
-    wm: FlexTensor,
-    bm: FlexTensor,
-    gamma: FlexTensor,
-    beta: FlexTensor,
-    w1: FlexTensor,
-    b1: FlexTensor,
-    w2: FlexTensor,
-    b2: FlexTensor,
-) -> (FlexTensor, BlockState) {
+/// The block on `[x, s, wm, bm, gamma, beta, w1, b1, w2, b2]`.
+fn block_forward(inputs: [FlexTensor; 10]) -> (FlexTensor, BlockState) {
+    let [x, s, wm, bm, gamma, beta, w1, b1, w2, b2] = inputs;
     let [x, s, wm, bm] = [x, s, wm, bm].map(contiguous);
     let (n, c) = dims(&x);
     let (bs, _) = dims(&s);
@@ -534,14 +524,9 @@ pub struct FinalState {
     h: FlexTensor,
 }
 
-fn final_forward(
-    x: FlexTensor,
-    s: FlexTensor,
-    wm: FlexTensor,
-    bm: FlexTensor,
-    wout: FlexTensor,
-    bout: FlexTensor,
-) -> (FlexTensor, FinalState) {
+/// The final layer on `[x, s, wm, bm, wout, bout]`.
+fn final_forward(inputs: [FlexTensor; 6]) -> (FlexTensor, FinalState) {
+    let [x, s, wm, bm, wout, bout] = inputs;
     let [x, s, wm, bm] = [x, s, wm, bm].map(contiguous);
     let (n, c) = dims(&x);
     let (bs, _) = dims(&s);
@@ -682,18 +667,9 @@ fn final_backward(st: &FinalState, g: FlexTensor, need: [bool; 6]) -> [Option<Fl
 // ---------------------------------------------------------------------------------------------
 // The block and the final layer with a tabulated modulation.
 
-#[allow(clippy::too_many_arguments)]
-fn block_tabulated_forward(
-    x: FlexTensor,
-    t: FlexTensor,
-    table: FlexTensor,
-    gamma: FlexTensor,
-    beta: FlexTensor,
-    w1: FlexTensor,
-    b1: FlexTensor,
-    w2: FlexTensor,
-    b2: FlexTensor,
-) -> (FlexTensor, BlockState) {
+/// The block on `[x, t, table, gamma, beta, w1, b1, w2, b2]`.
+fn block_tabulated_forward(inputs: [FlexTensor; 9]) -> (FlexTensor, BlockState) {
+    let [x, t, table, gamma, beta, w1, b1, w2, b2] = inputs;
     let [x, t, table] = [x, t, table].map(contiguous);
     let (n, c) = dims(&x);
     assert_eq!(dims(&t).1, n, "one time per row");
@@ -724,13 +700,9 @@ fn block_tabulated_backward(
     [gx, None, None, g0, g1, g2, g3, g4, g5]
 }
 
-fn final_tabulated_forward(
-    x: FlexTensor,
-    t: FlexTensor,
-    table: FlexTensor,
-    wout: FlexTensor,
-    bout: FlexTensor,
-) -> (FlexTensor, FinalState) {
+/// The final layer on `[x, t, table, wout, bout]`.
+fn final_tabulated_forward(inputs: [FlexTensor; 5]) -> (FlexTensor, FinalState) {
+    let [x, t, table, wout, bout] = inputs;
     let [x, t, table] = [x, t, table].map(contiguous);
     let (n, c) = dims(&x);
     assert_eq!(dims(&t).1, n, "one time per row");
@@ -770,13 +742,9 @@ pub struct TimeState {
     z2: FlexTensor,
 }
 
-fn time_forward(
-    emb: FlexTensor,
-    w1: FlexTensor,
-    b1: FlexTensor,
-    w2: FlexTensor,
-    b2: FlexTensor,
-) -> (FlexTensor, TimeState) {
+/// The time condition on `[emb, w1, b1, w2, b2]`.
+fn time_forward(inputs: [FlexTensor; 5]) -> (FlexTensor, TimeState) {
+    let [emb, w1, b1, w2, b2] = inputs;
     let [emb, w1, b1, w2, b2] = [emb, w1, b1, w2, b2].map(contiguous);
     let (n, f) = dims(&emb);
     let (_, c) = dims(&w1);
@@ -847,7 +815,7 @@ impl FusedOps for Flex {
         w2: FlexTensor,
         b2: FlexTensor,
     ) -> FlexTensor {
-        block_forward(x, s, wm, bm, gamma, beta, w1, b1, w2, b2).0
+        block_forward([x, s, wm, bm, gamma, beta, w1, b1, w2, b2]).0
     }
 
     fn adaln_final(
@@ -858,7 +826,7 @@ impl FusedOps for Flex {
         wout: FlexTensor,
         bout: FlexTensor,
     ) -> FlexTensor {
-        final_forward(x, s, wm, bm, wout, bout).0
+        final_forward([x, s, wm, bm, wout, bout]).0
     }
 
     fn adaln_block_tabulated(
@@ -872,7 +840,7 @@ impl FusedOps for Flex {
         w2: FlexTensor,
         b2: FlexTensor,
     ) -> FlexTensor {
-        block_tabulated_forward(x, t, table, gamma, beta, w1, b1, w2, b2).0
+        block_tabulated_forward([x, t, table, gamma, beta, w1, b1, w2, b2]).0
     }
 
     fn adaln_final_tabulated(
@@ -882,7 +850,7 @@ impl FusedOps for Flex {
         wout: FlexTensor,
         bout: FlexTensor,
     ) -> FlexTensor {
-        final_tabulated_forward(x, t, table, wout, bout).0
+        final_tabulated_forward([x, t, table, wout, bout]).0
     }
 
     fn time_condition(
@@ -892,7 +860,7 @@ impl FusedOps for Flex {
         w2: FlexTensor,
         b2: FlexTensor,
     ) -> FlexTensor {
-        time_forward(emb, w1, b1, w2, b2).0
+        time_forward([emb, w1, b1, w2, b2]).0
     }
 }
 
@@ -985,17 +953,7 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         b2: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         let inputs = [x, s, wm, bm, gamma, beta, w1, b1, w2, b2];
-        let nodes = inputs.each_ref().map(|t| t.node());
-        let [x, s, wm, bm, gamma, beta, w1, b1, w2, b2] = inputs.map(|t| t.into_primitive());
-        match BlockBackward.prepare::<C>(nodes).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => {
-                let (out, state) = block_forward(x, s, wm, bm, gamma, beta, w1, b1, w2, b2);
-                prep.finish(state, out)
-            }
-            OpsKind::UnTracked(prep) => {
-                prep.finish(block_forward(x, s, wm, bm, gamma, beta, w1, b1, w2, b2).0)
-            }
-        }
+        tracked::<C, _, 10>(BlockBackward, inputs, block_forward)
     }
 
     fn adaln_final(
@@ -1006,16 +964,7 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         wout: FloatTensor<Self>,
         bout: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        let inputs = [x, s, wm, bm, wout, bout];
-        let nodes = inputs.each_ref().map(|t| t.node());
-        let [x, s, wm, bm, wout, bout] = inputs.map(|t| t.into_primitive());
-        match FinalBackward.prepare::<C>(nodes).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => {
-                let (out, state) = final_forward(x, s, wm, bm, wout, bout);
-                prep.finish(state, out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(final_forward(x, s, wm, bm, wout, bout).0),
-        }
+        tracked::<C, _, 6>(FinalBackward, [x, s, wm, bm, wout, bout], final_forward)
     }
 
     fn adaln_block_tabulated(
@@ -1030,20 +979,7 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         b2: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         let inputs = [x, t, table, gamma, beta, w1, b1, w2, b2];
-        let nodes = inputs.each_ref().map(|t| t.node());
-        let [x, t, table, gamma, beta, w1, b1, w2, b2] = inputs.map(|t| t.into_primitive());
-        let forward = || block_tabulated_forward(x, t, table, gamma, beta, w1, b1, w2, b2);
-        match BlockTabulatedBackward
-            .prepare::<C>(nodes)
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let (out, state) = forward();
-                prep.finish(state, out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(forward().0),
-        }
+        tracked::<C, _, 9>(BlockTabulatedBackward, inputs, block_tabulated_forward)
     }
 
     fn adaln_final_tabulated(
@@ -1054,20 +990,7 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         bout: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         let inputs = [x, t, table, wout, bout];
-        let nodes = inputs.each_ref().map(|t| t.node());
-        let [x, t, table, wout, bout] = inputs.map(|t| t.into_primitive());
-        let forward = || final_tabulated_forward(x, t, table, wout, bout);
-        match FinalTabulatedBackward
-            .prepare::<C>(nodes)
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let (out, state) = forward();
-                prep.finish(state, out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(forward().0),
-        }
+        tracked::<C, _, 5>(FinalTabulatedBackward, inputs, final_tabulated_forward)
     }
 
     fn time_condition(
@@ -1077,15 +1000,24 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         w2: FloatTensor<Self>,
         b2: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        let inputs = [emb, w1, b1, w2, b2];
-        let nodes = inputs.each_ref().map(|t| t.node());
-        let [emb, w1, b1, w2, b2] = inputs.map(|t| t.into_primitive());
-        match TimeBackward.prepare::<C>(nodes).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => {
-                let (out, state) = time_forward(emb, w1, b1, w2, b2);
-                prep.finish(state, out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(time_forward(emb, w1, b1, w2, b2).0),
+        tracked::<C, _, 5>(TimeBackward, [emb, w1, b1, w2, b2], time_forward)
+    }
+}
+
+/// One fused operation under autodiff: runs `forward` on the inputs' values and, when any input
+/// is tracked, records `backward` with the state it returns.
+fn tracked<C: CheckpointStrategy, B: Backward<Flex, N>, const N: usize>(
+    backward: B,
+    inputs: [FloatTensor<Autodiff<Flex, C>>; N],
+    forward: fn([FlexTensor; N]) -> (FlexTensor, B::State),
+) -> FloatTensor<Autodiff<Flex, C>> {
+    let nodes = inputs.each_ref().map(|t| t.node());
+    let values = inputs.map(|t| t.into_primitive());
+    match backward.prepare::<C>(nodes).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => {
+            let (out, state) = forward(values);
+            prep.finish(state, out)
         }
+        OpsKind::UnTracked(prep) => prep.finish(forward(values).0),
     }
 }
