@@ -37,7 +37,7 @@ enum Phase {
         trainer: Box<LatentTrainer>,
     },
     Done {
-        prior: VelocityMlp,
+        prior: Box<FrozenPrior>,
         prior_step: usize,
         latents: Vec<Point>,
     },
@@ -142,10 +142,10 @@ impl ToySession {
             Phase::Prior(t) => (t.frozen(), t.step),
             Phase::Align {
                 prior, prior_step, ..
-            } => (prior.mlp().clone(), *prior_step),
-            Phase::Done {
+            }
+            | Phase::Done {
                 prior, prior_step, ..
-            } => (prior.clone(), *prior_step),
+            } => (prior.mlp().clone(), *prior_step),
         }
     }
 
@@ -228,7 +228,7 @@ impl ToySession {
                 });
                 if done {
                     self.phase = Phase::Done {
-                        prior: prior.mlp().clone(),
+                        prior: prior.clone(),
                         prior_step: *prior_step,
                         latents,
                     };
