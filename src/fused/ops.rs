@@ -884,60 +884,37 @@ fn run_backward<S, const N: usize>(
     }
 }
 
-#[derive(Debug)]
-struct BlockBackward;
+/// A backward node of `$n` parents whose gradients `$grads` computes from the state `$state`.
+macro_rules! backward_node {
+    ($name:ident, $n:literal, $state:ty, $grads:path) => {
+        #[derive(Debug)]
+        struct $name;
 
-impl Backward<Flex, 10> for BlockBackward {
-    type State = BlockState;
+        impl Backward<Flex, $n> for $name {
+            type State = $state;
 
-    fn backward(self, ops: Ops<BlockState, 10>, grads: &mut Gradients, _: &mut Checkpointer) {
-        run_backward(ops, grads, block_backward);
-    }
+            fn backward(self, ops: Ops<$state, $n>, grads: &mut Gradients, _: &mut Checkpointer) {
+                run_backward(ops, grads, $grads);
+            }
+        }
+    };
 }
 
-#[derive(Debug)]
-struct FinalBackward;
-
-impl Backward<Flex, 6> for FinalBackward {
-    type State = FinalState;
-
-    fn backward(self, ops: Ops<FinalState, 6>, grads: &mut Gradients, _: &mut Checkpointer) {
-        run_backward(ops, grads, final_backward);
-    }
-}
-
-#[derive(Debug)]
-struct BlockTabulatedBackward;
-
-impl Backward<Flex, 9> for BlockTabulatedBackward {
-    type State = BlockState;
-
-    fn backward(self, ops: Ops<BlockState, 9>, grads: &mut Gradients, _: &mut Checkpointer) {
-        run_backward(ops, grads, block_tabulated_backward);
-    }
-}
-
-#[derive(Debug)]
-struct FinalTabulatedBackward;
-
-impl Backward<Flex, 5> for FinalTabulatedBackward {
-    type State = FinalState;
-
-    fn backward(self, ops: Ops<FinalState, 5>, grads: &mut Gradients, _: &mut Checkpointer) {
-        run_backward(ops, grads, final_tabulated_backward);
-    }
-}
-
-#[derive(Debug)]
-struct TimeBackward;
-
-impl Backward<Flex, 5> for TimeBackward {
-    type State = TimeState;
-
-    fn backward(self, ops: Ops<TimeState, 5>, grads: &mut Gradients, _: &mut Checkpointer) {
-        run_backward(ops, grads, time_backward);
-    }
-}
+backward_node!(BlockBackward, 10, BlockState, block_backward);
+backward_node!(FinalBackward, 6, FinalState, final_backward);
+backward_node!(
+    BlockTabulatedBackward,
+    9,
+    BlockState,
+    block_tabulated_backward
+);
+backward_node!(
+    FinalTabulatedBackward,
+    5,
+    FinalState,
+    final_tabulated_backward
+);
+backward_node!(TimeBackward, 5, TimeState, time_backward);
 
 impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
     fn adaln_block(
