@@ -13,7 +13,7 @@
 
 use burn::prelude::*;
 
-use super::{VelocityField, VelocityMlp};
+use super::{VelocityField, VelocityMlp, tensor_to_rows};
 use crate::fused::{self, kernels};
 
 /// Largest interpolation error allowed, relative to the largest modulation value. The exact
@@ -102,11 +102,6 @@ fn in_unit_interval(t: &Tensor<1>) -> bool {
     values.iter().all(|t| (0.0..=1.0).contains(t))
 }
 
-fn host(t: Tensor<2>) -> Vec<f32> {
-    t.try_into_vec_as::<f32>()
-        .expect("float tensors read back as f32")
-}
-
 /// Builds the coarsest table within [`REL_TOL`], or `None` where none applies.
 fn tabulate(mlp: &VelocityMlp) -> Option<Table> {
     let weight = mlp.time_fc1.weight.val();
@@ -114,8 +109,10 @@ fn tabulate(mlp: &VelocityMlp) -> Option<Table> {
     if weight.is_autodiff() || !fused::supports(&device, weight.dtype()) {
         return None;
     }
-    let times =
-        |v: Vec<f32>| Tensor::<1>::from_data(TensorData::new(v.clone(), [v.len()]), &device);
+    let times = |v: Vec<f32>| {
+        let n = v.len();
+        Tensor::<1>::from_data(TensorData::new(v, [n]), &device)
+    };
     let mut k = FIRST_INTERVALS;
     while k <= MAX_INTERVALS {
         let nodes: Vec<f32> = (0..k + 3).map(|j| (j as f32 - 1.0) / k as f32).collect();
@@ -125,20 +122,22 @@ fn tabulate(mlp: &VelocityMlp) -> Option<Table> {
         let (mut max_error, mut scale) = (0f32, 0f32);
         for (table, exact) in rows.iter().zip(exact) {
             let width = table.dims()[1];
-            let exact = host(exact);
+            let exact = tensor_to_rows(exact);
             let mut interp = kernels::Fresh::new(mids.len() * width);
-            kernels::table_rows(&host(table.clone()), k, &mids, interp.out());
+            kernels::table_rows(&tensor_to_rows(table.clone()), k, &mids, interp.out());
             // SAFETY: `table_rows` writes every element.
             let interp = unsafe { interp.assume_init() };
             for (a, b) in interp.iter().zip(&exact) {
-                max_error = max_error.max((a - b).abs());
+                let error = (a - b).abs();
+                if !error.is_finite() {
+                    // A diverged prior: its modulation is not finite, so the table is useless.
+                    return None;
+                }
+                max_error = max_error.max(error);
                 scale = scale.max(b.abs());
             }
         }
         tracing::trace!("modulation table on {k} intervals: max error {max_error:e} of {scale:e}");
-        if !max_error.is_finite() || !scale.is_finite() {
-            return None;
-        }
         if max_error <= REL_TOL * scale {
             return Some(Table { k, rows, max_error });
         }
@@ -191,8 +190,8 @@ mod tests {
         t[1] = 1.0;
         let z = rows_to_tensor(&normal_rows(&mut rng, n, 2), 2, &dev);
         let tt = Tensor::<1>::from_data(TensorData::new(t, [n]), &dev);
-        let exact = host(mlp.forward(z.clone(), tt.clone()));
-        let table = host(frozen.velocity(z, tt));
+        let exact = tensor_to_rows(mlp.forward(z.clone(), tt.clone()));
+        let table = tensor_to_rows(frozen.velocity(z, tt));
         let diff = max_rel_diff(&table, &exact);
         assert!(
             diff < 1e-4,
@@ -207,8 +206,8 @@ mod tests {
         let dev = Device::flex();
         let z = rows_to_tensor(&[0.1, -0.2, 0.3, 0.4], 2, &dev);
         let t = Tensor::<1>::from_data(TensorData::new(vec![1.5f32, -0.25], [2]), &dev);
-        let a = host(frozen.velocity(z.clone(), t.clone()));
-        let b = host(mlp.forward(z, t));
+        let a = tensor_to_rows(frozen.velocity(z.clone(), t.clone()));
+        let b = tensor_to_rows(mlp.forward(z, t));
         assert_eq!(a, b, "times outside [0, 1] take the exact path");
         let ad = VelocityMlpConfig::new(2, 16, 1)
             .init(&mut rng_for(0, Stream::Init, 0), &dev.autodiff());
@@ -232,7 +231,7 @@ mod tests {
             let z = rows_to_tensor(&z0, 2, &ad).require_grad();
             let tt = Tensor::<1>::from_data(TensorData::new(t.clone(), [n]), &ad);
             let g = field(z.clone(), tt).powi_scalar(2).sum().backward();
-            host(z.grad(&g).expect("z requires grad"))
+            tensor_to_rows(z.grad(&g).expect("z requires grad"))
         };
         let exact = grad(&|z, t| mlp.forward(z, t));
         let table = grad(&|z, t| frozen.velocity(z, t));

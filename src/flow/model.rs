@@ -152,6 +152,13 @@ fn layer_norm_plain(x: Tensor<2>) -> Tensor<2> {
 }
 
 impl AdaLnBlock {
+    /// The LayerNorm's `(gamma, beta)` and the two MLP layers, as the fused operations take them
+    /// (`None` without a bias).
+    fn mlp_parts(&self) -> Option<((Tensor<1>, Tensor<1>), Affine, Affine)> {
+        let norm = (self.norm.gamma.val(), self.norm.beta.as_ref()?.val());
+        Some((norm, affine(&self.fc1)?, affine(&self.fc2)?))
+    }
+
     /// # Shapes
     /// - `x`: `[batch, C]`, `c_act`: `[batch, C]` (the condition after SiLU)
     /// - output: `[batch, C]`
@@ -237,20 +244,12 @@ impl VelocityMlp {
         let blocks: Option<Vec<_>> = self
             .blocks
             .iter()
-            .map(|b| {
-                let norm = (b.norm.gamma.val(), b.norm.beta.as_ref()?.val());
-                Some((
-                    affine(&b.modulation)?,
-                    norm,
-                    affine(&b.fc1)?,
-                    affine(&b.fc2)?,
-                ))
-            })
+            .map(|b| Some((affine(&b.modulation)?, b.mlp_parts()?)))
             .collect();
         let final_mod = affine(&self.final_layer.modulation)?;
         let out = affine(&self.final_layer.out)?;
         let mut x = x;
-        for (modulation, norm, fc1, fc2) in blocks? {
+        for (modulation, (norm, fc1, fc2)) in blocks? {
             x = fused::adaln_block(x, c_act.clone(), modulation, norm, fc1, fc2);
         }
         Some(fused::adaln_final(x, c_act, final_mod, out))
@@ -284,10 +283,9 @@ impl VelocityMlp {
         if !fused::supports(&z.device(), z.dtype()) || tables.len() != self.blocks.len() + 1 {
             return None;
         }
+        let parts: Option<Vec<_>> = self.blocks.iter().map(AdaLnBlock::mlp_parts).collect();
         let mut x = self.input_proj.forward(z);
-        for (b, table) in self.blocks.iter().zip(tables) {
-            let norm = (b.norm.gamma.val(), b.norm.beta.as_ref()?.val());
-            let (fc1, fc2) = (affine(&b.fc1)?, affine(&b.fc2)?);
+        for ((norm, fc1, fc2), table) in parts?.into_iter().zip(tables) {
             x = fused::adaln_block_tabulated(x, t.clone(), table.clone(), norm, fc1, fc2);
         }
         let out = affine(&self.final_layer.out)?;

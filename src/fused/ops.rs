@@ -684,20 +684,14 @@ fn block_tabulated_backward(
     g: FlexTensor,
     need: [bool; 9],
 ) -> [Option<FlexTensor>; 9] {
-    let [x, t, table, rest @ ..] = need;
+    let [x, t, table, gamma, beta, w1, b1, w2, b2] = need;
     assert!(
         !t && !table,
         "a modulation table and its times take no gradient"
     );
-    let [gx, _, _, _, rest @ ..] = block_backward(
-        st,
-        g,
-        [
-            x, false, false, false, rest[0], rest[1], rest[2], rest[3], rest[4], rest[5],
-        ],
-    );
-    let [g0, g1, g2, g3, g4, g5] = rest;
-    [gx, None, None, g0, g1, g2, g3, g4, g5]
+    let need = [x, false, false, false, gamma, beta, w1, b1, w2, b2];
+    let [gx, _, _, _, gamma, beta, w1, b1, w2, b2] = block_backward(st, g, need);
+    [gx, None, None, gamma, beta, w1, b1, w2, b2]
 }
 
 /// The final layer on `[x, t, table, wout, bout]`.

@@ -21,9 +21,9 @@ use burn::prelude::Device;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::flow::VelocityMlp;
 use crate::flow::solver::Solver;
 use crate::flow::store::load_prior;
+use crate::flow::{FrozenPrior, VelocityMlp};
 use crate::grid::{Heatmap, Point, Range2};
 use crate::rng::{Stream, rng_for};
 use crate::stats::{pearson, spearman};
@@ -705,7 +705,8 @@ struct Clock {
 /// A sliced map in progress: its own snapshot of the prior and the values so far.
 struct Slice {
     kind: MapKind,
-    prior: VelocityMlp,
+    /// Tabulated for the bound map (its draws are at per-row times), once per map.
+    prior: FrozenPrior,
     step: usize,
     view_key: String,
     xs: Vec<f32>,
@@ -989,9 +990,13 @@ impl Analyst {
             };
             let (xs, ys) = run.grid_axes(reference, self.view.grid.min(SLOW_GRID_MAX));
             let points = Heatmap::points(&xs, &ys);
+            let prior = snapshot.prior.clone();
             self.slice = Some(Slice {
                 kind,
-                prior: snapshot.prior.clone(),
+                prior: match kind {
+                    MapKind::Bound => FrozenPrior::new(prior),
+                    _ => FrozenPrior::exact(prior),
+                },
                 step: snapshot.step,
                 view_key: kind.view_key(&self.view),
                 values: Vec::with_capacity(points.len()),
@@ -1011,7 +1016,7 @@ impl Analyst {
         let start = Instant::now();
         let chunk = &s.points[from..to];
         let values = match kind {
-            MapKind::PriorNll => run.prior_nll_at(&s.prior, chunk),
+            MapKind::PriorNll => run.prior_nll_at(s.prior.mlp(), chunk),
             _ => run
                 .bound_at(&s.prior, chunk, BOUND_DRAWS, from as u64)
                 .into_iter()

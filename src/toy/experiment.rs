@@ -344,14 +344,14 @@ impl ToyRun {
     /// point from the evaluation stream's draw `part` (distinct parts draw independently).
     pub fn bound_at(
         &self,
-        prior: &VelocityMlp,
+        prior: &FrozenPrior,
         points: &[Point],
         draws: usize,
         part: u64,
     ) -> Vec<f32> {
         let mut rng = rng_for(self.cfg.seed, Stream::Eval, 1000 + part);
         let est = bound(
-            &FrozenPrior::new(prior.clone()),
+            prior,
             points.as_flattened(),
             2,
             draws,
@@ -462,13 +462,12 @@ impl ToyRun {
     }
 
     /// The estimates of METHOD.md section 3 against the exact log-likelihood at `y`.
-    pub fn estimate_summary(&self, prior: &VelocityMlp, y: &[Point]) -> EstimateSummary {
+    pub fn estimate_summary(&self, prior: &FrozenPrior, y: &[Point]) -> EstimateSummary {
         let draws = self.cfg.eval.bound_draws;
         let mut rng = rng_for(self.cfg.seed, Stream::Eval, 5);
-        let frozen = FrozenPrior::new(prior.clone());
-        let est = bound(&frozen, y.as_flattened(), 2, draws, &mut rng, &self.device);
+        let est = bound(prior, y.as_flattened(), 2, draws, &mut rng, &self.device);
         let x = rows_to_tensor(y.as_flattened(), 2, &self.device);
-        let log_p: Vec<f64> = log_prob(prior, x, self.cfg.eval.likelihood_steps)
+        let log_p: Vec<f64> = log_prob(prior.mlp(), x, self.cfg.eval.likelihood_steps)
             .try_into_vec_as::<f32>()
             .expect("f32 readback")
             .into_iter()

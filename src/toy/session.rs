@@ -149,6 +149,14 @@ impl ToySession {
         }
     }
 
+    /// The frozen prior alignment uses (with its modulation table), once alignment has started.
+    pub fn frozen_prior(&self) -> Option<&FrozenPrior> {
+        match &self.phase {
+            Phase::Prior(_) => None,
+            Phase::Align { prior, .. } | Phase::Done { prior, .. } => Some(prior),
+        }
+    }
+
     /// The prior step reached so far (the frozen prior's once alignment has started).
     pub fn prior_step(&self) -> usize {
         match &self.phase {
@@ -333,6 +341,11 @@ impl ToyRun {
         let run_start = Instant::now();
         let cfg = &self.cfg;
         let (prior, prior_step) = session.prior();
+        // Alignment's frozen prior already holds the modulation table the estimates read.
+        let frozen = session
+            .frozen_prior()
+            .cloned()
+            .unwrap_or_else(|| FrozenPrior::new(prior.clone()));
         let prior_meta = match session.loaded() {
             Some(meta) => meta.clone(),
             None => PriorMeta {
@@ -372,7 +385,6 @@ impl ToyRun {
         let loss_final = {
             let mut rng = rng_for(cfg.seed, Stream::Eval, 4);
             let y = rows_to_tensor(y_final.as_flattened(), 2, &self.device);
-            let frozen = FrozenPrior::new(prior.clone());
             align_loss(&frozen, y, 20, align_cfg.reduction, &mut rng).into_scalar::<f32>() as f64
         };
 
@@ -380,7 +392,7 @@ impl ToyRun {
         let (nll_map, align_map, heat_secs) =
             self.heatmaps(&prior, &reference, cfg.eval.grid, cfg.eval.t_values);
         tracing::debug!("heatmaps: {:.2}s", run_start.elapsed().as_secs_f64());
-        let estimate = self.estimate_summary(&prior, &y_final[..k.min(y_final.len())]);
+        let estimate = self.estimate_summary(&frozen, &y_final[..k.min(y_final.len())]);
         tracing::debug!("estimates: {:.2}s", run_start.elapsed().as_secs_f64());
         let velocity = self.velocity_field(&prior, &reference);
 
