@@ -373,7 +373,7 @@ pub fn machine(peak: &super::peak::Peak, load_before: Option<[f64; 3]>) -> Value
         "load_average_before": load_before,
         "load_average_after": load_average(),
         "fused_kernels_isa": flowalign::fused::kernels::isa().name(),
-        "gemm_avx512_compiled": cfg!(feature = "x86-v4"),
+        "gemm_isa": super::peak::gemm_isa(),
         "peak": peak.json(),
     })
 }

@@ -49,6 +49,21 @@ impl Peak {
     }
 }
 
+/// The kernel family the gemm crate picks on this CPU for f32 products: it is built with its
+/// AVX-512 kernels (`x86-v4`) and chooses at run time by the same test, AVX-512 F first, then FMA.
+pub fn gemm_isa() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") {
+            return "avx512";
+        }
+        if is_x86_feature_detected!("fma") {
+            return "fma";
+        }
+    }
+    "scalar"
+}
+
 /// The CPU's model name from /proc/cpuinfo (Linux), else the architecture.
 pub fn cpu_name() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
