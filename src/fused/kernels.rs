@@ -698,11 +698,49 @@ impl<'a> Mat<'a> {
 /// `dst += lhs * rhs` with `dst` row-major `[lhs.rows, rhs.cols]`.
 pub fn matmul_add(dst: &mut [f32], lhs: Mat<'_>, rhs: Mat<'_>) {
     assert!(dst.len() >= lhs.rows * rhs.cols, "destination too short");
-    gemm_into(dst.as_mut_ptr(), lhs, rhs, true);
+    gemm_into(
+        dst.as_mut_ptr(),
+        lhs,
+        rhs,
+        true,
+        rayon::current_num_threads(),
+    );
 }
 
 /// `lhs * rhs` as a new row-major `[lhs.rows, rhs.cols]` buffer.
 pub fn matmul(lhs: Mat<'_>, rhs: Mat<'_>) -> Vec<f32> {
+    matmul_on(lhs, rhs, rayon::current_num_threads())
+}
+
+/// Two independent products, `(a.0 * a.1, b.0 * b.1)`, each skipped when `None`, computed at
+/// the same time on two halves of the cores.
+///
+/// A layer's backward pass needs its weight gradient `x^T dy` and its input gradient `dy w^T`,
+/// which cost the same arithmetic. Split over the cores one after the other, the weight gradient
+/// is gemm's worst case: its inner dimension is the batch, and gemm's threads meet at a barrier
+/// for every block of the inner dimension. Side by side, each product runs whole on its own
+/// cores (on two cores: on one core each, with no synchronisation inside either).
+#[allow(clippy::type_complexity)]
+pub fn matmul_pair(
+    a: Option<(Mat<'_>, Mat<'_>)>,
+    b: Option<(Mat<'_>, Mat<'_>)>,
+) -> (Option<Vec<f32>>, Option<Vec<f32>>) {
+    let threads = rayon::current_num_threads();
+    match (a, b) {
+        (Some(a), Some(b)) if threads > 1 => {
+            let half = threads / 2;
+            let (x, y) = rayon::join(
+                || matmul_on(a.0, a.1, half),
+                || matmul_on(b.0, b.1, threads - half),
+            );
+            (Some(x), Some(y))
+        }
+        (a, b) => (a.map(|(l, r)| matmul(l, r)), b.map(|(l, r)| matmul(l, r))),
+    }
+}
+
+/// `lhs * rhs` as a new buffer, split over at most `threads` cores.
+fn matmul_on(lhs: Mat<'_>, rhs: Mat<'_>, threads: usize) -> Vec<f32> {
     let len = lhs.rows * rhs.cols;
     let mut dst = Fresh::new(len);
     if lhs.cols == 0 {
@@ -710,7 +748,13 @@ pub fn matmul(lhs: Mat<'_>, rhs: Mat<'_>) -> Vec<f32> {
             o.write(0.0);
         });
     } else {
-        gemm_into(dst.out().as_mut_ptr().cast::<f32>(), lhs, rhs, false);
+        gemm_into(
+            dst.out().as_mut_ptr().cast::<f32>(),
+            lhs,
+            rhs,
+            false,
+            threads,
+        );
     }
     // SAFETY: gemm wrote every element (or the loop above did).
     unsafe { dst.assume_init() }
@@ -722,15 +766,14 @@ const ROW_BAND: usize = 64;
 const SPLIT_MIN: usize = 64 * 64 * 64;
 
 /// `dst = lhs * rhs`, or `dst += lhs * rhs` when `accumulate`, for a `dst` of at least
-/// `lhs.rows * rhs.cols` elements (only read when accumulating).
-fn gemm_into(dst: *mut f32, lhs: Mat<'_>, rhs: Mat<'_>, accumulate: bool) {
+/// `lhs.rows * rhs.cols` elements (only read when accumulating), on at most `threads` cores.
+fn gemm_into(dst: *mut f32, lhs: Mat<'_>, rhs: Mat<'_>, accumulate: bool, threads: usize) {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     assert_eq!(k, rhs.rows, "inner dimensions differ");
     if m == 0 || n == 0 || k == 0 {
         return;
     }
     assert!(lhs.max_index() < lhs.data.len() && rhs.max_index() < rhs.data.len());
-    let threads = rayon::current_num_threads();
     let large = m * n * k >= 192 * 192 * 192;
     // Below gemm's own threading, a product with enough rows still splits into one band of rows
     // per core (the toy's [512, 96] x [96, 96] would otherwise leave a core idle).
@@ -755,7 +798,7 @@ fn gemm_into(dst: *mut f32, lhs: Mat<'_>, rhs: Mat<'_>, accumulate: bool) {
         return;
     }
     let parallelism = if large && threads > 1 {
-        gemm::Parallelism::Rayon(0)
+        gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
     };
@@ -893,6 +936,31 @@ mod tests {
         let c2 = matmul(Mat::new(&at, k, m).t(), Mat::new(&b, k, n));
         for (x, y) in c.iter().zip(&c2) {
             assert!((x - 1.0 - y).abs() < 1e-4 * (1.0 + y.abs()));
+        }
+    }
+
+    #[test]
+    fn a_pair_of_products_equals_the_two_products_one_after_the_other() {
+        // A backward pass's pair at a size gemm splits over the cores, and a small one.
+        for (n, c, o) in [(512, 192, 160), (70, 9, 5)] {
+            let x: Vec<f32> = (0..n * c).map(|i| (i as f32 * 0.37).sin()).collect();
+            let dy: Vec<f32> = (0..n * o).map(|i| (i as f32 * 0.11).cos()).collect();
+            let w: Vec<f32> = (0..c * o).map(|i| (i as f32 * 0.53).sin()).collect();
+            let dw = || (Mat::new(&x, n, c).t(), Mat::new(&dy, n, o));
+            let dx = || (Mat::new(&dy, n, o), Mat::new(&w, c, o).t());
+            let (a, b) = matmul_pair(Some(dw()), Some(dx()));
+            let close = |got: Vec<f32>, want: Vec<f32>| {
+                assert_eq!(got.len(), want.len());
+                for (g, w) in got.iter().zip(&want) {
+                    assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{g} vs {w}");
+                }
+            };
+            close(a.unwrap(), matmul(dw().0, dw().1));
+            close(b.unwrap(), matmul(dx().0, dx().1));
+            let (a, b) = matmul_pair(None, Some(dx()));
+            assert!(a.is_none());
+            close(b.unwrap(), matmul(dx().0, dx().1));
+            assert_eq!(matmul_pair(None, None), (None, None));
         }
     }
 }

@@ -15,8 +15,8 @@ use burn_flex::FlexTensor;
 
 use super::kernels::{
     self, Disjoint, Fresh, Mat, ModRows, bias_gate_residual, bias_silu, blocks, fill_rows,
-    for_blocks, gate_residual_bwd, ln_modulate, ln_modulate_bwd, matmul, matmul_add, silu_bwd,
-    sum_partials,
+    for_blocks, gate_residual_bwd, ln_modulate, ln_modulate_bwd, matmul, matmul_add, matmul_pair,
+    silu_bwd, sum_partials,
 };
 
 /// Operations the velocity network's fused path adds to a backend.
@@ -391,12 +391,15 @@ fn block_backward(st: &BlockState, g: FlexTensor, need: [bool; 10]) -> [Option<F
     }
     // SAFETY: every row was written.
     let dz2 = unsafe { dz2.assume_init() };
-    let dw2 = need_w2.then(|| matmul(Mat::new(values(&st.a), n, c).t(), Mat::new(&dz2, n, c)));
+    // fc2: dw2 = a^T dz2 beside da = dz2 w2^T.
+    let (dw2, da) = matmul_pair(
+        need_w2.then(|| (Mat::new(values(&st.a), n, c).t(), Mat::new(&dz2, n, c))),
+        need_da.then(|| (Mat::new(&dz2, n, c), Mat::new(values(&st.w2), c, c).t())),
+    );
 
-    // fc2 and SiLU: da = dz2 w2^T, dz1 = da * silu'(z1).
-    let mut dz1 = Vec::new();
+    // SiLU: dz1 = da * silu'(z1).
+    let mut dz1 = da.unwrap_or_default();
     if need_da {
-        dz1 = matmul(Mat::new(&dz2, n, c), Mat::new(values(&st.w2), c, c).t());
         let z1 = values(&st.z1);
         let (dz, parts) = (Disjoint::new(&mut dz1), Disjoint::new(&mut partials));
         for_blocks(n, n * c, |b, rows| {
@@ -412,12 +415,15 @@ fn block_backward(st: &BlockState, g: FlexTensor, need: [bool; 10]) -> [Option<F
         });
     }
     drop(dz2);
-    let dw1 = need_w1.then(|| matmul(Mat::new(values(&st.h), n, c).t(), Mat::new(&dz1, n, c)));
+    // fc1: dw1 = h^T dz1 beside dh = dz1 w1^T.
+    let (dw1, dh) = matmul_pair(
+        need_w1.then(|| (Mat::new(values(&st.h), n, c).t(), Mat::new(&dz1, n, c))),
+        need_dh.then(|| (Mat::new(&dz1, n, c), Mat::new(values(&st.w1), c, c).t())),
+    );
 
-    // fc1 and the modulated LayerNorm.
+    // The modulated LayerNorm.
     let mut dx = Fresh::new(if need_x { n * c } else { 0 });
-    if need_dh {
-        let dh = matmul(Mat::new(&dz1, n, c), Mat::new(values(&st.w1), c, c).t());
+    if let Some(dh) = dh {
         let (xhat, denom) = (values(&st.xhat), values(&st.denom));
         let affine = Some((values(&st.gamma), values(&st.beta)));
         let (dxx, parts, dmm) = (
@@ -478,18 +484,10 @@ fn block_backward(st: &BlockState, g: FlexTensor, need: [bool; 10]) -> [Option<F
             .linear
             .as_ref()
             .expect("a tabulated modulation has no gradient");
-        if need_wm {
-            dwm = Some(matmul(
-                Mat::new(values(s), bs, c).t(),
-                Mat::new(&dm, bs, 3 * c),
-            ));
-        }
-        if need_s {
-            ds = Some(matmul(
-                Mat::new(&dm, bs, 3 * c),
-                Mat::new(values(wm), c, 3 * c).t(),
-            ));
-        }
+        (dwm, ds) = matmul_pair(
+            need_wm.then(|| (Mat::new(values(s), bs, c).t(), Mat::new(&dm, bs, 3 * c))),
+            need_s.then(|| (Mat::new(&dm, bs, 3 * c), Mat::new(values(wm), c, 3 * c).t())),
+        );
     }
     [
         need_x.then(|| tensor(dx, &[n, c])),
@@ -581,7 +579,11 @@ fn final_backward(st: &FinalState, g: FlexTensor, need: [bool; 6]) -> [Option<Fl
     let gv = values(&g);
     let m = values(&st.m);
     let need_dm = need_s || need_wm || need_bm;
-    let dwout = need_wout.then(|| matmul(Mat::new(values(&st.h), n, c).t(), Mat::new(gv, n, d)));
+    // dwout = h^T g beside dh = g wout^T.
+    let (dwout, dh) = matmul_pair(
+        need_wout.then(|| (Mat::new(values(&st.h), n, c).t(), Mat::new(gv, n, d))),
+        (need_x || need_dm).then(|| (Mat::new(gv, n, d), Mat::new(values(&st.wout), c, d).t())),
+    );
     let dbout = need_bout.then(|| {
         let mut db = vec![0f32; d];
         kernels::add_rows(&mut db, gv);
@@ -591,8 +593,7 @@ fn final_backward(st: &FinalState, g: FlexTensor, need: [bool; 6]) -> [Option<Fl
     let mut partials = vec![0f32; blocks(n) * width];
     let mut dm = Fresh::new(if need_dm { n * 2 * c } else { 0 });
     let mut dx = Fresh::new(if need_x { n * c } else { 0 });
-    if need_x || need_dm {
-        let dh = matmul(Mat::new(gv, n, d), Mat::new(values(&st.wout), c, d).t());
+    if let Some(dh) = dh {
         let (xhat, denom) = (values(&st.xhat), values(&st.denom));
         let (dxx, parts, dmm) = (
             Disjoint::new(dx.out()),
@@ -641,18 +642,10 @@ fn final_backward(st: &FinalState, g: FlexTensor, need: [bool; 6]) -> [Option<Fl
             .linear
             .as_ref()
             .expect("a tabulated modulation has no gradient");
-        if need_wm {
-            dwm = Some(matmul(
-                Mat::new(values(s), bs, c).t(),
-                Mat::new(&dm, bs, 2 * c),
-            ));
-        }
-        if need_s {
-            ds = Some(matmul(
-                Mat::new(&dm, bs, 2 * c),
-                Mat::new(values(wm), c, 2 * c).t(),
-            ));
-        }
+        (dwm, ds) = matmul_pair(
+            need_wm.then(|| (Mat::new(values(s), bs, c).t(), Mat::new(&dm, bs, 2 * c))),
+            need_s.then(|| (Mat::new(&dm, bs, 2 * c), Mat::new(values(wm), c, 2 * c).t())),
+        );
     }
     [
         need_x.then(|| tensor(dx, &[n, c])),
@@ -766,23 +759,18 @@ fn time_backward(st: &TimeState, g: FlexTensor, need: [bool; 5]) -> [Option<Flex
     let g = contiguous(g);
     let mut dz2 = values(&g).to_vec();
     let db2 = silu_bwd_rows(&mut dz2, values(&st.z2), c);
-    let dw2 = need_w2.then(|| matmul(Mat::new(values(&st.a1), n, c).t(), Mat::new(&dz2, n, c)));
+    let need_dz1 = need_emb || need_w1 || need_b1;
+    let (dw2, dz1) = matmul_pair(
+        need_w2.then(|| (Mat::new(values(&st.a1), n, c).t(), Mat::new(&dz2, n, c))),
+        need_dz1.then(|| (Mat::new(&dz2, n, c), Mat::new(values(&st.w2), c, c).t())),
+    );
     let (mut dw1, mut db1, mut demb) = (None, None, None);
-    if need_emb || need_w1 || need_b1 {
-        let mut dz1 = matmul(Mat::new(&dz2, n, c), Mat::new(values(&st.w2), c, c).t());
+    if let Some(mut dz1) = dz1 {
         db1 = Some(silu_bwd_rows(&mut dz1, values(&st.z1), c));
-        if need_w1 {
-            dw1 = Some(matmul(
-                Mat::new(values(&st.emb), n, f).t(),
-                Mat::new(&dz1, n, c),
-            ));
-        }
-        if need_emb {
-            demb = Some(matmul(
-                Mat::new(&dz1, n, c),
-                Mat::new(values(&st.w1), f, c).t(),
-            ));
-        }
+        (dw1, demb) = matmul_pair(
+            need_w1.then(|| (Mat::new(values(&st.emb), n, f).t(), Mat::new(&dz1, n, c))),
+            need_emb.then(|| (Mat::new(&dz1, n, c), Mat::new(values(&st.w1), f, c).t())),
+        );
     }
     [
         demb.map(|v| tensor(v, &[n, f])),
