@@ -449,13 +449,14 @@ const TOY_CPU_KEYS: [&str; 4] = [
 ];
 
 /// GFLOP/s and fraction of `peak` of the toy figures: the matrix-product FLOPs each side does.
-/// flowalign's heatmap shares the time over the grid and its alignment reads the modulation from
-/// the frozen prior's table; PyTorch's computes both per row.
+/// flowalign's heatmap shares the time over the grid, and its training and alignment read the
+/// modulation from a table of time; PyTorch's computes all three per row.
 fn toy_flops(figures: &Value, flops: &super::peak::MlpFlops, ours: bool, peak: f64) -> Value {
     let per_call = if ours {
+        let train = flops.train_tabulated(flowalign::flow::frozen::FIRST_INTERVALS);
         [
-            256.0 * flops.train(),
-            1024.0 * flops.train(),
+            256.0 * train,
+            1024.0 * train,
             1000.0 * flops.align_tabulated(),
             flops.forward_shared_time(),
         ]
@@ -649,14 +650,23 @@ fn prior(args: &BenchArgs) -> Result<Value> {
     let (ours_med, ratio, ratio_rounds) = summarise(&keys, &ours, &theirs);
     let (theirs_med, _, _) = summarise(&keys, &theirs, &[]);
     let (plain_med, ratio_plain, _) = summarise(&keys, &plain, &theirs);
-    let per_vector = (mc as f64)
-        * super::peak::MlpFlops {
-            dim: d,
-            width: cfg.model.width,
-            depth: cfg.model.depth,
-        }
-        .train();
-    let gflops = |v: &Value| -> Value {
+    let flops = super::peak::MlpFlops {
+        dim: d,
+        width: cfg.model.width,
+        depth: cfg.model.depth,
+    };
+    let per_vector = mc as f64 * flops.train();
+    // flowalign's CPU step at f32 reads the modulation from a table of time (the work it does).
+    let tabulated = on_cpu
+        && args.precision == flowalign::precision::Precision::F32
+        && flowalign::fused::enabled()
+        && batch * mc >= flowalign::flow::frozen::TRAINING_MIN_ROWS;
+    let per_vector_ours = if tabulated {
+        mc as f64 * flops.train_tabulated(flowalign::flow::frozen::FIRST_INTERVALS)
+    } else {
+        per_vector
+    };
+    let gflops = |v: &Value, per_vector: f64| -> Value {
         let Some(rate) = v["vectors_per_sec"].as_f64() else {
             return Value::Null;
         };
@@ -671,13 +681,14 @@ fn prior(args: &BenchArgs) -> Result<Value> {
         "batch": batch,
         "mc": mc,
         "train_flops_per_vector": per_vector,
+        "flowalign_flops_per_vector": per_vector_ours,
         "flowalign": ours_med,
         "pytorch": (!theirs.is_empty()).then_some(theirs_med.clone()),
         "ratio_flowalign_over_pytorch": ratio["vectors_per_sec"],
         "ratio_per_round": ratio_rounds["vectors_per_sec"],
         "ratio_per_cpu_second": ratio["vectors_per_cpu_sec"],
-        "flowalign_gflops": gflops(&ours_med),
-        "pytorch_gflops": gflops(&theirs_med),
+        "flowalign_gflops": gflops(&ours_med, per_vector_ours),
+        "pytorch_gflops": gflops(&theirs_med, per_vector),
         "flowalign_plain": args.plain.then_some(plain_med),
         "ratio_plain_over_pytorch": args.plain.then(|| ratio_plain["vectors_per_sec"].clone()),
         "peak_rss_mib": peak_rss_mib(),

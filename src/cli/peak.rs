@@ -229,6 +229,16 @@ impl MlpFlops {
         fwd + fwd + (fwd - 2.0 * d * c - 2.0 * 256.0 * c)
     }
 
+    /// [`Self::train`] with the modulation read from a table of time of `k` intervals built for the
+    /// step ([`flowalign::flow::frozen`]): the time MLP and the modulations no longer run per row,
+    /// and each row adds its share of the table's gradient, a `[k + 3, rows] x [rows, 3CL + 2C]`
+    /// product. The table's own rows (about `2k + 5` per step) are left out.
+    pub fn train_tabulated(&self, k: usize) -> f64 {
+        let (d, c, l) = (self.dim as f64, self.width as f64, self.depth as f64);
+        3.0 * self.forward_shared_time() - 2.0 * d * c
+            + 2.0 * (k as f64 + 3.0) * (3.0 * l * c + 2.0 * c)
+    }
+
     /// An alignment step per row (frozen network): forward, then the input gradient through the
     /// blocks' MLPs, the output layer and the input projection.
     pub fn align(&self) -> f64 {

@@ -1,4 +1,5 @@
-//! A prior frozen for alignment, with its time modulation tabulated (METHOD.md section 4).
+//! The time modulation tabulated (METHOD.md section 4): a prior frozen for alignment, and the
+//! training step's forward pass.
 //!
 //! Alignment and the bound estimates call a frozen network at a fresh random t for every row.
 //! Each AdaLN block then computes its modulation `(shift, scale, gate)` from that row's time: a
@@ -10,6 +11,13 @@
 //! [`REL_TOL`] of the largest modulation; past [`MAX_INTERVALS`] the prior stays exact. Only
 //! burn's flex CPU device at f32 uses a table (the fused operations read it); elsewhere, and for
 //! times outside [0, 1] or that take a gradient, the prior computes the modulation as usual.
+//!
+//! Training does the same within each step ([`training_velocity`]): the table is built from the
+//! live parameters on the autodiff graph (a few dozen rows through the time MLP and the
+//! modulations instead of one per batch row), checked against [`REL_TOL`] as above, and the
+//! gradient of each table row flows back through the modulation layers and the time MLP. The
+//! network trained is the exact one up to that tolerance: the gradient of a modulation weight is
+//! the exact gradient of the interpolated network.
 
 use burn::prelude::*;
 
@@ -22,7 +30,7 @@ use crate::fused::{self, kernels};
 /// from 32 to 4,096 intervals, so that difference is f32 rounding, not interpolation.
 pub const REL_TOL: f32 = 1e-5;
 /// The first grid: intervals over [0, 1].
-const FIRST_INTERVALS: usize = 32;
+pub const FIRST_INTERVALS: usize = 32;
 /// The finest grid tried before the prior stays exact.
 pub const MAX_INTERVALS: usize = 4096;
 
@@ -102,6 +110,50 @@ fn in_unit_interval(t: &Tensor<1>) -> bool {
     values.iter().all(|t| (0.0..=1.0).contains(t))
 }
 
+/// The fewest rows a training batch needs for a table to pay: building one runs about
+/// `2 k + 5` rows through the time MLP and the modulations, for `k` intervals (at least
+/// [`FIRST_INTERVALS`]).
+pub const TRAINING_MIN_ROWS: usize = 4 * (FIRST_INTERVALS + 3);
+
+/// The velocity of a network in training (parameters that take a gradient) with its modulation
+/// read from a table built from the live parameters, on the autodiff graph, for this call; `None`
+/// where no table applies (another device or precision, the fused operations off, fewer than
+/// [`TRAINING_MIN_ROWS`] rows, times outside [0, 1] or taking a gradient, no grid within
+/// [`REL_TOL`]), and the caller computes the velocity as usual.
+///
+/// # Shapes
+/// - `z`: `[batch, d]`; `t`: `[batch]`; output `[batch, d]`
+pub(crate) fn training_velocity(
+    mlp: &VelocityMlp,
+    z: Tensor<2>,
+    t: Tensor<1>,
+) -> Option<Tensor<2>> {
+    let weight = mlp.time_fc1.weight.val();
+    if !weight.is_require_grad()
+        || t.is_require_grad()
+        || z.dims()[0] < TRAINING_MIN_ROWS
+        || !fused::supports(&weight.device(), weight.dtype())
+        || !in_unit_interval(&t)
+    {
+        return None;
+    }
+    // The grid is chosen on the parameters' values; the rows the step differentiates are the
+    // same values on the graph.
+    let k = tabulate(&mlp.valid())?.k;
+    let rows = mlp.modulations(times(grid(k), &weight.device()));
+    mlp.forward_tabulated(z, t, &rows)
+}
+
+/// The times of a table of `k` intervals: row `j` at `(j - 1) / k`.
+fn grid(k: usize) -> Vec<f32> {
+    (0..k + 3).map(|j| (j as f32 - 1.0) / k as f32).collect()
+}
+
+fn times(v: Vec<f32>, device: &Device) -> Tensor<1> {
+    let n = v.len();
+    Tensor::<1>::from_data(TensorData::new(v, [n]), device)
+}
+
 /// Builds the coarsest table within [`REL_TOL`], or `None` where none applies.
 fn tabulate(mlp: &VelocityMlp) -> Option<Table> {
     let weight = mlp.time_fc1.weight.val();
@@ -109,16 +161,11 @@ fn tabulate(mlp: &VelocityMlp) -> Option<Table> {
     if weight.is_autodiff() || !fused::supports(&device, weight.dtype()) {
         return None;
     }
-    let times = |v: Vec<f32>| {
-        let n = v.len();
-        Tensor::<1>::from_data(TensorData::new(v, [n]), &device)
-    };
     let mut k = FIRST_INTERVALS;
     while k <= MAX_INTERVALS {
-        let nodes: Vec<f32> = (0..k + 3).map(|j| (j as f32 - 1.0) / k as f32).collect();
         let mids: Vec<f32> = (0..k).map(|j| (j as f32 + 0.5) / k as f32).collect();
-        let rows = mlp.modulations(times(nodes));
-        let exact = mlp.modulations(times(mids.clone()));
+        let rows = mlp.modulations(times(grid(k), &device));
+        let exact = mlp.modulations(times(mids.clone(), &device));
         let (mut max_error, mut scale) = (0f32, 0f32);
         for (table, exact) in rows.iter().zip(exact) {
             let width = table.dims()[1];
@@ -150,11 +197,12 @@ fn tabulate(mlp: &VelocityMlp) -> Option<Table> {
 mod tests {
     use super::*;
     use crate::flow::VelocityMlpConfig;
-    use crate::flow::model::tests::Perturb;
+    use crate::flow::model::tests::{Perturb, SameGrads};
     use crate::flow::path::normal_rows;
     use crate::flow::rows_to_tensor;
     use crate::rng::{Stream, rng_for};
     use burn::module::Module;
+    use burn::optim::GradientsParams;
     use rand::RngExt;
 
     /// A network whose modulation is not zero (as a trained one's is not).
@@ -196,6 +244,62 @@ mod tests {
         assert!(
             diff < 1e-4,
             "tabulated vs exact velocity: {diff:e} relative"
+        );
+    }
+
+    #[test]
+    fn training_through_a_table_matches_the_exact_network_and_its_gradients() {
+        if !fused::enabled() {
+            return;
+        }
+        let ad = Device::flex().autodiff();
+        let mlp = VelocityMlpConfig::new(3, 48, 2)
+            .init(&mut rng_for(3, Stream::Init, 0), &ad)
+            .map(&mut Perturb(rng_for(4, Stream::Init, 0)));
+        let mut rng = rng_for(7, Stream::Eval, 0);
+        let n = TRAINING_MIN_ROWS + 13;
+        let mut t: Vec<f32> = (0..n).map(|_| rng.random::<f32>()).collect();
+        t[0] = 0.0;
+        t[1] = 1.0;
+        let z = rows_to_tensor(&normal_rows(&mut rng, n, 3), 3, &ad);
+        let tt = Tensor::<1>::from_data(TensorData::new(t, [n]), &ad);
+        // One graph at a time: both passes share the parameters.
+        let table = training_velocity(&mlp, z.clone(), tt.clone()).expect("a table applies");
+        let a = tensor_to_rows(table.clone());
+        let ga = GradientsParams::from_grads(table.powi_scalar(2).sum().backward(), &mlp);
+        let exact = mlp.forward(z.clone(), tt.clone());
+        let b = tensor_to_rows(exact.clone());
+        let gb = GradientsParams::from_grads(exact.powi_scalar(2).sum().backward(), &mlp);
+        assert!(b.iter().any(|v| v.abs() > 1e-2));
+        let diff = max_rel_diff(&a, &b);
+        assert!(diff < 1e-4, "table vs exact velocity: {diff:e} relative");
+        let mut same = SameGrads {
+            fused: &ga,
+            plain: &gb,
+            checked: 0,
+        };
+        mlp.visit(&mut same);
+        assert_eq!(
+            same.checked,
+            6 + 2 * 8 + 4,
+            "every parameter has a gradient"
+        );
+        // The trait's velocity takes the table; a small batch, or one outside [0, 1], does not.
+        let via_trait = tensor_to_rows(mlp.velocity(z.clone(), tt.clone()));
+        assert_eq!(via_trait, a);
+        let few = z.clone().slice([0..TRAINING_MIN_ROWS - 1, 0..3]);
+        let few_t = tt.clone().narrow(0, 0, TRAINING_MIN_ROWS - 1);
+        assert!(training_velocity(&mlp, few, few_t).is_none());
+        let outside = tt.add_scalar(0.5);
+        assert!(training_velocity(&mlp, z.clone(), outside).is_none());
+        let plain = Device::flex();
+        let (z, t) = (
+            rows_to_tensor(&normal_rows(&mut rng, n, 3), 3, &plain),
+            Tensor::zeros([n], &plain),
+        );
+        assert!(
+            training_velocity(&mlp.valid(), z, t).is_none(),
+            "frozen parameters: no table"
         );
     }
 

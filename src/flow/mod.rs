@@ -37,8 +37,10 @@ pub trait VelocityField {
 }
 
 impl VelocityField for VelocityMlp {
+    /// In training on the CPU, with the modulation read from a table of time built for the call
+    /// ([`frozen::training_velocity`]); otherwise [`VelocityMlp::forward`].
     fn velocity(&self, z: Tensor<2>, t: Tensor<1>) -> Tensor<2> {
-        self.forward(z, t)
+        frozen::training_velocity(self, z.clone(), t.clone()).unwrap_or_else(|| self.forward(z, t))
     }
 
     fn velocity_at(&self, z: Tensor<2>, t: f32) -> Tensor<2> {

@@ -358,10 +358,10 @@ pub(crate) mod tests {
     }
 
     /// Asserts two gradient sets agree on every parameter of a module.
-    struct SameGrads<'a> {
-        fused: &'a burn::optim::GradientsParams,
-        plain: &'a burn::optim::GradientsParams,
-        checked: usize,
+    pub(crate) struct SameGrads<'a> {
+        pub(crate) fused: &'a burn::optim::GradientsParams,
+        pub(crate) plain: &'a burn::optim::GradientsParams,
+        pub(crate) checked: usize,
     }
 
     impl burn::module::ModuleVisitor for SameGrads<'_> {

@@ -356,6 +356,22 @@ pub fn table_rows(table: &[f32], k: usize, t: &[f32], out: &mut [Out]) {
     });
 }
 
+/// The transpose of [`table_rows`]: the gradient of a table of `k` intervals (`[k + 3, width]`)
+/// from the gradient `d` (`[t.len(), width]`) of the rows interpolated at `t`. Each table row
+/// gets the rows of `d` weighted by its stencil weights, as one product with the (mostly zero)
+/// `[t.len(), k + 3]` interpolation matrix, so the sum runs in a fixed order on every core count.
+pub fn table_rows_grad(k: usize, t: &[f32], d: &[f32]) -> Vec<f32> {
+    let (n, rows) = (t.len(), k + 3);
+    assert_eq!(d.len() % n.max(1), 0, "one gradient row per time");
+    let width = d.len().checked_div(n).unwrap_or(0);
+    let mut p = vec![0f32; n * rows];
+    for (r, &t) in p.chunks_exact_mut(rows).zip(t) {
+        let (i, w) = table_stencil(t, k);
+        r[i..i + 4].copy_from_slice(&w);
+    }
+    matmul(Mat::new(&p, n, rows).t(), Mat::new(d, n, width))
+}
+
 multiversion! {
     /// `acc += v`.
     pub fn add_assign(acc: &mut [f32], v: &[f32]) {
@@ -858,6 +874,37 @@ mod tests {
         assert!(worst < 4.0 * f32::EPSILON, "worst relative error {worst}");
         assert!(exp(f32::NAN).is_nan());
         assert_eq!(exp(-1000.0), (-87.0f32).exp().max(exp(-87.0)));
+    }
+
+    #[test]
+    fn the_table_gradient_is_the_transpose_of_the_interpolation() {
+        // <interp(T), D> = <T, grad(D)> for any table T and row gradients D.
+        let (k, width) = (5, 3);
+        let t = [0.0f32, 0.13, 0.2, 0.5, 0.51, 0.9, 0.999, 1.0, 0.37];
+        let table: Vec<f32> = (0..(k + 3) * width)
+            .map(|i| (i as f32 * 0.71).sin())
+            .collect();
+        let d: Vec<f32> = (0..t.len() * width)
+            .map(|i| (i as f32 * 1.37).cos())
+            .collect();
+        let mut rows = Fresh::new(t.len() * width);
+        table_rows(&table, k, &t, rows.out());
+        // SAFETY: `table_rows` writes every element.
+        let rows = unsafe { rows.assume_init() };
+        let grad = table_rows_grad(k, &t, &d);
+        assert_eq!(grad.len(), table.len());
+        let lhs: f32 = rows.iter().zip(&d).map(|(a, b)| a * b).sum();
+        let rhs: f32 = table.iter().zip(&grad).map(|(a, b)| a * b).sum();
+        assert!(
+            (lhs - rhs).abs() < 1e-5 * lhs.abs().max(1.0),
+            "{lhs} vs {rhs}"
+        );
+        // A row at a grid time reaches only the table row at that time.
+        let g = table_rows_grad(k, &[0.2], &[1.0]);
+        let want = [0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0];
+        for (a, b) in g.iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{g:?}");
+        }
     }
 
     #[test]

@@ -109,8 +109,8 @@ pub fn adaln_final(x: Tensor<2>, s: Tensor<2>, modulation: Affine, out: Affine) 
 /// [`adaln_block`] with the modulation `(shift, scale, gate)` of each row read from a table of
 /// time instead of computed from the condition: `table` holds it at `k + 1` evenly spaced times
 /// over [0, 1] and one more step beyond each end (`(j - 1) / k` in row `j`), and each row's is the
-/// cubic through the four table rows around its time ([`kernels::table_rows`]). Neither `t` nor
-/// the table gets a gradient; every `t` must lie in [0, 1].
+/// cubic through the four table rows around its time ([`kernels::table_rows`]). The table gets a
+/// gradient (when it takes one: in training), `t` none; every `t` must lie in [0, 1].
 ///
 /// # Shapes
 /// - `x`: `[batch, C]`; `t`: `[batch]`; `table`: `[k + 3, 3C]`; the rest as in [`adaln_block`]

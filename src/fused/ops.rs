@@ -239,15 +239,48 @@ fn silu_bwd_rows(d: &mut [f32], z: &[f32], c: usize) -> Vec<f32> {
 // The AdaLN block.
 
 /// What the block's backward pass reads.
+/// Where a layer's modulation came from, as its backward pass needs it.
+#[derive(Clone, Debug)]
+pub enum ModSource {
+    /// `s wm + bm`: the condition `s` and the weight `wm`.
+    Linear { s: FlexTensor, wm: FlexTensor },
+    /// Interpolated at times `t` in a table of `k` intervals ([`kernels::table_rows`]).
+    Table { t: FlexTensor, k: usize },
+}
+
+impl ModSource {
+    /// The gradients of the modulation's weight (or table) and of its condition from `dm`
+    /// (`[bs, width]`), each only where asked for; a table's times get none.
+    fn backward(
+        &self,
+        dm: &[f32],
+        (bs, c, width): (usize, usize, usize),
+        need_wm: bool,
+        need_s: bool,
+    ) -> (Option<Vec<f32>>, Option<Vec<f32>>) {
+        match self {
+            ModSource::Linear { s, wm } => matmul_pair(
+                need_wm.then(|| (Mat::new(values(s), bs, c).t(), Mat::new(dm, bs, width))),
+                need_s.then(|| (Mat::new(dm, bs, width), Mat::new(values(wm), c, width).t())),
+            ),
+            ModSource::Table { t, k } => {
+                assert!(!need_s, "the times of a modulation table take no gradient");
+                (
+                    need_wm.then(|| kernels::table_rows_grad(*k, values(t), dm)),
+                    None,
+                )
+            }
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct BlockState {
     n: usize,
     c: usize,
     /// Rows of the condition (1 when shared by every row).
     bs: usize,
-    /// The condition and the modulation's weight, when the modulation is `s wm + bm` (a table's
-    /// modulation has no gradient).
-    linear: Option<(FlexTensor, FlexTensor)>,
+    source: ModSource,
     m: FlexTensor,
     gamma: FlexTensor,
     beta: FlexTensor,
@@ -272,7 +305,13 @@ fn block_forward(inputs: [FlexTensor; 10]) -> (FlexTensor, BlockState) {
         "the condition has {bs} rows for {n} inputs"
     );
     let m = modulation(values(&s), bs, c, values(&wm), values(&bm)); // [bs, 3c]
-    block_body(x, m, bs, Some((s, wm)), [gamma, beta, w1, b1, w2, b2])
+    block_body(
+        x,
+        m,
+        bs,
+        ModSource::Linear { s, wm },
+        [gamma, beta, w1, b1, w2, b2],
+    )
 }
 
 /// The block after its modulation `m` (`[bs, 3c]`).
@@ -280,7 +319,7 @@ fn block_body(
     x: FlexTensor,
     m: Vec<f32>,
     bs: usize,
-    linear: Option<(FlexTensor, FlexTensor)>,
+    source: ModSource,
     rest: [FlexTensor; 6],
 ) -> (FlexTensor, BlockState) {
     let [gamma, beta, w1, b1, w2, b2] = rest.map(contiguous);
@@ -308,7 +347,7 @@ fn block_body(
         n,
         c,
         bs,
-        linear,
+        source,
         m: tensor(m, &[bs, 3 * c]),
         gamma,
         beta,
@@ -480,19 +519,15 @@ fn block_backward(st: &BlockState, g: FlexTensor, need: [bool; 10]) -> [Option<F
     let (mut dwm, mut ds) = (None, None);
     if need_dm {
         let dm = if shared { dm_sum.to_vec() } else { dm };
-        let (s, wm) = st
-            .linear
-            .as_ref()
-            .expect("a tabulated modulation has no gradient");
-        (dwm, ds) = matmul_pair(
-            need_wm.then(|| (Mat::new(values(s), bs, c).t(), Mat::new(&dm, bs, 3 * c))),
-            need_s.then(|| (Mat::new(&dm, bs, 3 * c), Mat::new(values(wm), c, 3 * c).t())),
-        );
+        (dwm, ds) = st.source.backward(&dm, (bs, c, 3 * c), need_wm, need_s);
     }
     [
         need_x.then(|| tensor(dx, &[n, c])),
         ds.map(|d| tensor(d, &[bs, c])),
-        dwm.map(|d| tensor(d, &[c, 3 * c])),
+        dwm.map(|d| {
+            let rows = d.len() / (3 * c);
+            tensor(d, &[rows, 3 * c])
+        }),
         need_bm.then(|| tensor(dm_sum.to_vec(), &[3 * c])),
         need_gamma.then(|| grad_like(dgamma.to_vec(), &st.gamma)),
         need_beta.then(|| grad_like(dbeta.to_vec(), &st.beta)),
@@ -513,8 +548,7 @@ pub struct FinalState {
     c: usize,
     d: usize,
     bs: usize,
-    /// As in [`BlockState`].
-    linear: Option<(FlexTensor, FlexTensor)>,
+    source: ModSource,
     m: FlexTensor,
     wout: FlexTensor,
     xhat: FlexTensor,
@@ -533,7 +567,7 @@ fn final_forward(inputs: [FlexTensor; 6]) -> (FlexTensor, FinalState) {
         "the condition has {bs} rows for {n} inputs"
     );
     let m = modulation(values(&s), bs, c, values(&wm), values(&bm)); // [bs, 2c]
-    final_body(x, m, bs, Some((s, wm)), wout, bout)
+    final_body(x, m, bs, ModSource::Linear { s, wm }, wout, bout)
 }
 
 /// The final layer after its modulation `m` (`[bs, 2c]`).
@@ -541,7 +575,7 @@ fn final_body(
     x: FlexTensor,
     m: Vec<f32>,
     bs: usize,
-    linear: Option<(FlexTensor, FlexTensor)>,
+    source: ModSource,
     wout: FlexTensor,
     bout: FlexTensor,
 ) -> (FlexTensor, FinalState) {
@@ -560,7 +594,7 @@ fn final_body(
         c,
         d,
         bs,
-        linear,
+        source,
         m: tensor(m, &[bs, 2 * c]),
         wout,
         xhat: tensor(xhat, &[n, c]),
@@ -638,19 +672,15 @@ fn final_backward(st: &FinalState, g: FlexTensor, need: [bool; 6]) -> [Option<Fl
     let (mut dwm, mut ds) = (None, None);
     if need_dm {
         let dm = if shared { dm_sum.clone() } else { dm };
-        let (s, wm) = st
-            .linear
-            .as_ref()
-            .expect("a tabulated modulation has no gradient");
-        (dwm, ds) = matmul_pair(
-            need_wm.then(|| (Mat::new(values(s), bs, c).t(), Mat::new(&dm, bs, 2 * c))),
-            need_s.then(|| (Mat::new(&dm, bs, 2 * c), Mat::new(values(wm), c, 2 * c).t())),
-        );
+        (dwm, ds) = st.source.backward(&dm, (bs, c, 2 * c), need_wm, need_s);
     }
     [
         need_x.then(|| tensor(dx, &[n, c])),
         ds.map(|v| tensor(v, &[bs, c])),
-        dwm.map(|v| tensor(v, &[c, 2 * c])),
+        dwm.map(|v| {
+            let rows = v.len() / (2 * c);
+            tensor(v, &[rows, 2 * c])
+        }),
         need_bm.then(|| tensor(dm_sum, &[2 * c])),
         dwout.map(|v| grad_like(v, &st.wout)),
         dbout.map(|v| tensor(v, &[d])),
@@ -667,24 +697,27 @@ fn block_tabulated_forward(inputs: [FlexTensor; 9]) -> (FlexTensor, BlockState) 
     let (n, c) = dims(&x);
     assert_eq!(dims(&t).1, n, "one time per row");
     let m = tabulated_modulation(&t, &table, 3 * c);
-    block_body(x, m, n, None, [gamma, beta, w1, b1, w2, b2])
+    let k = dims(&table).0 - 3;
+    block_body(
+        x,
+        m,
+        n,
+        ModSource::Table { t, k },
+        [gamma, beta, w1, b1, w2, b2],
+    )
 }
 
-/// The block's backward pass with the modulation's three inputs replaced by the time and the
-/// table, which get no gradient.
+/// The block's backward pass with the modulation's three inputs replaced by the time (which gets
+/// no gradient) and the table (whose gradient takes the weight's place).
 fn block_tabulated_backward(
     st: &BlockState,
     g: FlexTensor,
     need: [bool; 9],
 ) -> [Option<FlexTensor>; 9] {
     let [x, t, table, gamma, beta, w1, b1, w2, b2] = need;
-    assert!(
-        !t && !table,
-        "a modulation table and its times take no gradient"
-    );
-    let need = [x, false, false, false, gamma, beta, w1, b1, w2, b2];
-    let [gx, _, _, _, gamma, beta, w1, b1, w2, b2] = block_backward(st, g, need);
-    [gx, None, None, gamma, beta, w1, b1, w2, b2]
+    let need = [x, t, table, false, gamma, beta, w1, b1, w2, b2];
+    let [gx, _, table, _, gamma, beta, w1, b1, w2, b2] = block_backward(st, g, need);
+    [gx, None, table, gamma, beta, w1, b1, w2, b2]
 }
 
 /// The final layer on `[x, t, table, wout, bout]`.
@@ -694,7 +727,8 @@ fn final_tabulated_forward(inputs: [FlexTensor; 5]) -> (FlexTensor, FinalState) 
     let (n, c) = dims(&x);
     assert_eq!(dims(&t).1, n, "one time per row");
     let m = tabulated_modulation(&t, &table, 2 * c);
-    final_body(x, m, n, None, wout, bout)
+    let k = dims(&table).0 - 3;
+    final_body(x, m, n, ModSource::Table { t, k }, wout, bout)
 }
 
 /// The final layer's backward pass, as [`block_tabulated_backward`].
@@ -704,12 +738,8 @@ fn final_tabulated_backward(
     need: [bool; 5],
 ) -> [Option<FlexTensor>; 5] {
     let [x, t, table, wout, bout] = need;
-    assert!(
-        !t && !table,
-        "a modulation table and its times take no gradient"
-    );
-    let [gx, _, _, _, gw, gb] = final_backward(st, g, [x, false, false, false, wout, bout]);
-    [gx, None, None, gw, gb]
+    let [gx, _, table, _, gw, gb] = final_backward(st, g, [x, t, table, false, wout, bout]);
+    [gx, None, table, gw, gb]
 }
 
 // ---------------------------------------------------------------------------------------------
