@@ -450,14 +450,28 @@ const TOY_CPU_KEYS: [&str; 4] = [
 
 /// GFLOP/s and fraction of `peak` of the toy figures: the matrix-product FLOPs each side does.
 /// flowalign's heatmap shares the time over the grid, and its training and alignment read the
-/// modulation from a table of time; PyTorch's computes all three per row.
+/// modulation from a table of time where the fused path applies; PyTorch's computes all three per
+/// row.
 fn toy_flops(figures: &Value, flops: &super::peak::MlpFlops, ours: bool, peak: f64) -> Value {
     let per_call = if ours {
-        let train = flops.train_tabulated(flowalign::flow::frozen::FIRST_INTERVALS);
+        use flowalign::flow::frozen::{FIRST_INTERVALS, trains_through_table};
+        let train = |rows: usize| {
+            rows as f64
+                * if trains_through_table(&Device::flex(), burn::tensor::DType::F32, rows) {
+                    flops.train_tabulated(FIRST_INTERVALS)
+                } else {
+                    flops.train()
+                }
+        };
+        let align = if flowalign::fused::enabled() {
+            flops.align_tabulated()
+        } else {
+            flops.align()
+        };
         [
-            256.0 * train,
-            1024.0 * train,
-            1000.0 * flops.align_tabulated(),
+            train(256),
+            train(1024),
+            1000.0 * align,
             flops.forward_shared_time(),
         ]
     } else {
@@ -657,11 +671,11 @@ fn prior(args: &BenchArgs) -> Result<Value> {
     };
     let per_vector = mc as f64 * flops.train();
     // flowalign's CPU step at f32 reads the modulation from a table of time (the work it does).
-    let tabulated = on_cpu
-        && args.precision == flowalign::precision::Precision::F32
-        && flowalign::fused::enabled()
-        && batch * mc >= flowalign::flow::frozen::TRAINING_MIN_ROWS;
-    let per_vector_ours = if tabulated {
+    let per_vector_ours = if flowalign::flow::frozen::trains_through_table(
+        &device,
+        args.precision.dtype().into(),
+        batch * mc,
+    ) {
         mc as f64 * flops.train_tabulated(flowalign::flow::frozen::FIRST_INTERVALS)
     } else {
         per_vector

@@ -20,6 +20,7 @@
 //! the exact gradient of the interpolated network.
 
 use burn::prelude::*;
+use burn::tensor::DType;
 
 use super::{VelocityField, VelocityMlp, tensor_to_rows};
 use crate::fused::{self, kernels};
@@ -111,15 +112,21 @@ fn in_unit_interval(t: &Tensor<1>) -> bool {
 }
 
 /// The fewest rows a training batch needs for a table to pay: building one runs about
-/// `2 k + 5` rows through the time MLP and the modulations, for `k` intervals (at least
+/// `2 k + 3` rows through the time MLP and the modulations, for `k` intervals (at least
 /// [`FIRST_INTERVALS`]).
 pub const TRAINING_MIN_ROWS: usize = 4 * (FIRST_INTERVALS + 3);
 
+/// Whether a training step of `rows` rows with parameters of `dtype` on `device` reads its
+/// modulation from a table ([`training_velocity`], for times in [0, 1] and a grid within
+/// [`REL_TOL`]): on the fused operations' device and dtype, from [`TRAINING_MIN_ROWS`] rows.
+pub fn trains_through_table(device: &Device, dtype: DType, rows: usize) -> bool {
+    rows >= TRAINING_MIN_ROWS && fused::supports(device, dtype)
+}
+
 /// The velocity of a network in training (parameters that take a gradient) with its modulation
 /// read from a table built from the live parameters, on the autodiff graph, for this call; `None`
-/// where no table applies (another device or precision, the fused operations off, fewer than
-/// [`TRAINING_MIN_ROWS`] rows, times outside [0, 1] or taking a gradient, no grid within
-/// [`REL_TOL`]), and the caller computes the velocity as usual.
+/// where no table applies (not [`trains_through_table`], times outside [0, 1] or taking a
+/// gradient, no grid within [`REL_TOL`]), and the caller computes the velocity as usual.
 ///
 /// # Shapes
 /// - `z`: `[batch, d]`; `t`: `[batch]`; output `[batch, d]`
@@ -131,17 +138,15 @@ pub(crate) fn training_velocity(
     let weight = mlp.time_fc1.weight.val();
     if !weight.is_require_grad()
         || t.is_require_grad()
-        || z.dims()[0] < TRAINING_MIN_ROWS
-        || !fused::supports(&weight.device(), weight.dtype())
+        || !trains_through_table(&weight.device(), weight.dtype(), z.dims()[0])
         || !in_unit_interval(&t)
     {
         return None;
     }
-    // The grid is chosen on the parameters' values; the rows the step differentiates are the
-    // same values on the graph.
-    let k = tabulate(&mlp.valid())?.k;
-    let rows = mlp.modulations(times(grid(k), &weight.device()));
-    mlp.forward_tabulated(z, t, &rows)
+    // The grid rows are computed once, on the graph; the check between them reads the same
+    // parameters without autodiff.
+    let table = fit(mlp, &mlp.valid())?;
+    mlp.forward_tabulated(z, t, &table.rows)
 }
 
 /// The times of a table of `k` intervals: row `j` at `(j - 1) / k`.
@@ -157,15 +162,23 @@ fn times(v: Vec<f32>, device: &Device) -> Tensor<1> {
 /// Builds the coarsest table within [`REL_TOL`], or `None` where none applies.
 fn tabulate(mlp: &VelocityMlp) -> Option<Table> {
     let weight = mlp.time_fc1.weight.val();
-    let device = weight.device();
-    if weight.is_autodiff() || !fused::supports(&device, weight.dtype()) {
+    if weight.is_autodiff() || !fused::supports(&weight.device(), weight.dtype()) {
         return None;
     }
+    fit(mlp, mlp)
+}
+
+/// The coarsest grid within [`REL_TOL`] (`None` past [`MAX_INTERVALS`] or for a modulation that
+/// is not finite): its rows come from `mlp` (on its autodiff graph, if it has one; a grid that
+/// fails the check leaves its rows unused), and the exact modulation midway between them from
+/// `plain`, the same parameters without autodiff.
+fn fit(mlp: &VelocityMlp, plain: &VelocityMlp) -> Option<Table> {
+    let device = plain.time_fc1.weight.val().device();
     let mut k = FIRST_INTERVALS;
     while k <= MAX_INTERVALS {
         let mids: Vec<f32> = (0..k).map(|j| (j as f32 + 0.5) / k as f32).collect();
-        let rows = mlp.modulations(times(grid(k), &device));
-        let exact = mlp.modulations(times(mids.clone(), &device));
+        let rows = mlp.modulations(times(grid(k), &mlp.time_fc1.weight.val().device()));
+        let exact = plain.modulations(times(mids.clone(), &device));
         let (mut max_error, mut scale) = (0f32, 0f32);
         for (table, exact) in rows.iter().zip(exact) {
             let width = table.dims()[1];

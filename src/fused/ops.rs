@@ -238,7 +238,6 @@ fn silu_bwd_rows(d: &mut [f32], z: &[f32], c: usize) -> Vec<f32> {
 // ---------------------------------------------------------------------------------------------
 // The AdaLN block.
 
-/// What the block's backward pass reads.
 /// Where a layer's modulation came from, as its backward pass needs it.
 #[derive(Clone, Debug)]
 pub enum ModSource {
@@ -274,6 +273,7 @@ impl ModSource {
     }
 }
 
+/// What the block's backward pass reads.
 #[derive(Clone, Debug)]
 pub struct BlockState {
     n: usize,
